@@ -1,0 +1,127 @@
+"""Real server and client processes for the tests and the demo: start them,
+type into them, wait for their log lines (always with a timeout), signal them."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+class Process:
+    """One of our scripts running as a child, its output collected as it comes."""
+
+    def __init__(self, label: str, script: str, *args: str, echo: bool = False) -> None:
+        self.label = label
+        self.echo = echo
+        self.lines: list[str] = []
+        self._ended = False  # the output has ended: no more lines will come
+        self._changed = threading.Condition()
+        self.popen = subprocess.Popen(
+            [sys.executable, str(ROOT / script), *args],
+            cwd=ROOT,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        )
+        threading.Thread(target=self._collect, daemon=True).start()
+
+    def _collect(self) -> None:
+        assert self.popen.stdout is not None
+        for line in self.popen.stdout:
+            if self.echo:
+                print(f"{self.label:>7} | {line}", end="", flush=True)
+            with self._changed:
+                self.lines.append(line.rstrip("\n"))
+                self._changed.notify_all()
+        with self._changed:
+            self._ended = True
+            self._changed.notify_all()
+
+    @property
+    def pid(self) -> int:
+        return self.popen.pid
+
+    @property
+    def output(self) -> str:
+        with self._changed:
+            return "\n".join(self.lines)
+
+    def wait_for(
+        self, pattern: str, timeout: float = 10.0, count: int = 1, after: int = 0
+    ) -> re.Match[str]:
+        """The `count`-th output line from line `after` on that matches
+        `pattern`; fail with the output so far if there is none within
+        `timeout` seconds or the output ends first."""
+        regex = re.compile(pattern)
+        deadline = time.monotonic() + timeout
+        with self._changed:
+            while True:
+                matches = [m for line in self.lines[after:] if (m := regex.search(line))]
+                if len(matches) >= count:
+                    return matches[count - 1]
+                left = deadline - time.monotonic()
+                if left <= 0 or self._ended:
+                    raise AssertionError(
+                        f"{self.label}: {len(matches)} of {count} lines matching {pattern!r} "
+                        f"within {timeout} s (exit code {self.popen.poll()}); output:\n"
+                        + "\n".join(self.lines)
+                    )
+                self._changed.wait(left)
+
+    def count(self, pattern: str) -> int:
+        """How many output lines so far match `pattern`."""
+        regex = re.compile(pattern)
+        with self._changed:
+            return sum(1 for line in self.lines if regex.search(line))
+
+    def type(self, *lines: str) -> None:
+        """Type lines into the process's standard input."""
+        assert self.popen.stdin is not None
+        self.popen.stdin.write("".join(line + "\n" for line in lines))
+        self.popen.stdin.flush()
+
+    def send(self, sig: signal.Signals) -> None:
+        self.popen.send_signal(sig)
+
+    def exit_code(self, timeout: float = 10.0) -> int:
+        """Wait for the process to exit; fail if it does not within `timeout`."""
+        try:
+            return self.popen.wait(timeout)
+        except subprocess.TimeoutExpired as late:
+            raise AssertionError(
+                f"{self.label} still running after {timeout} s:\n{self.output}"
+            ) from late
+
+    def stop(self) -> None:
+        """Kill the process if it is still running (test clean-up)."""
+        if self.popen.poll() is None:
+            self.popen.kill()
+        self.popen.wait(10)
+        if self.popen.stdin:
+            self.popen.stdin.close()
+
+
+def start_server(*args: str, port: int = 0, echo: bool = False) -> tuple[Process, int]:
+    """A contact_server.py on 127.0.0.1 (port 0: any free one), once listening."""
+    server = Process("server", "contact_server.py", "--port", str(port), *args, echo=echo)
+    listening = server.wait_for(r"listening on 127\.0\.0\.1:(\d+)")
+    return server, int(listening.group(1))
+
+
+def start_client(name: str, port: int, *args: str, echo: bool = False) -> Process:
+    """A contact_client.py named `name` of the server on `port`, once registered."""
+    client = Process(
+        name, "contact_client.py", "--server", f"127.0.0.1:{port}", "--name", name, *args, echo=echo
+    )
+    client.wait_for(rf"registered with .* as {re.escape(name)}$")
+    return client
