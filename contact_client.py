@@ -53,6 +53,9 @@ def handle_task(text: str) -> str:
 #   The server accepts pings every 10 s or slower (see contact_server.py);
 #   pinging faster than a server allows gets the connection closed with
 #   GOAWAY "too_many_pings".
+# grpc.http2.ping_timeout_ms: how long current gRPC core really waits for a
+#   ping's answer (default one minute); keepalive_timeout_ms alone does not
+#   shorten it. See the same option in contact_server.py.
 # grpc.http2.max_pings_without_data = 0: keep pinging while no task flows; by
 #   default gRPC stops after two pings with no data in between.
 # grpc.max_receive_message_length / grpc.max_send_message_length: the same
@@ -60,6 +63,7 @@ def handle_task(text: str) -> str:
 CHANNEL_OPTIONS = [
     ("grpc.keepalive_time_ms", 15_000),
     ("grpc.keepalive_timeout_ms", 10_000),
+    ("grpc.http2.ping_timeout_ms", 10_000),
     ("grpc.http2.max_pings_without_data", 0),
     ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
     ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),

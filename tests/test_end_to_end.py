@@ -1,0 +1,282 @@
+"""The real scripts as separate processes on free loopback ports, driven as a
+person would: tasks typed into the server, signals for Ctrl-C and kill."""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import signal
+import subprocess
+import time
+from collections.abc import Callable, Iterator
+
+import grpc
+import pytest
+
+from contact import CLIENT_ID_KEY, MAX_MESSAGE_BYTES, contact_pb2, contact_pb2_grpc
+from tests.processes import ROOT, Process, start_client, start_server
+
+
+@pytest.fixture
+def processes() -> Iterator[list[Process]]:
+    """Every process a test starts goes here, to be killed if the test fails."""
+    started: list[Process] = []
+    yield started
+    for process in started:
+        process.stop()
+
+
+@pytest.fixture
+def server(processes: list[Process]) -> tuple[Process, int]:
+    server, port = start_server()
+    processes.append(server)
+    return server, port
+
+
+@pytest.fixture
+def client(processes: list[Process]) -> Callable[..., Process]:
+    def start(name: str, port: int, *args: str) -> Process:
+        started = start_client(name, port, *args)
+        processes.append(started)
+        return started
+
+    return start
+
+
+def task_id(server: Process, text: str) -> str:
+    """The id the server gave the task typed as `text`."""
+    return server.wait_for(rf"task (\S+) queued for .*: '{re.escape(text)}'").group(1)
+
+
+def assert_clean_exit(process: Process, code: int = 0, within: float = 10.0) -> None:
+    assert process.exit_code(within) == code, process.output
+    assert "Traceback" not in process.output, process.output
+
+
+def test_typed_tasks_reach_a_client_and_results_reach_the_server_log(
+    server: tuple[Process, int], client: Callable[..., Process]
+) -> None:
+    srv, port = server
+    worker = client("worker", port, "--max-tasks", "2")
+    srv.type("hello world", "", "second task")
+    srv.wait_for(r"result from worker: 'HELLO WORLD'$")
+    srv.wait_for(r"result from worker: 'SECOND TASK'$")
+    assert_clean_exit(worker)
+    worker.wait_for(r"answered 2 tasks; exiting")
+    worker.wait_for(r"server acknowledged status: ")
+    srv.wait_for(r"status from worker: ")
+    assert srv.count(r"queued for") == 2  # the blank line was no task
+
+
+def test_a_targeted_task_reaches_only_its_client(
+    server: tuple[Process, int], client: Callable[..., Process]
+) -> None:
+    srv, port = server
+    alice = client("alice", port)
+    srv.type("@bob secret for bob", "one", "two", "three")
+    srv.wait_for(r"result from alice", count=3)
+    assert srv.count("secret for bob") == 1  # queued, and waiting
+    bob = client("bob", port)
+    srv.wait_for(r"result from bob: 'SECRET FOR BOB'$")
+    assert "secret" not in alice.output.lower()
+    assert bob.count(r"task \S+: ") == 1
+
+
+def test_a_task_held_by_a_killed_client_goes_to_another(
+    server: tuple[Process, int], client: Callable[..., Process]
+) -> None:
+    srv, port = server
+    doomed = client("doomed", port)
+    doomed.send(signal.SIGSTOP)  # frozen: it holds the task without answering
+    srv.type("rescue me")
+    job = task_id(srv, "rescue me")
+    srv.wait_for(rf"task {job} sent to doomed")
+    rescuer = client("rescuer", port)
+    assert srv.count(r"result from") == 0
+    doomed.send(signal.SIGKILL)
+    srv.wait_for(rf"task {job} requeued \(doomed left\)")
+    srv.wait_for(rf"task {job} result from rescuer: 'RESCUE ME'$")
+    rescuer.wait_for(rf"task {job}: 'rescue me'")
+
+
+def test_the_same_client_process_reconnects_to_a_restarted_server(
+    processes: list[Process], client: Callable[..., Process]
+) -> None:
+    first, port = start_server()
+    processes.append(first)
+    worker = client("worker", port, "--max-backoff", "1")
+    first.send(signal.SIGTERM)
+    assert_clean_exit(first)
+    worker.wait_for(r"server 127\.0\.0\.1:\d+ unavailable .* retrying until it is back")
+    second, _ = start_server(port=port)
+    processes.append(second)
+    worker.wait_for(r"registered with .* as worker", count=2, timeout=5)
+    second.type("after the restart")
+    second.wait_for(r"result from worker: 'AFTER THE RESTART'$")
+    assert worker.popen.poll() is None  # the same process, still running
+    assert worker.count(r"unavailable") == 1  # said once, not once per retry
+
+
+def test_sigterm_stops_the_server_within_its_grace_period(
+    processes: list[Process], client: Callable[..., Process]
+) -> None:
+    srv, port = start_server("--grace", "2")
+    processes.append(srv)
+    worker = client("worker", port, "--max-backoff", "1")
+    srv.type("@absent never answered")
+    task_id(srv, "never answered")
+    started = time.monotonic()
+    srv.send(signal.SIGTERM)
+    assert_clean_exit(srv, within=4)
+    assert time.monotonic() - started < 4
+    srv.wait_for(r"shutting down: tasks queued: 1, in flight: 0")
+    srv.wait_for(r"stopped; tasks never answered: 1")
+    worker.wait_for(r"unavailable \(UNAVAILABLE: the server is shutting down\)")
+
+
+def test_ctrl_c_stops_a_client_at_once_and_its_tasks_go_back(
+    server: tuple[Process, int], client: Callable[..., Process]
+) -> None:
+    srv, port = server
+    worker = client("worker", port)
+    worker.send(signal.SIGSTOP)
+    srv.type("interrupted")
+    job = task_id(srv, "interrupted")
+    srv.wait_for(rf"task {job} sent to worker")
+    worker.send(signal.SIGINT)  # delivered when it runs again
+    started = time.monotonic()
+    worker.send(signal.SIGCONT)
+    assert_clean_exit(worker, within=3)
+    assert time.monotonic() - started < 3
+    worker.wait_for(r"INFO stopped$")
+    srv.wait_for(rf"task {job} requeued \(worker left\)")
+
+
+def test_a_second_client_with_the_same_name_takes_over(
+    server: tuple[Process, int], client: Callable[..., Process]
+) -> None:
+    srv, port = server
+    old = client("twin", port)
+    old.send(signal.SIGSTOP)
+    srv.type("held by the old twin")
+    job = task_id(srv, "held by the old twin")
+    srv.wait_for(rf"task {job} sent to twin")
+    new = client("twin", port)
+    srv.wait_for(rf"task {job} requeued \(twin replaced\)")
+    srv.wait_for(rf"task {job} result from twin: 'HELD BY THE OLD TWIN'$")
+    new.wait_for(rf"task {job}: ")
+    old.send(signal.SIGCONT)
+    assert_clean_exit(old, code=1)
+    old.wait_for(r"refused this client: ABORTED: a newer client registered as twin")
+
+
+# -- calls a real client never makes, sent with grpc directly ------------------
+
+
+async def call_get_task(port: int, metadata: tuple[tuple[str, str], ...]) -> grpc.StatusCode:
+    """Register with `metadata`; the status the server ends the call with."""
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+        call = contact_pb2_grpc.ContactStub(channel).getTask(contact_pb2.Empty(), metadata=metadata)
+        with pytest.raises(grpc.aio.AioRpcError) as refused:
+            await asyncio.wait_for(call.read(), 5)
+        return refused.value.code()
+
+
+async def call_tell_result(port: int, name: str, result: contact_pb2.Result) -> grpc.StatusCode:
+    """Send one result as `name`; the status the server ends the call with."""
+    async with grpc.aio.insecure_channel(
+        f"127.0.0.1:{port}", options=[("grpc.max_send_message_length", -1)]
+    ) as channel:
+        call = contact_pb2_grpc.ContactStub(channel).tellResult(metadata=((CLIENT_ID_KEY, name),))
+        await call.write(result)
+        await call.done_writing()
+        try:
+            await asyncio.wait_for(call, 5)
+        except grpc.aio.AioRpcError as err:
+            return err.code()
+        return grpc.StatusCode.OK
+
+
+@pytest.mark.parametrize(
+    "metadata",
+    [(), (("client-id", ""),), (("client-id", "bad name"),), (("client-id", "x" * 65),)],
+    ids=["missing", "empty", "space", "too-long"],
+)
+def test_a_client_without_a_valid_name_is_refused(
+    server: tuple[Process, int], client: Callable[..., Process], metadata: tuple[tuple[str, str]]
+) -> None:
+    srv, port = server
+    assert asyncio.run(call_get_task(port, metadata)) is grpc.StatusCode.INVALID_ARGUMENT
+    srv.wait_for(r"WARNING refused a call from .*client-id")
+    client("fine", port)  # and the server serves the next client as before
+    srv.type("still served")
+    srv.wait_for(r"result from fine: 'STILL SERVED'$")
+
+
+def test_a_result_for_a_task_never_given_is_refused_and_the_task_kept(
+    server: tuple[Process, int], client: Callable[..., Process]
+) -> None:
+    srv, port = server
+    srv.type("@victim not yours")
+    job = task_id(srv, "not yours")
+    forged = contact_pb2.Result(id=job, ret="forged")
+    code = asyncio.run(call_tell_result(port, "mallory", forged))
+    assert code is grpc.StatusCode.PERMISSION_DENIED
+    srv.wait_for(rf"result for task {job} refused: mallory was never given it")
+    client("victim", port)
+    srv.wait_for(rf"task {job} result from victim: 'NOT YOURS'$")
+
+
+def test_an_oversized_message_is_refused_and_others_are_served(
+    server: tuple[Process, int], client: Callable[..., Process]
+) -> None:
+    srv, port = server
+    worker = client("worker", port)
+    huge = contact_pb2.Result(id="x", ret="x" * MAX_MESSAGE_BYTES)
+    code = asyncio.run(call_tell_result(port, "worker", huge))
+    assert code is grpc.StatusCode.RESOURCE_EXHAUSTED
+    srv.type("after the flood")
+    srv.wait_for(r"result from worker: 'AFTER THE FLOOD'$")
+    assert worker.popen.poll() is None
+
+
+def test_make_demo_exits_0() -> None:
+    demo = subprocess.run(
+        ["make", "--no-print-directory", "demo"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert demo.returncode == 0, demo.stdout + demo.stderr
+    assert "every process exited 0" in demo.stdout
+    assert "Traceback" not in demo.stdout + demo.stderr
+
+
+def test_keepalive_notices_a_silently_dead_peer_on_either_side(
+    processes: list[Process], client: Callable[..., Process]
+) -> None:
+    """SIGSTOP leaves the TCP connection up but answers no ping: only
+    keepalive can tell. Both directions run at once to share the wait."""
+    srv, port = start_server()
+    processes.append(srv)
+    frozen = client("frozen", port)
+    frozen.send(signal.SIGSTOP)
+    srv.type("stuck at a frozen client")
+    job = task_id(srv, "stuck at a frozen client")
+    srv.wait_for(rf"task {job} sent to frozen")
+    rescuer = client("rescuer", port)
+
+    frozen_srv, frozen_port = start_server()
+    processes.append(frozen_srv)
+    orphan = client("orphan", frozen_port)
+    frozen_srv.send(signal.SIGSTOP)
+
+    started = time.monotonic()
+    srv.wait_for(rf"task {job} requeued \(frozen left\)", timeout=40)
+    srv.wait_for(rf"task {job} result from rescuer: ")
+    orphan.wait_for(r"server 127\.0\.0\.1:\d+ unavailable", timeout=40)
+    assert time.monotonic() - started < 35
+    # The live pair pinged each other throughout without being cut off.
+    assert "unavailable" not in rescuer.output
+    assert "too_many_pings" not in rescuer.output + srv.output

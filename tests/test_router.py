@@ -1,0 +1,197 @@
+"""Unit tests of the Router, the gRPC-free queue and routing of the server."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from contact_server import REPLACED, SHUTDOWN, Outcome, Router, Session
+
+
+def assigned(session: Session) -> list[str]:
+    """The texts of the tasks in flight at a session, oldest first."""
+    return [task.text for task in session.in_flight.values()]
+
+
+def unwritten(session: Session) -> list[str]:
+    """The texts still waiting to be written to a session's stream."""
+    return [task.text for task in session.outbox]
+
+
+def answer_all(router: Router, session: Session) -> None:
+    for task in list(session.in_flight.values()):
+        assert router.complete(session.name, task.id, "done") is Outcome.ACCEPTED
+
+
+def test_a_task_goes_to_the_client_with_fewest_in_flight() -> None:
+    router = Router()
+    alice = router.connect("alice")
+    router.submit("one")
+    router.submit("two")
+    bob = router.connect("bob")
+    router.submit("three")
+    assert assigned(alice) == ["one", "two"]
+    assert assigned(bob) == ["three"]
+
+
+def test_ties_go_to_the_client_that_waited_longest() -> None:
+    router = Router()
+    alice, bob = router.connect("alice"), router.connect("bob")
+    for text in ("one", "two", "three", "four"):
+        router.submit(text)
+    assert assigned(alice) == ["one", "three"]
+    assert assigned(bob) == ["two", "four"]
+
+
+def test_each_task_goes_to_exactly_one_client() -> None:
+    router = Router()
+    sessions = [router.connect(f"c{i}") for i in range(3)]
+    ids = [router.submit(f"task {i}").id for i in range(10)]
+    delivered = [task.id for s in sessions for task in s.in_flight.values()]
+    assert sorted(delivered) == sorted(ids)
+
+
+def test_a_targeted_task_waits_for_its_client_and_goes_only_to_it() -> None:
+    router = Router()
+    alice = router.connect("alice")
+    router.submit("for bob", target="bob")
+    assert assigned(alice) == []
+    assert router.queued() == 1
+    bob = router.connect("bob")
+    assert assigned(bob) == ["for bob"]
+    assert router.queued() == 0
+
+
+def test_no_client_gets_more_than_max_in_flight() -> None:
+    router = Router(max_in_flight=2)
+    alice = router.connect("alice")
+    tasks = [router.submit(f"t{i}") for i in range(5)]
+    router.submit("for alice", target="alice")
+    assert assigned(alice) == ["t0", "t1"]
+    assert router.queued() == 4
+    assert router.complete("alice", tasks[0].id, "ok") is Outcome.ACCEPTED
+    # Room for one more: her own waiting task comes before the shared queue.
+    assert assigned(alice) == ["t1", "for alice"]
+    assert router.complete("alice", tasks[1].id, "ok") is Outcome.ACCEPTED
+    assert assigned(alice) == ["for alice", "t2"]
+
+
+def test_a_departed_clients_tasks_go_back_to_the_front_in_order() -> None:
+    router = Router(max_in_flight=2)
+    alice = router.connect("alice")
+    for text in ("one", "two", "three"):
+        router.submit(text)
+    router.submit("alice only", target="alice")
+    router.disconnect(alice)
+    assert router.in_flight() == 0
+    assert router.queued() == 4
+    bob = router.connect("bob")
+    assert assigned(bob) == ["one", "two"]
+    alice = router.connect("alice")
+    assert assigned(alice) == ["alice only", "three"]
+
+
+def test_the_first_result_wins_and_a_later_one_is_a_duplicate() -> None:
+    router = Router()
+    alice = router.connect("alice")
+    task = router.submit("job")
+    router.disconnect(alice)  # alice vanished while holding it
+    bob = router.connect("bob")
+    assert unwritten(bob) == ["job"]
+    # alice's answer arrives late, on a new connection: she was given the task.
+    assert router.complete("alice", task.id, "from alice") is Outcome.ACCEPTED
+    assert unwritten(bob) == []  # no longer worth sending to bob
+    assert bob.in_flight == {}
+    assert router.complete("bob", task.id, "from bob") is Outcome.DUPLICATE
+
+
+def test_a_result_for_an_unknown_id_is_ignored() -> None:
+    router = Router()
+    router.connect("alice")
+    task = router.submit("job")
+    for bogus in ("", "nonsense", "000000-1", task.id + "0", "-1", task.id[:-1] + "٣"):
+        assert router.complete("alice", bogus, "x") is Outcome.UNKNOWN, bogus
+    assert router.in_flight() == 1
+
+
+def test_a_client_cannot_finish_a_task_it_was_never_given() -> None:
+    router = Router()
+    alice = router.connect("alice")
+    held = router.submit("held by alice")
+    waiting = router.submit("for nobody yet", target="nobody")
+    assert router.complete("mallory", held.id, "x") is Outcome.NOT_GIVEN
+    assert router.complete("mallory", waiting.id, "x") is Outcome.NOT_GIVEN
+    assert held.id in alice.in_flight
+    assert router.queued() == 1
+
+
+def test_a_new_registration_under_a_connected_name_takes_over() -> None:
+    router = Router()
+    old = router.connect("alice")
+    router.submit("one")
+    router.submit("two", target="alice")
+    new = router.connect("alice")
+    assert old.ended == REPLACED
+    assert old.in_flight == {}
+    assert assigned(new) == ["two", "one"]  # her own waiting task first
+
+
+def test_close_ends_every_session_and_keeps_unfinished_tasks_queued() -> None:
+    router = Router()
+    alice = router.connect("alice")
+    router.submit("one")
+    router.submit("two", target="bob")
+    router.close()
+    assert alice.ended == SHUTDOWN
+    assert (router.queued(), router.in_flight()) == (2, 0)
+    with pytest.raises(RuntimeError):
+        router.submit("three")
+    with pytest.raises(RuntimeError):
+        router.connect("carol")
+
+
+def test_nothing_is_left_behind_once_everything_is_answered() -> None:
+    router = Router(max_in_flight=3)
+    clients = [router.connect(f"c{i}") for i in range(4)]
+    for i in range(20):
+        router.submit(f"t{i}", target="c1" if i % 5 == 0 else None)
+    while router.in_flight():
+        for session in clients:
+            answer_all(router, session)
+    for session in clients:
+        router.disconnect(session)
+    assert (router.queued(), router.in_flight()) == (0, 0)
+    assert router._tasks == {} and router._waiting == {} and router._sessions == {}
+
+
+def test_disconnect_is_idempotent() -> None:
+    router = Router()
+    alice = router.connect("alice")
+    router.submit("one")
+    router.disconnect(alice)
+    router.disconnect(alice)
+    assert router.queued() == 1
+
+
+def test_next_task_waits_for_work_and_returns_none_when_the_session_ends() -> None:
+    async def scenario() -> None:
+        router = Router()
+        alice = router.connect("alice")
+        waiter = asyncio.create_task(alice.next_task())
+        await asyncio.sleep(0)
+        assert not waiter.done()
+        router.submit("job")
+        task = await asyncio.wait_for(waiter, 1)
+        assert task is not None and task.text == "job"
+        waiter = asyncio.create_task(alice.next_task())
+        await asyncio.sleep(0)
+        router.disconnect(alice)
+        assert await asyncio.wait_for(waiter, 1) is None
+
+    asyncio.run(scenario())
+
+
+def test_max_in_flight_must_be_positive() -> None:
+    with pytest.raises(ValueError):
+        Router(max_in_flight=0)
