@@ -7,6 +7,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 PORT ?= 50051
 SERVER ?= localhost:$(PORT)
+NAME ?=
 RUNTIME := $(VENV)/.runtime-installed
 DEV := $(VENV)/.dev-installed
 
@@ -21,8 +22,8 @@ test: $(DEV)  ## the whole test suite
 server: $(RUNTIME)  ## a server on PORT; type tasks into it
 	$(PY) contact_server.py --port $(PORT)
 
-client: $(RUNTIME)  ## a client of SERVER
-	$(PY) contact_client.py --server $(SERVER)
+client: $(RUNTIME)  ## a client of SERVER (NAME=bob to choose its name)
+	$(PY) contact_client.py --server $(SERVER) $(if $(NAME),--name $(NAME))
 
 proto: $(RUNTIME)  ## regenerate contact/contact_pb2*.py from contact/contact.proto
 	$(PY) -m grpc_tools.protoc -I. --python_out=. --pyi_out=. --grpc_python_out=. contact/contact.proto

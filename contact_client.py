@@ -21,7 +21,8 @@ import random
 import signal
 import socket
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Coroutine, Iterator
+from typing import Any
 
 import grpc
 
@@ -122,63 +123,82 @@ async def in_daemon_thread(work: Callable[[str], str], text: str) -> str:
 
 
 async def answer_tasks(
-    stub: contact_pb2_grpc.ContactStub,
-    metadata: tuple[tuple[str, str], ...],
+    tasks: grpc.aio.UnaryStreamCall,
+    results: grpc.aio.StreamUnaryCall,
     progress: Progress,
     max_tasks: int | None,
-    registered: Callable[[], None],
 ) -> None:
-    """Register, then answer every task pushed to us. Return once `max_tasks`
-    are answered and the server has all the answers; raise when the
-    connection fails."""
-    tasks = stub.getTask(contact_pb2.Empty(), metadata=metadata)
-    results = stub.tellResult(metadata=metadata)
-    try:
-        # The server echoes our name once it has registered us.
-        echoed = await tasks.initial_metadata()
-        if echoed is None or echoed.get(CLIENT_ID_KEY) != metadata[0][1]:
-            await tasks.read()  # raises the refusal as AioRpcError
-            raise StreamEndedError("the server sent no registration")
-        registered()
-        async for task in tasks:
-            result = await in_daemon_thread(answer, task.task)
-            log.info("task %s: %r -> %r", task.id, task.task, result)
-            try:
-                await results.write(contact_pb2.Result(id=task.id, ret=result))
-            except asyncio.InvalidStateError:
-                await results  # the stream has ended: raise its status
-            progress.answered += 1
-            if max_tasks is not None and progress.answered >= max_tasks:
-                await results.done_writing()
-                await results  # returns once the server has read every answer
-                return
-        raise StreamEndedError("the server ended the task stream")
-    finally:
-        tasks.cancel()
-        results.cancel()
+    """Answer every task pushed down `tasks` on `results`. Return once
+    `max_tasks` are answered and the server has read every answer; raise
+    when the connection fails."""
+    async for task in tasks:
+        result = await in_daemon_thread(answer, task.task)
+        log.info("task %s: %r -> %r", task.id, task.task, result)
+        try:
+            await results.write(contact_pb2.Result(id=task.id, ret=result))
+        except asyncio.InvalidStateError:
+            await results  # the stream has ended: raise its status
+        progress.answered += 1
+        if max_tasks is not None and progress.answered >= max_tasks:
+            await results.done_writing()
+            await results  # returns once the server has read every answer
+            return
+    raise StreamEndedError("the server ended the task stream")
 
 
 async def report_status(
-    stub: contact_pb2_grpc.ContactStub,
-    metadata: tuple[tuple[str, str], ...],
-    progress: Progress,
-    every: float,
+    status: grpc.aio.StreamStreamCall, progress: Progress, every: float
 ) -> None:
     """Send a status line every `every` seconds and print each acknowledgement."""
-    call = stub.sendStatus(metadata=metadata)
-    try:
-        while True:
-            await call.write(
-                contact_pb2.ClientMsg(msg=f"alive, {progress.answered} tasks answered")
-            )
-            ack = await call.read()
-            if ack is grpc.aio.EOF:
-                await call  # raises if the server ended it with an error
-                raise StreamEndedError("the server ended the status stream")
-            log.info("server acknowledged status: %s", ack.ret)
-            await asyncio.sleep(every)
-    finally:
+    while True:
+        await status.write(contact_pb2.ClientMsg(msg=f"alive, {progress.answered} tasks answered"))
+        ack = await status.read()
+        if ack is grpc.aio.EOF:
+            await status  # raises if the server ended it with an error
+            raise StreamEndedError("the server ended the status stream")
+        log.info("server acknowledged status: %s", ack.ret)
+        await asyncio.sleep(every)
+
+
+async def confirm_registration(tasks: grpc.aio.UnaryStreamCall, name: str) -> None:
+    """Wait until the server accepts our getTask call, which it shows by
+    echoing our name in the initial metadata; raise its refusal otherwise."""
+    echoed = await tasks.initial_metadata()
+    if echoed is None or echoed.get(CLIENT_ID_KEY) != name:
+        await tasks.read()  # raises the refusal as AioRpcError
+        raise StreamEndedError("the server sent no registration")
+
+
+async def hang_up(*calls: grpc.aio.Call) -> None:
+    """End our outgoing streams politely: half-close each and give the server
+    a second to finish it, then cancel whatever is left. Cancelling a call the
+    server has not started handling yet makes grpc.aio log a traceback there."""
+
+    async def finish(call: grpc.aio.Call) -> None:
+        # Best effort on a call we are leaving anyway: if it already failed,
+        # grpc raises AioRpcError, InvalidStateError or its private
+        # ExecuteBatchError here, all meaning "already over".
+        with contextlib.suppress(Exception):
+            await call.done_writing()
+            await call.code()
+
+    with contextlib.suppress(asyncio.TimeoutError):
+        await asyncio.wait_for(asyncio.gather(*(finish(call) for call in calls)), 1.0)
+    for call in calls:
         call.cancel()
+
+
+async def first_to_finish(*coroutines: Coroutine[Any, Any, None]) -> None:
+    """Run the coroutines together until one returns or raises; cancel the rest."""
+    running = [asyncio.ensure_future(coroutine) for coroutine in coroutines]
+    try:
+        done, _ = await asyncio.wait(running, return_when=asyncio.FIRST_COMPLETED)
+        for finished in done:
+            finished.result()  # raises its failure, if any
+    finally:
+        for task in running:
+            task.cancel()
+        await asyncio.gather(*running, return_exceptions=True)
 
 
 async def one_connection(
@@ -194,18 +214,23 @@ async def one_connection(
     metadata = ((CLIENT_ID_KEY, name),)
     async with grpc.aio.insecure_channel(target, options=CHANNEL_OPTIONS) as channel:
         stub = contact_pb2_grpc.ContactStub(channel)
-        work = asyncio.create_task(answer_tasks(stub, metadata, progress, max_tasks, registered))
-        status = asyncio.create_task(report_status(stub, metadata, progress, status_every))
+        tasks = stub.getTask(contact_pb2.Empty(), metadata=metadata)
         try:
-            # Whichever ends first decides: work ends only when done, status
-            # only when the connection failed.
-            done, _ = await asyncio.wait({work, status}, return_when=asyncio.FIRST_COMPLETED)
-            for finished in done:
-                finished.result()  # raises the failure, if any
+            await confirm_registration(tasks, name)
+            registered()
+            results = stub.tellResult(metadata=metadata)
+            status = stub.sendStatus(metadata=metadata)
+            try:
+                # Answering ends only when done; status only when the
+                # connection failed. Whichever ends first ends both.
+                await first_to_finish(
+                    answer_tasks(tasks, results, progress, max_tasks),
+                    report_status(status, progress, status_every),
+                )
+            finally:
+                await hang_up(results, status)
         finally:
-            for running in (work, status):
-                running.cancel()
-            await asyncio.gather(work, status, return_exceptions=True)
+            tasks.cancel()
 
 
 def backoff(initial: float, cap: float) -> Iterator[float]:

@@ -93,6 +93,18 @@ class Process:
     def send(self, sig: signal.Signals) -> None:
         self.popen.send_signal(sig)
 
+    def freeze(self, timeout: float = 5.0) -> None:
+        """SIGSTOP the process and return once it has really stopped: it then
+        answers nothing, not even pings, yet its connections stay open."""
+        self.send(signal.SIGSTOP)
+        deadline = time.monotonic() + timeout
+        stat = Path(f"/proc/{self.pid}/stat")
+        # The state is the field after the parenthesised command name.
+        while stat.read_text().rpartition(")")[2].split()[0] != "T":
+            if time.monotonic() > deadline:
+                raise AssertionError(f"{self.label} did not stop within {timeout} s")
+            time.sleep(0.01)
+
     def exit_code(self, timeout: float = 10.0) -> int:
         """Wait for the process to exit; fail if it does not within `timeout`."""
         try:

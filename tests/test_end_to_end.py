@@ -87,7 +87,7 @@ def test_a_task_held_by_a_killed_client_goes_to_another(
 ) -> None:
     srv, port = server
     doomed = client("doomed", port)
-    doomed.send(signal.SIGSTOP)  # frozen: it holds the task without answering
+    doomed.freeze()  # frozen: it holds the task without answering
     srv.type("rescue me")
     job = task_id(srv, "rescue me")
     srv.wait_for(rf"task {job} sent to doomed")
@@ -134,22 +134,28 @@ def test_sigterm_stops_the_server_within_its_grace_period(
     worker.wait_for(r"unavailable \(UNAVAILABLE: the server is shutting down\)")
 
 
-def test_ctrl_c_stops_a_client_at_once_and_its_tasks_go_back(
-    server: tuple[Process, int], client: Callable[..., Process]
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
+def test_a_signal_stops_a_client_at_once_and_loses_no_task(
+    server: tuple[Process, int], client: Callable[..., Process], sig: signal.Signals
 ) -> None:
     srv, port = server
     worker = client("worker", port)
-    worker.send(signal.SIGSTOP)
+    worker.freeze()
     srv.type("interrupted")
     job = task_id(srv, "interrupted")
     srv.wait_for(rf"task {job} sent to worker")
-    worker.send(signal.SIGINT)  # delivered when it runs again
+    worker.send(sig)  # handled when it runs again, racing the task it holds
     started = time.monotonic()
     worker.send(signal.SIGCONT)
     assert_clean_exit(worker, within=3)
     assert time.monotonic() - started < 3
     worker.wait_for(r"INFO stopped$")
-    srv.wait_for(rf"task {job} requeued \(worker left\)")
+    # Answered before the signal took effect, or taken back and answered by
+    # the next client: either way exactly once.
+    client("backup", port)
+    srv.type("after the signal")
+    srv.wait_for(r"result from backup: 'AFTER THE SIGNAL'$")  # requeued tasks come first
+    assert srv.count(rf"task {job} result from (worker|backup): 'INTERRUPTED'$") == 1
 
 
 def test_a_second_client_with_the_same_name_takes_over(
@@ -157,7 +163,7 @@ def test_a_second_client_with_the_same_name_takes_over(
 ) -> None:
     srv, port = server
     old = client("twin", port)
-    old.send(signal.SIGSTOP)
+    old.freeze()
     srv.type("held by the old twin")
     job = task_id(srv, "held by the old twin")
     srv.wait_for(rf"task {job} sent to twin")
@@ -261,7 +267,7 @@ def test_keepalive_notices_a_silently_dead_peer_on_either_side(
     srv, port = start_server()
     processes.append(srv)
     frozen = client("frozen", port)
-    frozen.send(signal.SIGSTOP)
+    frozen.freeze()
     srv.type("stuck at a frozen client")
     job = task_id(srv, "stuck at a frozen client")
     srv.wait_for(rf"task {job} sent to frozen")
@@ -270,7 +276,7 @@ def test_keepalive_notices_a_silently_dead_peer_on_either_side(
     frozen_srv, frozen_port = start_server()
     processes.append(frozen_srv)
     orphan = client("orphan", frozen_port)
-    frozen_srv.send(signal.SIGSTOP)
+    frozen_srv.freeze()
 
     started = time.monotonic()
     srv.wait_for(rf"task {job} requeued \(frozen left\)", timeout=40)
