@@ -26,6 +26,7 @@ from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
 
 import grpc
+from google.protobuf.message import DecodeError
 
 from contact import (
     CLIENT_ID_KEY,
@@ -351,12 +352,15 @@ class ContactServicer(contact_pb2_grpc.ContactServicer):
         context: grpc.aio.ServicerContext,
     ) -> contact_pb2.Empty:
         name = await client_name(context)
-        async for result in request_iterator:
-            if self._router.complete(name, result.id, result.ret) is Outcome.NOT_GIVEN:
-                await context.abort(
-                    grpc.StatusCode.PERMISSION_DENIED,
-                    f"task {result.id} was never given to {name}",
-                )
+        try:
+            async for result in request_iterator:
+                if self._router.complete(name, result.id, result.ret) is Outcome.NOT_GIVEN:
+                    await context.abort(
+                        grpc.StatusCode.PERMISSION_DENIED,
+                        f"task {result.id} was never given to {name}",
+                    )
+        except DecodeError as err:
+            await refuse_malformed(context, name, err)
         return contact_pb2.Empty()
 
     async def sendStatus(
@@ -365,12 +369,15 @@ class ContactServicer(contact_pb2_grpc.ContactServicer):
         context: grpc.aio.ServicerContext,
     ) -> AsyncIterator[contact_pb2.Result]:
         name = await client_name(context)
-        async for status in request_iterator:
-            log.info("status from %s: %s", name, shown(status.msg))
-            yield contact_pb2.Result(
-                ret=f"{self._router.in_flight(name)} of your tasks in flight, "
-                f"{self._router.queued()} queued"
-            )
+        try:
+            async for status in request_iterator:
+                log.info("status from %s: %s", name, shown(status.msg))
+                yield contact_pb2.Result(
+                    ret=f"{self._router.in_flight(name)} of your tasks in flight, "
+                    f"{self._router.queued()} queued"
+                )
+        except DecodeError as err:
+            await refuse_malformed(context, name, err)
 
 
 async def client_name(context: grpc.aio.ServicerContext) -> str:
@@ -386,6 +393,13 @@ async def client_name(context: grpc.aio.ServicerContext) -> str:
     log.warning("refused a call from %s: %s", context.peer(), problem)
     await context.abort(grpc.StatusCode.INVALID_ARGUMENT, problem)
     raise AssertionError("context.abort returned")  # it always raises
+
+
+async def refuse_malformed(context: grpc.aio.ServicerContext, name: str, err: DecodeError) -> None:
+    """End a call whose client sent bytes that are not a valid message
+    (grpc's default would be UNKNOWN and a traceback in the log)."""
+    log.warning("refused a malformed message from %s (%s): %s", name, context.peer(), err)
+    await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"malformed message: {err}")
 
 
 # --- Standard input: one task per line ----------------------------------------

@@ -90,6 +90,11 @@ class Process:
         self.popen.stdin.write("".join(line + "\n" for line in lines))
         self.popen.stdin.flush()
 
+    def end_input(self) -> None:
+        """Close the process's standard input, as Ctrl-D would."""
+        assert self.popen.stdin is not None
+        self.popen.stdin.close()
+
     def send(self, sig: signal.Signals) -> None:
         self.popen.send_signal(sig)
 
@@ -119,7 +124,7 @@ class Process:
         if self.popen.poll() is None:
             self.popen.kill()
         self.popen.wait(10)
-        if self.popen.stdin:
+        if self.popen.stdin and not self.popen.stdin.closed:
             self.popen.stdin.close()
 
 

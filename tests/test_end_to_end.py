@@ -48,6 +48,16 @@ def task_id(server: Process, text: str) -> str:
     return server.wait_for(rf"task (\S+) queued for .*: '{re.escape(text)}'").group(1)
 
 
+def hold_a_task(srv: Process, holder: Process, text: str) -> str:
+    """Freeze the client `holder`, then type the task `text`, which goes to it
+    and stays there unanswered; return its id."""
+    holder.freeze()
+    srv.type(text)
+    job = task_id(srv, text)
+    srv.wait_for(rf"task {job} sent to {holder.label}")
+    return job
+
+
 def assert_clean_exit(process: Process, code: int = 0, within: float = 10.0) -> None:
     assert process.exit_code(within) == code, process.output
     assert "Traceback" not in process.output, process.output
@@ -87,10 +97,7 @@ def test_a_task_held_by_a_killed_client_goes_to_another(
 ) -> None:
     srv, port = server
     doomed = client("doomed", port)
-    doomed.freeze()  # frozen: it holds the task without answering
-    srv.type("rescue me")
-    job = task_id(srv, "rescue me")
-    srv.wait_for(rf"task {job} sent to doomed")
+    job = hold_a_task(srv, doomed, "rescue me")
     rescuer = client("rescuer", port)
     assert srv.count(r"result from") == 0
     doomed.send(signal.SIGKILL)
@@ -140,10 +147,7 @@ def test_a_signal_stops_a_client_at_once_and_loses_no_task(
 ) -> None:
     srv, port = server
     worker = client("worker", port)
-    worker.freeze()
-    srv.type("interrupted")
-    job = task_id(srv, "interrupted")
-    srv.wait_for(rf"task {job} sent to worker")
+    job = hold_a_task(srv, worker, "interrupted")
     worker.send(sig)  # handled when it runs again, racing the task it holds
     started = time.monotonic()
     worker.send(signal.SIGCONT)
@@ -163,10 +167,7 @@ def test_a_second_client_with_the_same_name_takes_over(
 ) -> None:
     srv, port = server
     old = client("twin", port)
-    old.freeze()
-    srv.type("held by the old twin")
-    job = task_id(srv, "held by the old twin")
-    srv.wait_for(rf"task {job} sent to twin")
+    job = hold_a_task(srv, old, "held by the old twin")
     new = client("twin", port)
     srv.wait_for(rf"task {job} requeued \(twin replaced\)")
     srv.wait_for(rf"task {job} result from twin: 'HELD BY THE OLD TWIN'$")
@@ -246,6 +247,52 @@ def test_an_oversized_message_is_refused_and_others_are_served(
     assert worker.popen.poll() is None
 
 
+async def send_garbage(port: int) -> dict[str, grpc.StatusCode]:
+    """Bytes that are no protobuf message, to each method; the statuses."""
+    garbage = b"\xff\xff\xff"
+    metadata = ((CLIENT_ID_KEY, "garbler"),)
+    codes = {}
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+        calls = {
+            "getTask": channel.unary_stream("/contact.Contact/getTask")(garbage, metadata=metadata),
+            "tellResult": channel.stream_unary("/contact.Contact/tellResult")(metadata=metadata),
+            "sendStatus": channel.stream_stream("/contact.Contact/sendStatus")(metadata=metadata),
+        }
+        for method, call in calls.items():
+            if method != "getTask":
+                await call.write(garbage)
+            codes[method] = await asyncio.wait_for(call.code(), 5)
+    return codes
+
+
+def test_a_malformed_message_gets_an_error_status_and_others_are_served(
+    server: tuple[Process, int], client: Callable[..., Process]
+) -> None:
+    srv, port = server
+    worker = client("worker", port)
+    codes = asyncio.run(send_garbage(port))
+    assert codes["tellResult"] is grpc.StatusCode.INVALID_ARGUMENT
+    assert codes["sendStatus"] is grpc.StatusCode.INVALID_ARGUMENT
+    assert codes["getTask"] is not grpc.StatusCode.OK  # parsed by grpc itself: UNKNOWN
+    srv.wait_for(r"WARNING refused a malformed message from garbler", count=2)
+    srv.type("after the garbage")
+    srv.wait_for(r"result from worker: 'AFTER THE GARBAGE'$")
+    assert worker.popen.poll() is None
+
+
+def test_end_of_input_does_not_stop_the_server(
+    server: tuple[Process, int], client: Callable[..., Process]
+) -> None:
+    srv, port = server
+    srv.type("typed before the end", "@late waits for late")
+    srv.end_input()
+    srv.wait_for(r"end of standard input; still serving")
+    client("late", port)
+    srv.wait_for(r"result from late: 'WAITS FOR LATE'$")
+    srv.wait_for(r"result from late: 'TYPED BEFORE THE END'$")
+    assert srv.popen.poll() is None
+
+
 def test_make_demo_exits_0() -> None:
     demo = subprocess.run(
         ["make", "--no-print-directory", "demo"],
@@ -267,10 +314,7 @@ def test_keepalive_notices_a_silently_dead_peer_on_either_side(
     srv, port = start_server()
     processes.append(srv)
     frozen = client("frozen", port)
-    frozen.freeze()
-    srv.type("stuck at a frozen client")
-    job = task_id(srv, "stuck at a frozen client")
-    srv.wait_for(rf"task {job} sent to frozen")
+    job = hold_a_task(srv, frozen, "stuck at a frozen client")
     rescuer = client("rescuer", port)
 
     frozen_srv, frozen_port = start_server()
