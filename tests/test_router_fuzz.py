@@ -1,0 +1,94 @@
+"""Random sequences of connect / disconnect / submit / result / takeover
+against the Router, with its invariants checked after every step."""
+
+from __future__ import annotations
+
+from hypothesis import settings
+from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule
+
+from contact_server import Outcome, Router, Task
+
+NAMES = st.sampled_from(["ann", "bob", "cy", "dee"])
+
+
+class RouterMachine(RuleBasedStateMachine):
+    @initialize(max_in_flight=st.integers(1, 3))
+    def start(self, max_in_flight: int) -> None:
+        self.router = Router(max_in_flight)
+        self.tasks: list[Task] = []  # every task ever submitted
+        self.finished: set[str] = set()
+
+    @rule(name=NAMES)
+    def connect(self, name: str) -> None:  # a takeover when `name` is connected
+        old = self.router._sessions.get(name)
+        self.router.connect(name)
+        assert old is None or old.ended == "replaced"
+
+    @rule(name=NAMES)
+    def disconnect(self, name: str) -> None:
+        session = self.router._sessions.get(name)
+        if session is not None:
+            self.router.disconnect(session)
+
+    @rule(text=st.text(max_size=5), for_name=st.none() | NAMES)
+    def submit(self, text: str, for_name: str | None) -> None:
+        self.tasks.append(self.router.submit(text, for_name))
+
+    @rule(name=NAMES, pick=st.integers(0, 10**6))
+    def result(self, name: str, pick: int) -> None:
+        if not self.tasks:
+            return
+        task = self.tasks[pick % len(self.tasks)]
+        was_given = name in task.given_to
+        outcome = self.router.complete(name, task.id, "done")
+        if task.id in self.finished:
+            assert outcome is Outcome.DUPLICATE
+        elif was_given:
+            assert outcome is Outcome.ACCEPTED
+            self.finished.add(task.id)
+        else:
+            assert outcome is Outcome.NOT_GIVEN
+
+    @rule(bogus=st.text(max_size=12))
+    def unknown_result(self, bogus: str) -> None:
+        if bogus not in {task.id for task in self.tasks}:
+            assert self.router.complete("ann", bogus, "x") is Outcome.UNKNOWN
+
+    @invariant()
+    def every_task_is_queued_or_at_exactly_one_live_client_or_finished(self) -> None:
+        router = self.router
+        queued = list(router._queue) + [t for line in router._waiting.values() for t in line]
+        held = [t for s in router._sessions.values() for t in s.in_flight.values()]
+        assert len({id(t) for t in queued + held}) == len(queued) + len(held)  # no task twice
+        for task in self.tasks:
+            places = sum(t is task for t in queued) + sum(t is task for t in held)
+            assert places == (0 if task.id in self.finished else 1), task
+        for task in held:
+            assert task.holder is router._sessions[task.holder.name]
+            assert task.target in (None, task.holder.name)
+        for task in queued:
+            assert task.holder is None
+
+    @invariant()
+    def no_client_is_over_its_limit_and_no_work_waits_beside_room(self) -> None:
+        router = self.router
+        for session in router._sessions.values():
+            assert len(session.in_flight) <= router.max_in_flight
+            assert set(t.id for t in session.outbox) <= set(session.in_flight)
+            if len(session.in_flight) < router.max_in_flight:
+                assert not router._waiting.get(session.name)
+        if router._queue:
+            assert all(
+                len(s.in_flight) == router.max_in_flight for s in router._sessions.values()
+            )
+        assert all(router._waiting.values())  # no empty line left behind
+
+    @invariant()
+    def counts_agree(self) -> None:
+        unfinished = len(self.tasks) - len(self.finished)
+        assert self.router.queued() + self.router.in_flight() == unfinished
+
+
+RouterMachine.TestCase.settings = settings(max_examples=300, stateful_step_count=60, deadline=None)
+test_router_state_machine = RouterMachine.TestCase
