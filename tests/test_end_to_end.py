@@ -8,39 +8,13 @@ import re
 import signal
 import subprocess
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 
 import grpc
 import pytest
 
 from contact import CLIENT_ID_KEY, MAX_MESSAGE_BYTES, contact_pb2, contact_pb2_grpc
-from tests.processes import ROOT, Process, start_client, start_server
-
-
-@pytest.fixture
-def processes() -> Iterator[list[Process]]:
-    """Every process a test starts goes here, to be killed if the test fails."""
-    started: list[Process] = []
-    yield started
-    for process in started:
-        process.stop()
-
-
-@pytest.fixture
-def server(processes: list[Process]) -> tuple[Process, int]:
-    server, port = start_server()
-    processes.append(server)
-    return server, port
-
-
-@pytest.fixture
-def client(processes: list[Process]) -> Callable[..., Process]:
-    def start(name: str, port: int, *args: str) -> Process:
-        started = start_client(name, port, *args)
-        processes.append(started)
-        return started
-
-    return start
+from tests.processes import ROOT, Process, start_server
 
 
 def task_id(server: Process, text: str) -> str:

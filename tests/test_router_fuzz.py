@@ -65,6 +65,7 @@ class RouterMachine(RuleBasedStateMachine):
             places = sum(t is task for t in queued) + sum(t is task for t in held)
             assert places == (0 if task.id in self.finished else 1), task
         for task in held:
+            assert task.holder is not None
             assert task.holder is router._sessions[task.holder.name]
             assert task.target in (None, task.holder.name)
         for task in queued:
@@ -79,9 +80,7 @@ class RouterMachine(RuleBasedStateMachine):
             if len(session.in_flight) < router.max_in_flight:
                 assert not router._waiting.get(session.name)
         if router._queue:
-            assert all(
-                len(s.in_flight) == router.max_in_flight for s in router._sessions.values()
-            )
+            assert all(len(s.in_flight) == router.max_in_flight for s in router._sessions.values())
         assert all(router._waiting.values())  # no empty line left behind
 
     @invariant()

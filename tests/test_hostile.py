@@ -1,0 +1,237 @@
+"""Hostile input against every method of a real server process. Each attempt
+gets a gRPC error status, the server keeps serving everyone else, and the
+task queued before the attack is still delivered afterwards."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import random
+import signal
+from collections.abc import Callable
+from typing import Any
+
+import grpc
+import pytest
+from google.protobuf.message import DecodeError, Message
+
+from contact import CLIENT_ID_KEY, MAX_MESSAGE_BYTES, contact_pb2, contact_pb2_grpc
+from tests.processes import Process
+
+GET, TELL, STATUS = "getTask", "tellResult", "sendStatus"
+REQUEST_TYPE: dict[str, type[Message]] = {
+    GET: contact_pb2.Empty,
+    TELL: contact_pb2.Result,
+    STATUS: contact_pb2.ClientMsg,
+}
+UNLIMITED = [("grpc.max_send_message_length", -1), ("grpc.max_receive_message_length", -1)]
+
+
+def parses(method: str, raw: bytes) -> bool:
+    try:
+        REQUEST_TYPE[method].FromString(raw)
+        return True
+    except DecodeError:
+        return False
+
+
+async def send_raw(
+    port: int, method: str, raw: bytes | None, name: str = "attacker"
+) -> grpc.StatusCode:
+    """Send `raw` as the request of `method` (None: open the stream and send
+    nothing); the status the call ends with (a getTask that registers is
+    ended by us: CANCELLED)."""
+    metadata = ((CLIENT_ID_KEY, name),)
+    path = f"/contact.Contact/{method}"
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{port}", options=UNLIMITED) as channel:
+        call: Any
+        if method == GET:
+            call = channel.unary_stream(path)(raw or b"", metadata=metadata)
+            registered = (await call.initial_metadata()).get(CLIENT_ID_KEY) == name
+            if registered:
+                call.cancel()
+        else:
+            kind = channel.stream_unary if method == TELL else channel.stream_stream
+            call = kind(path)(metadata=metadata)
+            # The server may end the call before reading (a refused name).
+            with contextlib.suppress(grpc.aio.AioRpcError, asyncio.InvalidStateError):
+                if raw is not None:
+                    await call.write(raw)
+                await call.done_writing()
+        code: grpc.StatusCode = await asyncio.wait_for(call.code(), 5)
+        return code
+
+
+def expected_for(method: str, raw: bytes) -> grpc.StatusCode:
+    """What a well-behaved server answers to `raw`, judged by parsing it here."""
+    if parses(method, raw):
+        return grpc.StatusCode.CANCELLED if method == GET else grpc.StatusCode.OK
+    return grpc.StatusCode.UNKNOWN if method == GET else grpc.StatusCode.INVALID_ARGUMENT
+
+
+@pytest.fixture
+def guarded(
+    server: tuple[Process, int], client: Callable[..., Process]
+) -> tuple[Process, int, Callable[[], None]]:
+    """A server with a live bystander client and a task queued for `keeper`
+    (not yet connected); call the returned check once the attack is over."""
+    srv, port = server
+    bystander = client("bystander", port)
+    srv.type("@keeper kept safe")
+    srv.wait_for(r"queued for keeper")
+
+    def still_serving() -> None:
+        srv.type("still served")
+        srv.wait_for(r"result from bystander: 'STILL SERVED'$")
+        client("keeper", port)
+        srv.wait_for(r"result from keeper: 'KEPT SAFE'$")
+        assert bystander.popen.poll() is None and srv.popen.poll() is None
+
+    return srv, port, still_serving
+
+
+@pytest.mark.parametrize("method", [GET, TELL, STATUS])
+def test_random_bytes(guarded: tuple[Process, int, Callable[[], None]], method: str) -> None:
+    srv, port, still_serving = guarded
+    rng = random.Random(f"random bytes {method}")
+    samples = [rng.randbytes(rng.randint(1, 64)) for _ in range(25)]
+
+    async def attack() -> list[tuple[grpc.StatusCode, grpc.StatusCode]]:
+        return [(await send_raw(port, method, raw), expected_for(method, raw)) for raw in samples]
+
+    outcomes = asyncio.run(attack())
+    assert [got for got, _ in outcomes] == [want for _, want in outcomes]
+    assert sum(want is not grpc.StatusCode.OK for _, want in outcomes) > 10  # mostly garbage
+    still_serving()
+
+
+@pytest.mark.parametrize("method", [TELL, STATUS])
+def test_truncated_messages(guarded: tuple[Process, int, Callable[[], None]], method: str) -> None:
+    srv, port, still_serving = guarded
+    whole = (
+        contact_pb2.Result(id="abc-1", ret="a full answer").SerializeToString()
+        if method == TELL
+        else contact_pb2.ClientMsg(msg="a full status line").SerializeToString()
+    )
+
+    async def attack() -> list[tuple[grpc.StatusCode, grpc.StatusCode]]:
+        cuts = [whole[:n] for n in range(1, len(whole))]
+        return [(await send_raw(port, method, raw), expected_for(method, raw)) for raw in cuts]
+
+    outcomes = asyncio.run(attack())
+    assert [got for got, _ in outcomes] == [want for _, want in outcomes]
+    assert grpc.StatusCode.INVALID_ARGUMENT in {want for _, want in outcomes}
+    still_serving()
+
+
+@pytest.mark.parametrize(
+    ("method", "raw"),
+    [
+        (TELL, b"\x0a\x02\xff\xfe"),  # Result.ret
+        (TELL, b"\x12\x03a\xc3\x28"),  # Result.id
+        (STATUS, b"\x0a\x01\x80"),  # ClientMsg.msg
+    ],
+    ids=["result-ret", "result-id", "status-msg"],
+)
+def test_invalid_utf8_in_a_string_field(
+    guarded: tuple[Process, int, Callable[[], None]], method: str, raw: bytes
+) -> None:
+    srv, port, still_serving = guarded
+    assert asyncio.run(send_raw(port, method, raw)) is grpc.StatusCode.INVALID_ARGUMENT
+    srv.wait_for(r"WARNING refused a malformed message from attacker .*bad UTF-8")
+    still_serving()
+
+
+@pytest.mark.parametrize("method", [GET, TELL, STATUS])
+def test_a_message_over_the_size_limit(
+    guarded: tuple[Process, int, Callable[[], None]], method: str
+) -> None:
+    srv, port, still_serving = guarded
+    raw = b"\x0a" + b"\xff\xff\x3f" + b"x" * MAX_MESSAGE_BYTES  # one string field, too long
+    assert asyncio.run(send_raw(port, method, raw)) is grpc.StatusCode.RESOURCE_EXHAUSTED
+    still_serving()
+
+
+@pytest.mark.parametrize(
+    ("name", "status"),
+    [
+        ("n" * 65, grpc.StatusCode.INVALID_ARGUMENT),
+        ("n" * 7000, grpc.StatusCode.INVALID_ARGUMENT),
+        ("n" * 20000, grpc.StatusCode.RESOURCE_EXHAUSTED),  # over gRPC core's hard metadata limit
+        ("-leading-dash", grpc.StatusCode.INVALID_ARGUMENT),
+        ("semi;colon", grpc.StatusCode.INVALID_ARGUMENT),
+    ],
+    ids=["65-chars", "7000-chars", "20000-chars", "leading-dash", "semicolon"],
+)
+def test_a_bad_name_is_refused_on_every_method(
+    guarded: tuple[Process, int, Callable[[], None]], name: str, status: grpc.StatusCode
+) -> None:
+    srv, port, still_serving = guarded
+    for method in (GET, TELL, STATUS):
+        # Sending no message: the name is checked before any is read.
+        assert asyncio.run(send_raw(port, method, None, name=name)) is status, method
+    if status is grpc.StatusCode.INVALID_ARGUMENT:
+        srv.wait_for(r"WARNING refused a call from .*'client-id' must be", count=3)
+    still_serving()
+
+
+@pytest.mark.parametrize("name", ["tab\there", "bell\x07", "new\nline", "caf\u00e9"])
+def test_a_name_with_control_or_non_ascii_characters_never_registers(
+    guarded: tuple[Process, int, Callable[[], None]], name: str
+) -> None:
+    srv, port, still_serving = guarded
+    code = asyncio.run(send_raw(port, GET, None, name=name))
+    # gRPC itself refuses such a header value (INTERNAL, before it is sent).
+    assert code is not grpc.StatusCode.CANCELLED  # CANCELLED would mean it registered
+    assert srv.count(r"connected from") == 1  # only the bystander
+    still_serving()
+
+
+def test_a_flood_of_registrations_and_takeovers(
+    guarded: tuple[Process, int, Callable[[], None]],
+) -> None:
+    srv, port, still_serving = guarded
+    flood = 300
+
+    async def attack() -> tuple[int, int]:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+            stub = contact_pb2_grpc.ContactStub(channel)
+            calls = [
+                stub.getTask(contact_pb2.Empty(), metadata=((CLIENT_ID_KEY, f"flood-{i}"),))
+                for i in range(flood)
+            ]
+            echoed = await asyncio.gather(*(call.initial_metadata() for call in calls))
+            registered = sum(md.get(CLIENT_ID_KEY, "").startswith("flood-") for md in echoed)
+            for call in calls:
+                call.cancel()
+            twins = []
+            for _ in range(50):  # each registration under one name replaces the last
+                twin = stub.getTask(contact_pb2.Empty(), metadata=((CLIENT_ID_KEY, "twin"),))
+                await twin.initial_metadata()
+                twins.append(twin)
+            codes = [await asyncio.wait_for(twin.code(), 5) for twin in twins[:-1]]
+            twins[-1].cancel()
+            return registered, codes.count(grpc.StatusCode.ABORTED)
+
+    registered, replaced = asyncio.run(attack())
+    assert (registered, replaced) == (flood, 49)
+    srv.wait_for(r"client flood-\d+ disconnected", count=flood)
+    srv.wait_for(r"client twin disconnected", count=50)
+    still_serving()
+
+
+def test_a_client_cannot_finish_a_task_held_by_another(
+    guarded: tuple[Process, int, Callable[[], None]], client: Callable[..., Process]
+) -> None:
+    srv, port, still_serving = guarded
+    holder = client("holder", port)
+    holder.freeze()
+    srv.type("@holder yours only")
+    job = srv.wait_for(r"task (\S+) sent to holder").group(1)
+    forged = contact_pb2.Result(id=job, ret="stolen").SerializeToString()
+    assert asyncio.run(send_raw(port, TELL, forged)) is grpc.StatusCode.PERMISSION_DENIED
+    srv.wait_for(rf"result for task {job} refused: attacker was never given it")
+    holder.send(signal.SIGCONT)
+    srv.wait_for(rf"task {job} result from holder: 'YOURS ONLY'$")
+    assert srv.count("stolen") == 0
+    still_serving()
