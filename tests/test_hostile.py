@@ -92,7 +92,7 @@ def guarded(
 
 @pytest.mark.parametrize("method", [GET, TELL, STATUS])
 def test_random_bytes(guarded: tuple[Process, int, Callable[[], None]], method: str) -> None:
-    srv, port, still_serving = guarded
+    _, port, still_serving = guarded
     rng = random.Random(f"random bytes {method}")
     samples = [rng.randbytes(rng.randint(1, 64)) for _ in range(25)]
 
@@ -107,7 +107,7 @@ def test_random_bytes(guarded: tuple[Process, int, Callable[[], None]], method: 
 
 @pytest.mark.parametrize("method", [TELL, STATUS])
 def test_truncated_messages(guarded: tuple[Process, int, Callable[[], None]], method: str) -> None:
-    srv, port, still_serving = guarded
+    _, port, still_serving = guarded
     whole = (
         contact_pb2.Result(id="abc-1", ret="a full answer").SerializeToString()
         if method == TELL
@@ -146,7 +146,7 @@ def test_invalid_utf8_in_a_string_field(
 def test_a_message_over_the_size_limit(
     guarded: tuple[Process, int, Callable[[], None]], method: str
 ) -> None:
-    srv, port, still_serving = guarded
+    _, port, still_serving = guarded
     raw = b"\x0a" + b"\xff\xff\x3f" + b"x" * MAX_MESSAGE_BYTES  # one string field, too long
     assert asyncio.run(send_raw(port, method, raw)) is grpc.StatusCode.RESOURCE_EXHAUSTED
     still_serving()
