@@ -2,6 +2,7 @@
 answers each with `handle_task`, and reports back.
 
     python contact_client.py [--server localhost:50051] [--name NAME]
+                             [--ca FILE [--cert FILE --key FILE]]
 
 One connection carries three calls: getTask (registration; the server
 pushes tasks down it), tellResult (answers go up it, each naming its task)
@@ -22,6 +23,7 @@ import signal
 import socket
 import threading
 from collections.abc import Callable, Coroutine, Iterator
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -201,8 +203,30 @@ async def first_to_finish(*coroutines: Coroutine[Any, Any, None]) -> None:
         await asyncio.gather(*running, return_exceptions=True)
 
 
+def channel_credentials(
+    ca: Path | None, cert: Path | None, key: Path | None
+) -> grpc.ChannelCredentials | None:
+    """TLS credentials from PEM files, or None for plaintext: trust servers
+    whose certificate `ca` signed and, for mutual TLS, present `cert`."""
+    if ca is None:
+        return None
+    return grpc.ssl_channel_credentials(
+        root_certificates=ca.read_bytes(),
+        private_key=key.read_bytes() if key else None,
+        certificate_chain=cert.read_bytes() if cert else None,
+    )
+
+
+def open_channel(target: str, credentials: grpc.ChannelCredentials | None) -> grpc.aio.Channel:
+    """A channel to `target` with our options: TLS if there are credentials."""
+    if credentials is None:
+        return grpc.aio.insecure_channel(target, options=CHANNEL_OPTIONS)
+    return grpc.aio.secure_channel(target, credentials, options=CHANNEL_OPTIONS)
+
+
 async def one_connection(
     target: str,
+    credentials: grpc.ChannelCredentials | None,
     name: str,
     progress: Progress,
     max_tasks: int | None,
@@ -212,7 +236,7 @@ async def one_connection(
     """Serve the server over one channel until `max_tasks` are answered;
     raise AioRpcError or StreamEndedError when the connection is lost."""
     metadata = ((CLIENT_ID_KEY, name),)
-    async with grpc.aio.insecure_channel(target, options=CHANNEL_OPTIONS) as channel:
+    async with open_channel(target, credentials) as channel:
         stub = contact_pb2_grpc.ContactStub(channel)
         tasks = stub.getTask(contact_pb2.Empty(), metadata=metadata)
         try:
@@ -243,7 +267,12 @@ def backoff(initial: float, cap: float) -> Iterator[float]:
 
 
 async def run(
-    target: str, name: str, max_tasks: int | None, status_every: float, max_backoff: float
+    target: str,
+    credentials: grpc.ChannelCredentials | None,
+    name: str,
+    max_tasks: int | None,
+    status_every: float,
+    max_backoff: float,
 ) -> int:
     """Keep a connection to the server until `max_tasks` are answered (or
     forever); return the exit code."""
@@ -258,7 +287,9 @@ async def run(
 
     while True:
         try:
-            await one_connection(target, name, progress, max_tasks, status_every, registered)
+            await one_connection(
+                target, credentials, name, progress, max_tasks, status_every, registered
+            )
             log.info("answered %d tasks; exiting", progress.answered)
             return 0
         except grpc.aio.AioRpcError as err:
@@ -276,7 +307,9 @@ async def run(
         await asyncio.sleep(delay)
 
 
-async def run_until_signal(args: argparse.Namespace) -> int:
+async def run_until_signal(
+    args: argparse.Namespace, credentials: grpc.ChannelCredentials | None
+) -> int:
     """Run the client; SIGINT or SIGTERM cancels it wherever it is."""
     main = asyncio.current_task()
     assert main is not None
@@ -285,7 +318,7 @@ async def run_until_signal(args: argparse.Namespace) -> int:
         loop.add_signal_handler(sig, main.cancel)
     try:
         return await run(
-            args.server, args.name, args.max_tasks, args.status_every, args.max_backoff
+            args.server, credentials, args.name, args.max_tasks, args.status_every, args.max_backoff
         )
     except asyncio.CancelledError:
         log.info("stopped")
@@ -307,13 +340,24 @@ def main() -> int:
     parser.add_argument(
         "--max-backoff", type=float, default=10.0, help="longest wait between retries, seconds"
     )
+    parser.add_argument("--ca", type=Path, help="use TLS, trusting servers signed by this CA")
+    parser.add_argument("--cert", type=Path, help="this client's certificate, for mutual TLS")
+    parser.add_argument("--key", type=Path, help="the private key of --cert")
     args = parser.parse_args()
+    if (args.cert is None) != (args.key is None):
+        parser.error("--cert and --key go together")
+    if args.cert and not args.ca:
+        parser.error("--cert needs --ca")
     if not CLIENT_NAME.fullmatch(args.name):
         parser.error(f"--name must be {CLIENT_NAME_RULE}")
     if args.max_tasks is not None and args.max_tasks < 1:
         parser.error("--max-tasks must be at least 1")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
-    return asyncio.run(run_until_signal(args))
+    try:
+        credentials = channel_credentials(args.ca, args.cert, args.key)
+    except OSError as err:
+        parser.error(f"cannot read a TLS file: {err}")
+    return asyncio.run(run_until_signal(args, credentials))
 
 
 if __name__ == "__main__":

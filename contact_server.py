@@ -2,6 +2,7 @@
 that dialled in, and logs the results they send back.
 
     python contact_server.py [--host 127.0.0.1] [--port 50051]
+                             [--tls-cert FILE --tls-key FILE [--client-ca FILE]]
 
 Type one task per line: `TEXT` goes to any connected client, `@NAME TEXT`
 only to the client registered as NAME. Ctrl-C (or SIGTERM) stops it.
@@ -16,6 +17,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import enum
+import ipaddress
 import logging
 import os
 import secrets
@@ -24,6 +26,8 @@ import threading
 from collections import deque
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
+from typing import NoReturn
 
 import grpc
 from google.protobuf.message import DecodeError
@@ -382,24 +386,46 @@ class ContactServicer(contact_pb2_grpc.ContactServicer):
 
 async def client_name(context: grpc.aio.ServicerContext) -> str:
     """The caller's name from the `client-id` metadata; refuse the call
-    with INVALID_ARGUMENT when it is missing or malformed."""
+    with INVALID_ARGUMENT when it is missing or malformed, and with
+    PERMISSION_DENIED when it is not the name of the caller's certificate."""
     names = [value for key, value in context.invocation_metadata() or () if key == CLIENT_ID_KEY]
     if len(names) != 1:
-        problem = f"send exactly one '{CLIENT_ID_KEY}' metadata value with the client's name"
-    elif not isinstance(names[0], str) or not CLIENT_NAME.fullmatch(names[0]):
-        problem = f"'{CLIENT_ID_KEY}' must be {CLIENT_NAME_RULE}"
-    else:
-        return names[0]
+        await refuse(
+            context,
+            grpc.StatusCode.INVALID_ARGUMENT,
+            f"send exactly one '{CLIENT_ID_KEY}' metadata value with the client's name",
+        )
+    name = names[0]
+    if not isinstance(name, str) or not CLIENT_NAME.fullmatch(name):
+        await refuse(
+            context,
+            grpc.StatusCode.INVALID_ARGUMENT,
+            f"'{CLIENT_ID_KEY}' must be {CLIENT_NAME_RULE}",
+        )
+    # Under mutual TLS a client may only use the name its certificate carries.
+    certified = context.auth_context().get("x509_common_name")
+    if certified is not None and name.encode() not in certified:
+        await refuse(
+            context,
+            grpc.StatusCode.PERMISSION_DENIED,
+            f"'{CLIENT_ID_KEY}' {name} is not the name in the client certificate",
+        )
+    return name
+
+
+async def refuse(
+    context: grpc.aio.ServicerContext, code: grpc.StatusCode, problem: str
+) -> NoReturn:
+    """Log why a call is refused, and end it with `code`."""
     log.warning("refused a call from %s: %s", context.peer(), problem)
-    await context.abort(grpc.StatusCode.INVALID_ARGUMENT, problem)
+    await context.abort(code, problem)
     raise AssertionError("context.abort returned")  # it always raises
 
 
 async def refuse_malformed(context: grpc.aio.ServicerContext, name: str, err: DecodeError) -> None:
     """End a call whose client sent bytes that are not a valid message
     (grpc's default would be UNKNOWN and a traceback in the log)."""
-    log.warning("refused a malformed message from %s (%s): %s", name, context.peer(), err)
-    await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"malformed message: {err}")
+    await refuse(context, grpc.StatusCode.INVALID_ARGUMENT, f"malformed message from {name}: {err}")
 
 
 # --- Standard input: one task per line ----------------------------------------
@@ -466,7 +492,37 @@ def read_stdin(loop: asyncio.AbstractEventLoop, on_line: Callable[[str], None]) 
 # --- Running the server -------------------------------------------------------
 
 
-async def serve(host: str, port: int, max_in_flight: int, grace: float) -> int:
+def is_loopback(host: str) -> bool:
+    """Whether `host` is reachable only from this machine."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:  # a host name: assume it is reachable from elsewhere
+        return False
+
+
+def server_credentials(
+    cert: Path | None, key: Path | None, client_ca: Path | None
+) -> grpc.ServerCredentials | None:
+    """TLS credentials from PEM files, or None for plaintext. With
+    `client_ca`, clients must present a certificate signed by it (mutual TLS)."""
+    if cert is None or key is None:
+        return None
+    return grpc.ssl_server_credentials(
+        [(key.read_bytes(), cert.read_bytes())],
+        root_certificates=client_ca.read_bytes() if client_ca else None,
+        require_client_auth=client_ca is not None,
+    )
+
+
+async def serve(
+    host: str,
+    port: int,
+    max_in_flight: int,
+    grace: float,
+    credentials: grpc.ServerCredentials | None = None,
+) -> int:
     """Serve until SIGINT or SIGTERM, then shut down gracefully; return the exit code."""
     stop = signal_event(signal.SIGINT, signal.SIGTERM)
     router = Router(max_in_flight)
@@ -474,12 +530,26 @@ async def serve(host: str, port: int, max_in_flight: int, grace: float) -> int:
     contact_pb2_grpc.add_ContactServicer_to_server(ContactServicer(router), server)
     address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
     try:
-        bound = server.add_insecure_port(address)
+        if credentials is None:
+            bound = server.add_insecure_port(address)
+        else:
+            bound = server.add_secure_port(address, credentials)
     except RuntimeError as err:
         log.error("cannot listen on %s: %s", address, err)
         return 1
     await server.start()
-    log.info("listening on %s:%d; type a task per line (TEXT or @NAME TEXT)", host, bound)
+    if credentials is None and not is_loopback(host):
+        log.warning(
+            "!!! listening on %s WITHOUT TLS: anyone who can reach this port can read every "
+            "task and register under any name. Use --tls-cert and --tls-key. !!!",
+            host,
+        )
+    log.info(
+        "listening on %s:%d%s; type a task per line (TEXT or @NAME TEXT)",
+        host,
+        bound,
+        "" if credentials is None else " with TLS",
+    )
 
     def on_line(line: str) -> None:
         try:
@@ -530,11 +600,24 @@ def main() -> int:
         "--grace", type=float, default=3.0, help="seconds open calls get at shutdown"
     )
     parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING"])
+    parser.add_argument("--tls-cert", type=Path, help="the server's certificate (PEM): use TLS")
+    parser.add_argument("--tls-key", type=Path, help="the private key of --tls-cert (PEM)")
+    parser.add_argument(
+        "--client-ca", type=Path, help="accept only clients with a certificate from this CA"
+    )
     args = parser.parse_args()
     if args.max_in_flight < 1:
         parser.error("--max-in-flight must be at least 1")
+    if (args.tls_cert is None) != (args.tls_key is None):
+        parser.error("--tls-cert and --tls-key go together")
+    if args.client_ca and not args.tls_cert:
+        parser.error("--client-ca needs --tls-cert and --tls-key")
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(message)s")
-    return asyncio.run(serve(args.host, args.port, args.max_in_flight, args.grace))
+    try:
+        credentials = server_credentials(args.tls_cert, args.tls_key, args.client_ca)
+    except OSError as err:
+        parser.error(f"cannot read a TLS file: {err}")
+    return asyncio.run(serve(args.host, args.port, args.max_in_flight, args.grace, credentials))
 
 
 if __name__ == "__main__":

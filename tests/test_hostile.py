@@ -138,7 +138,7 @@ def test_invalid_utf8_in_a_string_field(
 ) -> None:
     srv, port, still_serving = guarded
     assert asyncio.run(send_raw(port, method, raw)) is grpc.StatusCode.INVALID_ARGUMENT
-    srv.wait_for(r"WARNING refused a malformed message from attacker .*bad UTF-8")
+    srv.wait_for(r"WARNING refused a call from .*: malformed message from attacker: .*bad UTF-8")
     still_serving()
 
 
