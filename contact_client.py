@@ -283,6 +283,7 @@ async def run(
     def registered() -> None:
         nonlocal delays, outage
         log.info("registered with %s as %s", target, name)
+        log.debug("%d asyncio tasks alive", len(asyncio.all_tasks()))
         delays, outage = backoff(0.25, max_backoff), False
 
     while True:
@@ -340,6 +341,7 @@ def main() -> int:
     parser.add_argument(
         "--max-backoff", type=float, default=10.0, help="longest wait between retries, seconds"
     )
+    parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING"])
     parser.add_argument("--ca", type=Path, help="use TLS, trusting servers signed by this CA")
     parser.add_argument("--cert", type=Path, help="this client's certificate, for mutual TLS")
     parser.add_argument("--key", type=Path, help="the private key of --cert")
@@ -352,7 +354,7 @@ def main() -> int:
         parser.error(f"--name must be {CLIENT_NAME_RULE}")
     if args.max_tasks is not None and args.max_tasks < 1:
         parser.error("--max-tasks must be at least 1")
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(message)s")
     try:
         credentials = channel_credentials(args.ca, args.cert, args.key)
     except OSError as err:
