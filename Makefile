@@ -11,13 +11,16 @@ NAME ?=
 RUNTIME := $(VENV)/.runtime-installed
 DEV := $(VENV)/.dev-installed
 
-.PHONY: demo test server client proto lint clean
+.PHONY: demo test soak server client proto lint clean
 
 demo: $(RUNTIME)  ## the whole story in one terminal: a server, two clients, a few tasks
 	$(PY) -m tests.demo
 
 test: $(DEV)  ## the whole test suite
 	$(PY) -m pytest
+
+soak: $(DEV)  ## the long fault test: 2 x 10,000 tasks under chaos; prints its figures
+	$(PY) -m tests.soak
 
 server: $(RUNTIME)  ## a server on PORT; type tasks into it
 	$(PY) contact_server.py --port $(PORT)

@@ -78,6 +78,11 @@ class Process:
                     )
                 self._changed.wait(left)
 
+    def lines_since(self, index: int) -> list[str]:
+        """The output lines from line `index` on (for reading long output as it grows)."""
+        with self._changed:
+            return self.lines[index:]
+
     def count(self, pattern: str) -> int:
         """How many output lines so far match `pattern`."""
         regex = re.compile(pattern)

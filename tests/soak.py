@@ -1,0 +1,298 @@
+"""The fault test: one real server, many clients that join, answer, hang,
+answer twice, vanish and rejoin at random, and a few real client processes
+killed with SIGKILL, while thousands of tasks (some targeted) flow.
+
+At the end, from the server's own log: every task has exactly one accepted
+result, with the right text; nothing is queued or in flight; and the
+server's memory after every client has left is compared with where it started.
+
+    python -m tests.soak [--tasks 10000] [--chaos 40] [--real 4] [--kills 5]
+                         [--rounds 2] [--chaos-seconds 30] [--seed 1] [--seconds 240]
+
+`make soak` runs it at full size; the test suite runs a short version.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import random
+import re
+import signal
+import sys
+import threading
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import grpc
+
+from contact import CLIENT_ID_KEY, contact_pb2, contact_pb2_grpc
+from tests.processes import Process, start_client, start_server
+
+MODES = ["answer"] * 5 + ["hang", "twice", "late"]
+RESULT = re.compile(r"task (\S+) result from (\S+): '(.*)'$")
+QUEUED = re.compile(r"task (\S+) queued for (?:any client|\S+): '(.*)'$")
+
+
+@dataclass
+class Report:
+    tasks: int = 0
+    accepted: Counter[str] = field(default_factory=Counter)  # task id -> accepted results
+    wrong_text: int = 0
+    requeued: int = 0
+    duplicates_ignored: int = 0
+    refused: int = 0
+    kills: int = 0
+    chaos_sessions: int = 0
+    rss_start_mb: float = 0.0
+    rss_peak_mb: float = 0.0
+    rss_after_round_mb: list[float] = field(default_factory=list)  # all clients gone
+    seconds: float = 0.0
+    unanswered_at_shutdown: int = -1
+
+    def lines(self) -> list[str]:
+        answered_twice = sum(n > 1 for n in self.accepted.values())
+        return [
+            f"tasks: {self.tasks}, answered: {len(self.accepted)}, "
+            f"answered twice: {answered_twice}",
+            f"chaos client sessions: {self.chaos_sessions}, real clients killed: {self.kills}",
+            f"redeliveries (requeued): {self.requeued}, duplicate results ignored: "
+            f"{self.duplicates_ignored}, refused calls: {self.refused}",
+            f"server memory (RSS): start {self.rss_start_mb:.1f} MB, "
+            f"peak {self.rss_peak_mb:.1f} MB, after each round, all clients gone: "
+            + ", ".join(f"{mb:.1f} MB" for mb in self.rss_after_round_mb),
+            f"unanswered at shutdown: {self.unanswered_at_shutdown}; took {self.seconds:.1f} s",
+        ]
+
+
+def rss_mb(pid: int) -> float:
+    status = Path(f"/proc/{pid}/status").read_text()
+    return int(status.split("VmRSS:")[1].split()[0]) / 1024
+
+
+class ServerLog:
+    """Reads the server's output as it grows, tallying what the soak checks."""
+
+    def __init__(self, server: Process, report: Report) -> None:
+        self.server, self.report, self.read = server, report, 0
+        self.texts: dict[str, str] = {}  # task id -> typed text
+
+    def update(self) -> None:
+        lines = self.server.lines_since(self.read)
+        self.read += len(lines)
+        for line in lines:
+            if match := QUEUED.search(line):
+                self.texts[match.group(1)] = match.group(2)
+            elif match := RESULT.search(line):
+                task_id, _, text = match.groups()
+                self.report.accepted[task_id] += 1
+                if text != self.texts.get(task_id, "").upper():
+                    self.report.wrong_text += 1
+            elif " requeued (" in line:
+                self.report.requeued += 1
+            elif "duplicate result" in line:
+                self.report.duplicates_ignored += 1
+            elif "refused" in line:
+                self.report.refused += 1
+
+
+async def chaos_session(port: int, name: str, rng: random.Random, calm: asyncio.Event) -> None:
+    """One connection of a misbehaving client, ended abruptly after a while."""
+    mode = "answer" if calm.is_set() else rng.choice(MODES)
+    lifetime = 3600.0 if calm.is_set() else rng.uniform(0.05, 1.0)
+    held: list[contact_pb2.ServerMsg] = []
+    metadata = ((CLIENT_ID_KEY, name),)
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+        stub = contact_pb2_grpc.ContactStub(channel)
+        tasks = stub.getTask(contact_pb2.Empty(), metadata=metadata)
+        results = stub.tellResult(metadata=metadata)
+
+        async def work() -> None:
+            async for task in tasks:
+                held.append(task)
+                if mode == "hang" or (mode == "late" and rng.random() < 0.5):
+                    continue
+                for _ in range(2 if mode == "twice" else 1):
+                    await results.write(contact_pb2.Result(id=task.id, ret=task.task.upper()))
+
+        with contextlib.suppress(
+            asyncio.TimeoutError, grpc.aio.AioRpcError, asyncio.InvalidStateError
+        ):
+            await asyncio.wait_for(work(), lifetime)
+        tasks.cancel()  # vanish: no goodbye
+        results.cancel()
+    if mode == "late" and held:  # answer, from a new connection, what we held before
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+            late = contact_pb2_grpc.ContactStub(channel).tellResult(metadata=metadata)
+            with contextlib.suppress(grpc.aio.AioRpcError, asyncio.InvalidStateError):
+                for task in held:
+                    await late.write(contact_pb2.Result(id=task.id, ret=task.task.upper()))
+                await late.done_writing()
+                await asyncio.wait_for(late, 5)
+
+
+async def chaos_client(
+    port: int,
+    name: str,
+    rng: random.Random,
+    calm: asyncio.Event,
+    stop: asyncio.Event,
+    report: Report,
+) -> None:
+    while not stop.is_set():
+        report.chaos_sessions += 1
+        session = asyncio.ensure_future(chaos_session(port, name, rng, calm))
+        stopped = asyncio.ensure_future(stop.wait())
+        await asyncio.wait({session, stopped}, return_when=asyncio.FIRST_COMPLETED)
+        for waiting in (session, stopped):
+            waiting.cancel()
+        await asyncio.gather(session, stopped, return_exceptions=True)
+        if not calm.is_set():
+            await asyncio.sleep(rng.uniform(0, 0.3))
+
+
+def kill_and_restart(real: list[Process], port: int, rng: random.Random, report: Report) -> None:
+    index = rng.randrange(len(real))
+    victim = real[index]
+    victim.send(signal.SIGKILL)
+    victim.exit_code(5)
+    report.kills += 1
+    real[index] = start_client(victim.label, port, "--max-backoff", "1", "--status-every", "1")
+
+
+async def drive(
+    server: Process,
+    port: int,
+    args: argparse.Namespace,
+    report: Report,
+    log: ServerLog,
+    round_: int,
+) -> None:
+    """One round: clients come and go while tasks flow, then all answer until
+    every task of the round is finished, then all leave."""
+    rng = random.Random(f"{args.seed}-{round_}")
+    names = [f"chaos-{i}" for i in range(args.chaos)]
+    real = [
+        start_client(f"real-{i}", port, "--max-backoff", "1", "--status-every", "1")
+        for i in range(args.real)
+    ]
+    calm, stop = asyncio.Event(), asyncio.Event()
+    clients = [
+        asyncio.ensure_future(
+            chaos_client(
+                port, name, random.Random(f"{args.seed}-{round_}-{name}"), calm, stop, report
+            )
+        )
+        for name in names
+    ]
+    targets = names + [process.label for process in real]
+    lines = [
+        f"@{rng.choice(targets)} r{round_}t{i}" if rng.random() < 0.1 else f"r{round_}t{i}"
+        for i in range(args.tasks)
+    ]
+    report.tasks += len(lines)
+    ticks = max(1, int(args.chaos_seconds / 0.1))
+    burst = -(-len(lines) // ticks)  # typed evenly across the chaos window
+    kill_every = max(1, ticks // max(1, args.kills))
+    deadline = time.monotonic() + args.seconds
+    try:
+        for tick in range(ticks):
+            server.type(*lines[tick * burst : (tick + 1) * burst])
+            if real and tick % kill_every == kill_every // 2:
+                await asyncio.to_thread(kill_and_restart, real, port, rng, report)
+            await asyncio.sleep(0.1)
+            log.update()
+        calm.set()  # from now on every client answers, so the queue drains
+        while len(report.accepted) < report.tasks:
+            if time.monotonic() > deadline:
+                raise AssertionError(f"not all tasks answered within {args.seconds} s")
+            await asyncio.sleep(0.1)
+            log.update()
+    finally:
+        stop.set()
+        await asyncio.gather(*clients, return_exceptions=True)
+        for process in real:
+            process.send(signal.SIGINT)
+            process.exit_code(10)
+
+
+def soak(args: argparse.Namespace) -> Report:
+    """Run the fault test; return its figures, or raise AssertionError with them."""
+    report = Report()
+    started = time.monotonic()
+    server, port = start_server("--max-in-flight", "4")
+    try:
+        report.rss_start_mb = report.rss_peak_mb = rss_mb(server.pid)
+        sampling = threading.Event()
+
+        def sample() -> None:
+            while not sampling.wait(0.1):
+                report.rss_peak_mb = max(report.rss_peak_mb, rss_mb(server.pid))
+
+        threading.Thread(target=sample, daemon=True).start()
+        log = ServerLog(server, report)
+        for round_ in range(args.rounds):
+            asyncio.run(drive(server, port, args, report, log, round_))
+            server.wait_for(r"client \S+ disconnected", count=server.count("connected from"))
+            log.update()
+            report.rss_after_round_mb.append(rss_mb(server.pid))
+        sampling.set()
+        server.send(signal.SIGTERM)
+        assert server.exit_code(10) == 0
+        report.unanswered_at_shutdown = int(
+            server.wait_for(r"tasks never answered: (\d+)").group(1)
+        )
+        server.wait_for(r"shutting down: tasks queued: 0, in flight: 0")
+    finally:
+        server.stop()
+        report.seconds = time.monotonic() - started
+    check(report, args)
+    return report
+
+
+def check(report: Report, args: argparse.Namespace) -> None:
+    figures = "\n".join(report.lines())
+    assert len(report.accepted) == report.tasks, f"tasks lost:\n{figures}"
+    assert all(n == 1 for n in report.accepted.values()), f"a task answered twice:\n{figures}"
+    assert report.wrong_text == 0, f"{report.wrong_text} results with the wrong text:\n{figures}"
+    assert report.unanswered_at_shutdown == 0, f"tasks left over:\n{figures}"
+    # CPython keeps memory it has freed, so the first round sets the level;
+    # state left behind by clients or tasks would raise it again each round.
+    grown = report.rss_after_round_mb[-1] - report.rss_after_round_mb[0]
+    assert grown < args.max_growth_mb, f"memory grew {grown:.1f} MB after round 1:\n{figures}"
+
+
+def parse(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--tasks", type=int, default=10_000)
+    parser.add_argument("--chaos", type=int, default=40, help="misbehaving in-process clients")
+    parser.add_argument(
+        "--real", type=int, default=4, help="real client processes, killed at random"
+    )
+    parser.add_argument("--kills", type=int, default=5, help="SIGKILLs of real clients per round")
+    parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--chaos-seconds", type=float, default=30, help="how long tasks flow")
+    parser.add_argument("--seconds", type=float, default=240, help="give up after this long")
+    parser.add_argument("--rounds", type=int, default=2, help="rounds of the same load")
+    parser.add_argument(
+        "--max-growth-mb", type=float, default=3, help="allowed RSS growth after the first round"
+    )
+    return parser.parse_args(argv)
+
+
+def main() -> int:
+    args = parse()
+    try:
+        report = soak(args)
+    except AssertionError as failure:
+        print(f"soak FAILED: {failure}")
+        return 1
+    print("\n".join([f"soak passed (seed {args.seed}):", *report.lines()]))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,17 @@
+"""The short version of the fault test (`make soak` runs the long one)."""
+
+from __future__ import annotations
+
+from tests.soak import parse, soak
+
+SHORT = ["--tasks", "1000", "--chaos", "8", "--real", "2", "--kills", "3", "--chaos-seconds", "3"]
+
+
+def test_no_task_is_lost_or_answered_twice_under_faults() -> None:
+    report = soak(parse([*SHORT, "--seconds", "60"]))  # raises if a guarantee broke
+    print("\n".join(report.lines()))
+    # The faults really happened.
+    assert report.kills == 6  # 3 a round, 2 rounds
+    assert report.requeued > 0
+    assert report.duplicates_ignored > 0
+    assert report.chaos_sessions > 8 * 2
