@@ -24,7 +24,7 @@ import socket
 import threading
 from collections.abc import Callable, Coroutine, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import grpc
 
@@ -124,6 +124,17 @@ async def in_daemon_thread(work: Callable[[str], str], text: str) -> str:
     return await done
 
 
+async def ended(call: grpc.aio.Call, stream: str) -> NoReturn:
+    """Raise why the server has ended `call`: its error as AioRpcError, or
+    StreamEndedError if it ended the `stream` without one."""
+    code = await call.code()
+    if code == grpc.StatusCode.OK:
+        raise StreamEndedError(f"the server ended the {stream} stream")
+    raise grpc.aio.AioRpcError(
+        code, await call.initial_metadata(), await call.trailing_metadata(), await call.details()
+    )
+
+
 async def answer_tasks(
     tasks: grpc.aio.UnaryStreamCall,
     results: grpc.aio.StreamUnaryCall,
@@ -138,14 +149,14 @@ async def answer_tasks(
         log.info("task %s: %r -> %r", task.id, task.task, result)
         try:
             await results.write(contact_pb2.Result(id=task.id, ret=result))
-        except asyncio.InvalidStateError:
-            await results  # the stream has ended: raise its status
+        except asyncio.InvalidStateError:  # the server has ended the stream
+            await ended(results, "result")
         progress.answered += 1
         if max_tasks is not None and progress.answered >= max_tasks:
             await results.done_writing()
             await results  # returns once the server has read every answer
             return
-    raise StreamEndedError("the server ended the task stream")
+    await ended(tasks, "task")
 
 
 async def report_status(
@@ -153,11 +164,14 @@ async def report_status(
 ) -> None:
     """Send a status line every `every` seconds and print each acknowledgement."""
     while True:
-        await status.write(contact_pb2.ClientMsg(msg=f"alive, {progress.answered} tasks answered"))
+        line = contact_pb2.ClientMsg(msg=f"alive, {progress.answered} tasks answered")
+        try:
+            await status.write(line)
+        except asyncio.InvalidStateError:  # the server has ended the stream
+            await ended(status, "status")
         ack = await status.read()
         if ack is grpc.aio.EOF:
-            await status  # raises if the server ended it with an error
-            raise StreamEndedError("the server ended the status stream")
+            await ended(status, "status")
         log.info("server acknowledged status: %s", ack.ret)
         await asyncio.sleep(every)
 

@@ -8,7 +8,8 @@ import re
 import signal
 import subprocess
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
+from typing import Any
 
 import grpc
 import pytest
@@ -304,3 +305,57 @@ def test_keepalive_notices_a_silently_dead_peer_on_either_side(
     # The live pair pinged each other throughout without being cut off.
     assert "unavailable" not in rescuer.output
     assert "too_many_pings" not in rescuer.output + srv.output
+
+
+class EndsStreamsEarly(contact_pb2_grpc.ContactServicer):  # type: ignore[misc]
+    """A server that registers clients, then ends the stream named in
+    `ends` without an error, as a different server implementation might."""
+
+    def __init__(self, ends: str) -> None:
+        self.ends = ends
+
+    async def getTask(self, request: Any, context: Any) -> AsyncIterator[contact_pb2.ServerMsg]:
+        name = dict(context.invocation_metadata())[CLIENT_ID_KEY]
+        await context.send_initial_metadata(((CLIENT_ID_KEY, name),))
+        for number in range(1 if self.ends == "getTask" else 600):  # a minute of work
+            yield contact_pb2.ServerMsg(task="a task", id=f"x-{number}")
+            await asyncio.sleep(0.1)
+
+    async def tellResult(self, request_iterator: Any, context: Any) -> contact_pb2.Empty:
+        if self.ends != "tellResult":
+            async for _ in request_iterator:
+                pass
+        return contact_pb2.Empty()
+
+    async def sendStatus(
+        self, request_iterator: Any, context: Any
+    ) -> AsyncIterator[contact_pb2.Result]:
+        async for _ in request_iterator:
+            yield contact_pb2.Result(ret="ack")
+            if self.ends == "sendStatus":
+                return
+
+
+@pytest.mark.parametrize("ends", ["getTask", "tellResult", "sendStatus"])
+def test_a_client_reconnects_when_the_server_ends_a_stream_without_error(
+    processes: list[Process], ends: str
+) -> None:
+    async def scenario() -> None:
+        server = grpc.aio.server()
+        contact_pb2_grpc.add_ContactServicer_to_server(EndsStreamsEarly(ends), server)
+        port = server.add_insecure_port("127.0.0.1:0")
+        await server.start()
+        worker = Process(
+            "worker", "contact_client.py", "--server", f"127.0.0.1:{port}", "--name", "worker",
+            "--max-backoff", "0.5", "--status-every", "0.1",
+        )  # fmt: skip
+        processes.append(worker)
+        await asyncio.to_thread(worker.wait_for, r"registered with .* as worker", count=2)
+        await server.stop(None)
+        assert worker.popen.poll() is None, worker.output
+        assert "Traceback" not in worker.output, worker.output
+        # How grpc words it depends on timing (OK end, or INTERNAL for a write
+        # that raced it); what matters is that the client said so and came back.
+        assert worker.count(r"WARNING server .* unavailable") >= 1, worker.output
+
+    asyncio.run(scenario())
