@@ -11,7 +11,7 @@ NAME ?=
 RUNTIME := $(VENV)/.runtime-installed
 DEV := $(VENV)/.dev-installed
 
-.PHONY: demo test soak server client proto lint clean
+.PHONY: demo test soak bench server client proto lint clean
 
 demo: $(RUNTIME)  ## the whole story in one terminal: a server, two clients, a few tasks
 	$(PY) -m tests.demo
@@ -21,6 +21,9 @@ test: $(DEV)  ## the whole test suite
 
 soak: $(DEV)  ## the long fault test: 2 x 10,000 tasks under chaos; prints its figures
 	$(PY) -m tests.soak
+
+bench: $(DEV)  ## the project against a lean grpcio baseline, in one run; prints a table
+	$(PY) -m tests.bench
 
 server: $(RUNTIME)  ## a server on PORT; type tasks into it
 	$(PY) contact_server.py --port $(PORT)

@@ -111,7 +111,6 @@ class Session:
         self.in_flight: dict[str, Task] = {}
         self.outbox: deque[Task] = deque()
         self.ended: str | None = None  # why the session ended, once it has
-        self.last_assigned = 0  # when it was last given a task (tie-breaker)
         self._wakeup = asyncio.Event()
 
     async def next_task(self) -> Task | None:
@@ -150,7 +149,8 @@ class Router:
     takes it back when that client leaves without answering.
 
     - A task for any client goes to the one with the fewest tasks in flight
-      (ties: the one that waited longest); a task for NAME waits for NAME.
+      (ties: the one whose load changed longest ago, so equals take turns);
+      a task for NAME waits for NAME.
     - No client has more than `max_in_flight` unanswered tasks; the rest wait,
       in order, and tasks taken back from a departed client go to the front.
     - A task is finished by the first result from a client it was sent to.
@@ -167,11 +167,14 @@ class Router:
         self.closed = False
         self._run = secrets.token_hex(3)  # keeps ids unique across restarts
         self._issued = 0
-        self._clock = 0
         self._tasks: dict[str, Task] = {}  # every unfinished task, by id
         self._queue: deque[Task] = deque()  # tasks for any client, waiting
         self._waiting: dict[str, deque[Task]] = {}  # tasks for one client, waiting
         self._sessions: dict[str, Session] = {}  # connected clients, by name
+        # Connected clients by how many tasks they have in flight; each dict
+        # keeps the order they arrived in, so the least loaded client is the
+        # first of the lowest non-empty bucket, found without a scan of all.
+        self._by_load: list[dict[Session, None]] = [{} for _ in range(max_in_flight + 1)]
 
     # -- what the servicer calls --
 
@@ -202,6 +205,7 @@ class Router:
             self.disconnect(old, REPLACED)
         session = Session(name)
         self._sessions[name] = session
+        self._by_load[0][session] = None
         self._fill(session)
         return session
 
@@ -213,6 +217,7 @@ class Router:
         session._end(reason)
         if self._sessions.get(session.name) is session:
             del self._sessions[session.name]
+            del self._by_load[len(session.in_flight)][session]
         for task in reversed(list(session.in_flight.values())):
             task.holder = None
             log.info("task %s requeued (%s %s)", task.id, session.name, reason)
@@ -238,6 +243,7 @@ class Router:
         log.info("task %s result from %s: %s", task_id, name, shown(text))
         holder = task.holder
         if holder is not None:
+            self._move(holder, len(holder.in_flight) - 1)
             del holder.in_flight[task_id]
             if task in holder.outbox:  # answered by an earlier holder before this one saw it
                 holder.outbox.remove(task)
@@ -269,9 +275,13 @@ class Router:
 
     # -- internals --
 
+    def _move(self, session: Session, load: int) -> None:
+        """Put `session` at the end of the bucket for `load` tasks in flight."""
+        del self._by_load[len(session.in_flight)][session]
+        self._by_load[load][session] = None
+
     def _assign(self, task: Task, session: Session) -> None:
-        self._clock += 1
-        session.last_assigned = self._clock
+        self._move(session, len(session.in_flight) + 1)
         task.holder = session
         task.given_to.add(session.name)
         session.in_flight[task.id] = task
@@ -292,11 +302,10 @@ class Router:
     def _spread(self) -> None:
         """Hand waiting tasks for any client to the least loaded ones."""
         while self._queue:
-            room = [s for s in self._sessions.values() if len(s.in_flight) < self.max_in_flight]
-            if not room:
-                return
-            least = min(room, key=lambda s: (len(s.in_flight), s.last_assigned))
-            self._assign(self._queue.popleft(), least)
+            bucket = next((b for b in self._by_load[: self.max_in_flight] if b), None)
+            if bucket is None:
+                return  # every client is full
+            self._assign(self._queue.popleft(), next(iter(bucket)))
 
     def _waiting_line(self, task: Task) -> deque[Task]:
         return self._queue if task.target is None else self._waiting[task.target]

@@ -35,7 +35,7 @@ def test_a_task_goes_to_the_client_with_fewest_in_flight() -> None:
     assert assigned(bob) == ["three"]
 
 
-def test_ties_go_to_the_client_that_waited_longest() -> None:
+def test_equally_loaded_clients_take_turns() -> None:
     router = Router()
     alice, bob = router.connect("alice"), router.connect("bob")
     for text in ("one", "two", "three", "four"):
@@ -163,6 +163,7 @@ def test_nothing_is_left_behind_once_everything_is_answered() -> None:
         router.disconnect(session)
     assert (router.queued(), router.in_flight()) == (0, 0)
     assert router._tasks == {} and router._waiting == {} and router._sessions == {}
+    assert not any(router._by_load)
 
 
 def test_disconnect_is_idempotent() -> None:

@@ -84,6 +84,12 @@ class RouterMachine(RuleBasedStateMachine):
         assert all(router._waiting.values())  # no empty line left behind
 
     @invariant()
+    def every_live_client_is_in_the_bucket_of_its_load(self) -> None:
+        router = self.router
+        placed = {s: load for load, bucket in enumerate(router._by_load) for s in bucket}
+        assert placed == {s: len(s.in_flight) for s in router._sessions.values()}
+
+    @invariant()
     def counts_agree(self) -> None:
         unfinished = len(self.tasks) - len(self.finished)
         assert self.router.queued() + self.router.in_flight() == unfinished

@@ -1,0 +1,261 @@
+"""`make bench`: what the pattern costs, measured against the floor grpcio
+itself sets on this machine, in the same run.
+
+Two servers, each in a process of its own: `project` is the real server code
+(contact_server's Router and ContactServicer, with its options and logging at
+WARNING), and `baseline` is the leanest getTask/tellResult echo written here
+(no queue, no routing, no logging). Clients run in other processes and answer
+each task at once with its own text. Each figure is the median of --repeats
+runs, and each row shows project, baseline and their ratio.
+
+    python -m tests.bench [--repeats 3] [--tasks 20000] [--latency-tasks 2000] [--scale 1000]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import os
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import grpc
+
+from contact import CLIENT_ID_KEY, contact_pb2, contact_pb2_grpc
+from contact_server import SERVER_OPTIONS, ContactServicer, Outcome, Router
+
+ROOT = Path(__file__).resolve().parent.parent
+CLIENT_OPTIONS = [("grpc.use_local_subchannel_pool", 1)]  # one connection per channel
+
+
+# --- the servers under test ---------------------------------------------------
+
+
+class CountingRouter(Router):
+    """The real Router, counting finished tasks so the bench knows when to stop."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.finished = 0
+        self.changed = asyncio.Event()
+
+    def complete(self, name: str, task_id: str, text: str) -> Outcome:
+        outcome = super().complete(name, task_id, text)
+        if outcome is Outcome.ACCEPTED:
+            self.finished += 1
+            self.changed.set()
+        return outcome
+
+
+class Project:
+    def __init__(self) -> None:
+        self.router = CountingRouter()
+        self.servicer = ContactServicer(self.router)
+
+    def clients(self) -> int:
+        return len(self.router._sessions)
+
+    def submit(self, count: int) -> None:
+        for number in range(count):
+            self.router.submit(f"task {number}")
+
+    async def wait_finished(self, total: int) -> None:
+        while self.router.finished < total:
+            self.router.changed.clear()
+            await self.router.changed.wait()
+
+
+class Baseline(contact_pb2_grpc.ContactServicer):  # type: ignore[misc]
+    """The same two streams with nothing in between: each client gets a
+    queue, tasks go round-robin, results are only counted."""
+
+    def __init__(self) -> None:
+        self.servicer = self
+        self.queues: list[asyncio.Queue[contact_pb2.ServerMsg]] = []
+        self.finished = 0
+        self.changed = asyncio.Event()
+        self.next_id = 0
+
+    def clients(self) -> int:
+        return len(self.queues)
+
+    def submit(self, count: int) -> None:
+        for number in range(count):
+            self.next_id += 1
+            queue = self.queues[self.next_id % len(self.queues)]
+            queue.put_nowait(contact_pb2.ServerMsg(task=f"task {number}", id=str(self.next_id)))
+
+    async def wait_finished(self, total: int) -> None:
+        while self.finished < total:
+            self.changed.clear()
+            await self.changed.wait()
+
+    async def getTask(self, request: Any, context: Any) -> AsyncIterator[contact_pb2.ServerMsg]:
+        queue: asyncio.Queue[contact_pb2.ServerMsg] = asyncio.Queue()
+        self.queues.append(queue)
+        while True:
+            yield await queue.get()
+
+    async def tellResult(self, request_iterator: Any, context: Any) -> contact_pb2.Empty:
+        async for _ in request_iterator:
+            self.finished += 1
+            self.changed.set()
+        return contact_pb2.Empty()
+
+
+async def serve_one_measurement(impl: str, mode: str, clients: int, tasks: int) -> None:
+    """Run one server, wait for `clients`, measure, print the figures as JSON."""
+    logging.basicConfig(level=logging.WARNING)
+    target: Project | Baseline = Project() if impl == "project" else Baseline()
+    server = grpc.aio.server(options=SERVER_OPTIONS if impl == "project" else None)
+    contact_pb2_grpc.add_ContactServicer_to_server(target.servicer, server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    print(json.dumps({"port": port}), flush=True)
+    while target.clients() < clients:
+        await asyncio.sleep(0.01)
+    figures: dict[str, float] = {}
+    if mode == "latency":
+        rounds = []
+        for done in range(1, tasks + 1):
+            started = time.perf_counter()
+            target.submit(1)
+            await target.wait_finished(done)
+            rounds.append(time.perf_counter() - started)
+        quantiles = statistics.quantiles(rounds, n=100)
+        figures = {"p50_ms": 1000 * quantiles[49], "p99_ms": 1000 * quantiles[98]}
+    else:
+        started = time.perf_counter()
+        target.submit(tasks)
+        await target.wait_finished(tasks)
+        elapsed = time.perf_counter() - started
+        figures = {"ms": 1000 * elapsed, "tasks_per_s": tasks / elapsed}
+    status = Path("/proc/self/status").read_text()
+    figures["peak_rss_mb"] = int(status.split("VmHWM:")[1].split()[0]) / 1024
+    print(json.dumps(figures), flush=True)
+    # Stay up until the driver has stopped the clients and then this process:
+    # stopping a server under open streams only adds grpc's cancellation noise.
+    await asyncio.Event().wait()
+
+
+# --- the clients --------------------------------------------------------------
+
+
+async def one_client(port: int, name: str) -> None:
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{port}", options=CLIENT_OPTIONS) as channel:
+        stub = contact_pb2_grpc.ContactStub(channel)
+        metadata = ((CLIENT_ID_KEY, name),)
+        tasks = stub.getTask(contact_pb2.Empty(), metadata=metadata)
+        results = stub.tellResult(metadata=metadata)
+        async for task in tasks:
+            await results.write(contact_pb2.Result(id=task.id, ret=task.task))
+
+
+async def run_clients(port: int, count: int, prefix: str) -> None:
+    await asyncio.gather(*(one_client(port, f"{prefix}-{i}") for i in range(count)))
+
+
+# --- the driver ---------------------------------------------------------------
+
+
+def measure(impl: str, mode: str, clients: int, tasks: int) -> dict[str, float]:
+    """One measurement: a server process, client processes, the figures."""
+    command = [sys.executable, "-m", "tests.bench"]
+    server = subprocess.Popen(
+        [*command, "serve", impl, mode, str(clients), str(tasks)],
+        cwd=ROOT, stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    assert server.stdout is not None
+    helpers: list[subprocess.Popen[bytes]] = []
+    try:
+        port = json.loads(server.stdout.readline())["port"]
+        processes = min(clients, 4)  # a few client processes; up to 250 clients each
+        for index in range(processes):
+            share = clients // processes + (index < clients % processes)
+            arguments = [*command, "clients", str(port), str(share), f"c{index}"]
+            helpers.append(subprocess.Popen(arguments, cwd=ROOT, stderr=subprocess.DEVNULL))
+        line = server.stdout.readline()
+        if not line:
+            raise RuntimeError(f"{impl} {mode}: the server gave no figures")
+        figures: dict[str, float] = json.loads(line)
+        return figures
+    finally:
+        everyone: list[subprocess.Popen[Any]] = [*helpers, server]
+        for process in everyone:  # clients first, so no stream is cut
+            if process.poll() is None:
+                process.kill()
+            process.wait(10)
+
+
+ROWS = [
+    # label, mode, clients, figure, higher is better, target ratio
+    ("throughput, 1 client (tasks/s)", "throughput", 1, "tasks_per_s", True, 0.8),
+    ("throughput, 4 clients (tasks/s)", "throughput", 4, "tasks_per_s", True, 0.8),
+    ("latency p50, 1 task in flight (ms)", "latency", 1, "p50_ms", False, 1.25),
+    ("latency p99, 1 task in flight (ms)", "latency", 1, "p99_ms", False, None),
+    ("{scale} clients, 1 task each (ms)", "scale", 0, "ms", False, 1.5),
+    ("{scale} clients: server peak RSS (MB)", "scale", 0, "peak_rss_mb", False, None),
+]
+
+
+def shown(value: float) -> str:
+    return f"{value:,.0f}" if value >= 100 else f"{value:.3g}"
+
+
+def main() -> int:
+    if len(sys.argv) > 1 and sys.argv[1] == "serve":
+        impl, mode, clients, tasks = sys.argv[2], sys.argv[3], int(sys.argv[4]), int(sys.argv[5])
+        asyncio.run(serve_one_measurement(impl, mode, clients, tasks))
+        return 0
+    if len(sys.argv) > 1 and sys.argv[1] == "clients":
+        port, count, prefix = int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
+        asyncio.run(run_clients(port, count, prefix))
+        return 0
+
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--tasks", type=int, default=20_000, help="tasks per throughput run")
+    parser.add_argument("--latency-tasks", type=int, default=2_000)
+    parser.add_argument("--scale", type=int, default=1_000, help="clients in the scale row")
+    args = parser.parse_args()
+
+    runs: dict[tuple[str, str, int], list[dict[str, float]]] = {}
+    plan = [("throughput", 1, args.tasks), ("throughput", 4, args.tasks),
+            ("latency", 1, args.latency_tasks), ("scale", args.scale, args.scale)]  # fmt: skip
+    for repeat in range(args.repeats):
+        for mode, clients, tasks in plan:
+            for impl in ("baseline", "project"):  # interleaved, so drift hits both alike
+                print(f"repeat {repeat + 1}/{args.repeats}: {impl} {mode} x{clients}", flush=True)
+                runs.setdefault((impl, mode, clients), []).append(
+                    measure(impl, mode, clients, tasks)
+                )
+
+    print(f"\nmachine: {os.cpu_count()} cores, Python {sys.version.split()[0]}, "
+          f"grpcio {grpc.__version__}; project logging at WARNING; "
+          f"medians of {args.repeats} runs")  # fmt: skip
+    print("| measure | project | baseline | ratio | target |\n|---|---:|---:|---:|---|")
+    failures = 0
+    for label, mode, clients, figure, higher_better, target in ROWS:
+        clients = clients or args.scale
+        project = statistics.median(r[figure] for r in runs[("project", mode, clients)])
+        baseline = statistics.median(r[figure] for r in runs[("baseline", mode, clients)])
+        ratio = project / baseline
+        verdict = ""
+        if target is not None:
+            met = ratio >= target if higher_better else ratio <= target
+            failures += not met
+            verdict = f"{'>=' if higher_better else '<='} {target}x {'met' if met else 'MISSED'}"
+        row = [label.format(scale=args.scale), shown(project), shown(baseline), f"{ratio:.2f}x"]
+        print("| " + " | ".join([*row, verdict]) + " |")
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
