@@ -80,12 +80,20 @@ SERVER_OPTIONS = [
 ]
 
 
-def shown(text: str, limit: int = 200) -> str:
-    """Quote text from outside for a log line: control characters escaped, so
-    a client cannot forge log lines, and very long texts cut."""
-    if len(text) > limit:
-        return f"{text[:limit]!r}... ({len(text)} characters)"
-    return repr(text)
+class Quoted:
+    """Text from outside, quoted for a log line: control characters escaped,
+    so a client cannot forge log lines, and very long texts cut. The work is
+    done only if the line is written, so a quiet server does not pay for it."""
+
+    __slots__ = ("text",)
+
+    def __init__(self, text: str) -> None:
+        self.text = text
+
+    def __str__(self) -> str:
+        if len(self.text) > 200:
+            return f"{self.text[:200]!r}... ({len(self.text)} characters)"
+        return repr(self.text)
 
 
 # --- Routing: no gRPC below this line until ContactServicer -------------------
@@ -185,7 +193,7 @@ class Router:
         self._issued += 1
         task = Task(id=f"{self._run}-{self._issued}", text=text, target=target)
         self._tasks[task.id] = task
-        log.info("task %s queued for %s: %s", task.id, target or "any client", shown(text))
+        log.info("task %s queued for %s: %s", task.id, target or "any client", Quoted(text))
         if target is None:
             self._queue.append(task)
             self._spread()
@@ -234,13 +242,13 @@ class Router:
         task = self._tasks.get(task_id)
         if task is None:
             outcome = Outcome.DUPLICATE if self._was_issued(task_id) else Outcome.UNKNOWN
-            log.info("%s result for task %s from %s ignored", outcome.value, shown(task_id), name)
+            log.info("%s result for task %s from %s ignored", outcome.value, Quoted(task_id), name)
             return outcome
         if name not in task.given_to:
             log.warning("result for task %s refused: %s was never given it", task_id, name)
             return Outcome.NOT_GIVEN
         del self._tasks[task_id]
-        log.info("task %s result from %s: %s", task_id, name, shown(text))
+        log.info("task %s result from %s: %s", task_id, name, Quoted(text))
         holder = task.holder
         if holder is not None:
             self._move(holder, len(holder.in_flight) - 1)
@@ -384,7 +392,7 @@ class ContactServicer(contact_pb2_grpc.ContactServicer):
         name = await client_name(context)
         try:
             async for status in request_iterator:
-                log.info("status from %s: %s", name, shown(status.msg))
+                log.info("status from %s: %s", name, Quoted(status.msg))
                 yield contact_pb2.Result(
                     ret=f"{self._router.in_flight(name)} of your tasks in flight, "
                     f"{self._router.queued()} queued"
