@@ -179,10 +179,11 @@ class Router:
         self._queue: deque[Task] = deque()  # tasks for any client, waiting
         self._waiting: dict[str, deque[Task]] = {}  # tasks for one client, waiting
         self._sessions: dict[str, Session] = {}  # connected clients, by name
-        # Connected clients by how many tasks they have in flight; each dict
-        # keeps the order they arrived in, so the least loaded client is the
-        # first of the lowest non-empty bucket, found without a scan of all.
-        self._by_load: list[dict[Session, None]] = [{} for _ in range(max_in_flight + 1)]
+        # Connected clients by how many tasks they have in flight (only loads
+        # some client has); each bucket keeps the order its clients arrived
+        # in, so the least loaded client is the first of the lowest bucket,
+        # found without a scan of every client.
+        self._by_load: dict[int, dict[Session, None]] = {}
 
     # -- what the servicer calls --
 
@@ -213,7 +214,7 @@ class Router:
             self.disconnect(old, REPLACED)
         session = Session(name)
         self._sessions[name] = session
-        self._by_load[0][session] = None
+        self._by_load.setdefault(0, {})[session] = None
         self._fill(session)
         return session
 
@@ -225,7 +226,7 @@ class Router:
         session._end(reason)
         if self._sessions.get(session.name) is session:
             del self._sessions[session.name]
-            del self._by_load[len(session.in_flight)][session]
+            self._unplace(session)
         for task in reversed(list(session.in_flight.values())):
             task.holder = None
             log.info("task %s requeued (%s %s)", task.id, session.name, reason)
@@ -283,10 +284,17 @@ class Router:
 
     # -- internals --
 
+    def _unplace(self, session: Session) -> None:
+        """Take `session` out of the bucket of its current load."""
+        bucket = self._by_load[len(session.in_flight)]
+        del bucket[session]
+        if not bucket:
+            del self._by_load[len(session.in_flight)]
+
     def _move(self, session: Session, load: int) -> None:
         """Put `session` at the end of the bucket for `load` tasks in flight."""
-        del self._by_load[len(session.in_flight)][session]
-        self._by_load[load][session] = None
+        self._unplace(session)
+        self._by_load.setdefault(load, {})[session] = None
 
     def _assign(self, task: Task, session: Session) -> None:
         self._move(session, len(session.in_flight) + 1)
@@ -310,10 +318,10 @@ class Router:
     def _spread(self) -> None:
         """Hand waiting tasks for any client to the least loaded ones."""
         while self._queue:
-            bucket = next((b for b in self._by_load[: self.max_in_flight] if b), None)
-            if bucket is None:
+            loads = [load for load in self._by_load if load < self.max_in_flight]
+            if not loads:
                 return  # every client is full
-            self._assign(self._queue.popleft(), next(iter(bucket)))
+            self._assign(self._queue.popleft(), next(iter(self._by_load[min(loads)])))
 
     def _waiting_line(self, task: Task) -> deque[Task]:
         return self._queue if task.target is None else self._waiting[task.target]

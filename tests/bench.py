@@ -8,7 +8,7 @@ WARNING), and `baseline` is the leanest getTask/tellResult echo written here
 each task at once with its own text. Each figure is the median of --repeats
 runs, and each row shows project, baseline and their ratio.
 
-    python -m tests.bench [--repeats 3] [--tasks 20000] [--latency-tasks 2000] [--scale 1000]
+    python -m tests.bench [--repeats 5] [--tasks 20000] [--latency-tasks 2000] [--scale 1000]
 """
 
 from __future__ import annotations
@@ -220,7 +220,7 @@ def main() -> int:
         return 0
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--tasks", type=int, default=20_000, help="tasks per throughput run")
     parser.add_argument("--latency-tasks", type=int, default=2_000)
     parser.add_argument("--scale", type=int, default=1_000, help="clients in the scale row")
@@ -254,6 +254,14 @@ def main() -> int:
             verdict = f"{'>=' if higher_better else '<='} {target}x {'met' if met else 'MISSED'}"
         row = [label.format(scale=args.scale), shown(project), shown(baseline), f"{ratio:.2f}x"]
         print("| " + " | ".join([*row, verdict]) + " |")
+    print("\nevery run (project | baseline):")
+    for label, mode, clients, figure, _, _ in ROWS:
+        clients = clients or args.scale
+        each = [
+            ", ".join(shown(r[figure]) for r in runs[(impl, mode, clients)])
+            for impl in ("project", "baseline")
+        ]
+        print(f"  {label.format(scale=args.scale)}: {each[0]} | {each[1]}")
     return 1 if failures else 0
 
 

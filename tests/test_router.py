@@ -163,7 +163,7 @@ def test_nothing_is_left_behind_once_everything_is_answered() -> None:
         router.disconnect(session)
     assert (router.queued(), router.in_flight()) == (0, 0)
     assert router._tasks == {} and router._waiting == {} and router._sessions == {}
-    assert not any(router._by_load)
+    assert router._by_load == {}
 
 
 def test_disconnect_is_idempotent() -> None:
@@ -191,6 +191,14 @@ def test_next_task_waits_for_work_and_returns_none_when_the_session_ends() -> No
         assert await asyncio.wait_for(waiter, 1) is None
 
     asyncio.run(scenario())
+
+
+def test_a_huge_max_in_flight_costs_nothing_up_front() -> None:
+    router = Router(max_in_flight=10**9)
+    sessions = [router.connect(f"c{i}") for i in range(3)]
+    for i in range(3000):
+        router.submit(f"t{i}")
+    assert [len(s.in_flight) for s in sessions] == [1000, 1000, 1000]
 
 
 def test_max_in_flight_must_be_positive() -> None:

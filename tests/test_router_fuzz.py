@@ -86,8 +86,9 @@ class RouterMachine(RuleBasedStateMachine):
     @invariant()
     def every_live_client_is_in_the_bucket_of_its_load(self) -> None:
         router = self.router
-        placed = {s: load for load, bucket in enumerate(router._by_load) for s in bucket}
+        placed = {s: load for load, bucket in router._by_load.items() for s in bucket}
         assert placed == {s: len(s.in_flight) for s in router._sessions.values()}
+        assert all(router._by_load.values())  # no empty bucket kept
 
     @invariant()
     def counts_agree(self) -> None:
