@@ -292,7 +292,8 @@ class Router:
             del self._by_load[len(session.in_flight)]
 
     def _move(self, session: Session, load: int) -> None:
-        """Put `session` at the end of the bucket for `load` tasks in flight."""
+        """Put `session` at the end of the bucket for `load` tasks in flight;
+        call it before changing `session.in_flight`, whose size says where it is now."""
         self._unplace(session)
         self._by_load.setdefault(load, {})[session] = None
 
@@ -336,6 +337,7 @@ class Router:
             run == self._run
             and number.isascii()
             and number.isdigit()
+            and len(number) <= 20  # int() refuses strings of thousands of digits
             and 0 < int(number) <= self._issued
         )
 

@@ -110,7 +110,9 @@ def test_a_result_for_an_unknown_id_is_ignored() -> None:
     router = Router()
     router.connect("alice")
     task = router.submit("job")
-    for bogus in ("", "nonsense", "000000-1", task.id + "0", "-1", task.id[:-1] + "٣"):
+    run = task.id.rpartition("-")[0]
+    bogus_ids = ("", "nonsense", "000000-1", task.id + "0", "-1", task.id[:-1] + "٣")
+    for bogus in (*bogus_ids, f"{run}-{'9' * 5000}"):
         assert router.complete("alice", bogus, "x") is Outcome.UNKNOWN, bogus
     assert router.in_flight() == 1
 
