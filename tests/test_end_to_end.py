@@ -63,6 +63,7 @@ def test_a_targeted_task_reaches_only_its_client(
     assert srv.count("secret for bob") == 1  # queued, and waiting
     bob = client("bob", port)
     srv.wait_for(r"result from bob: 'SECRET FOR BOB'$")
+    bob.wait_for(r"task \S+: 'secret for bob'")  # bob's own output may lag the server's
     assert "secret" not in alice.output.lower()
     assert bob.count(r"task \S+: ") == 1
 
