@@ -15,6 +15,7 @@ import grpc
 import pytest
 
 from contact import CLIENT_ID_KEY, MAX_MESSAGE_BYTES, contact_pb2, contact_pb2_grpc
+from tests.calls import GET, STATUS, TELL, send_raw
 from tests.processes import ROOT, Process, start_server
 
 
@@ -153,43 +154,17 @@ def test_a_second_client_with_the_same_name_takes_over(
     old.wait_for(r"refused this client: ABORTED: a newer client registered as twin")
 
 
-# -- calls a real client never makes, sent with grpc directly ------------------
-
-
-async def call_get_task(port: int, metadata: tuple[tuple[str, str], ...]) -> grpc.StatusCode:
-    """Register with `metadata`; the status the server ends the call with."""
-    async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
-        call = contact_pb2_grpc.ContactStub(channel).getTask(contact_pb2.Empty(), metadata=metadata)
-        with pytest.raises(grpc.aio.AioRpcError) as refused:
-            await asyncio.wait_for(call.read(), 5)
-        return refused.value.code()
-
-
-async def call_tell_result(port: int, name: str, result: contact_pb2.Result) -> grpc.StatusCode:
-    """Send one result as `name`; the status the server ends the call with."""
-    async with grpc.aio.insecure_channel(
-        f"127.0.0.1:{port}", options=[("grpc.max_send_message_length", -1)]
-    ) as channel:
-        call = contact_pb2_grpc.ContactStub(channel).tellResult(metadata=((CLIENT_ID_KEY, name),))
-        await call.write(result)
-        await call.done_writing()
-        try:
-            await asyncio.wait_for(call, 5)
-        except grpc.aio.AioRpcError as err:
-            return err.code()
-        return grpc.StatusCode.OK
+# -- calls a real client never makes (tests/calls.py) ---------------------------
 
 
 @pytest.mark.parametrize(
-    "metadata",
-    [(), (("client-id", ""),), (("client-id", "bad name"),), (("client-id", "x" * 65),)],
-    ids=["missing", "empty", "space", "too-long"],
+    "name", [None, "", "bad name", "x" * 65], ids=["missing", "empty", "space", "too-long"]
 )
 def test_a_client_without_a_valid_name_is_refused(
-    server: tuple[Process, int], client: Callable[..., Process], metadata: tuple[tuple[str, str]]
+    server: tuple[Process, int], client: Callable[..., Process], name: str | None
 ) -> None:
     srv, port = server
-    assert asyncio.run(call_get_task(port, metadata)) is grpc.StatusCode.INVALID_ARGUMENT
+    assert asyncio.run(send_raw(port, GET, None, name)) is grpc.StatusCode.INVALID_ARGUMENT
     srv.wait_for(r"WARNING refused a call from .*client-id")
     client("fine", port)  # and the server serves the next client as before
     srv.type("still served")
@@ -202,8 +177,8 @@ def test_a_result_for_a_task_never_given_is_refused_and_the_task_kept(
     srv, port = server
     srv.type("@victim not yours")
     job = task_id(srv, "not yours")
-    forged = contact_pb2.Result(id=job, ret="forged")
-    code = asyncio.run(call_tell_result(port, "mallory", forged))
+    forged = contact_pb2.Result(id=job, ret="forged").SerializeToString()
+    code = asyncio.run(send_raw(port, TELL, forged, "mallory"))
     assert code is grpc.StatusCode.PERMISSION_DENIED
     srv.wait_for(rf"result for task {job} refused: mallory was never given it")
     client("victim", port)
@@ -215,30 +190,12 @@ def test_an_oversized_message_is_refused_and_others_are_served(
 ) -> None:
     srv, port = server
     worker = client("worker", port)
-    huge = contact_pb2.Result(id="x", ret="x" * MAX_MESSAGE_BYTES)
-    code = asyncio.run(call_tell_result(port, "worker", huge))
+    huge = contact_pb2.Result(id="x", ret="x" * MAX_MESSAGE_BYTES).SerializeToString()
+    code = asyncio.run(send_raw(port, TELL, huge, "worker"))
     assert code is grpc.StatusCode.RESOURCE_EXHAUSTED
     srv.type("after the flood")
     srv.wait_for(r"result from worker: 'AFTER THE FLOOD'$")
     assert worker.popen.poll() is None
-
-
-async def send_garbage(port: int) -> dict[str, grpc.StatusCode]:
-    """Bytes that are no protobuf message, to each method; the statuses."""
-    garbage = b"\xff\xff\xff"
-    metadata = ((CLIENT_ID_KEY, "garbler"),)
-    codes = {}
-    async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
-        calls = {
-            "getTask": channel.unary_stream("/contact.Contact/getTask")(garbage, metadata=metadata),
-            "tellResult": channel.stream_unary("/contact.Contact/tellResult")(metadata=metadata),
-            "sendStatus": channel.stream_stream("/contact.Contact/sendStatus")(metadata=metadata),
-        }
-        for method, call in calls.items():
-            if method != "getTask":
-                await call.write(garbage)
-            codes[method] = await asyncio.wait_for(call.code(), 5)
-    return codes
 
 
 def test_a_malformed_message_gets_an_error_status_and_others_are_served(
@@ -246,7 +203,8 @@ def test_a_malformed_message_gets_an_error_status_and_others_are_served(
 ) -> None:
     srv, port = server
     worker = client("worker", port)
-    codes = asyncio.run(send_garbage(port))
+    garbage = b"\xff\xff\xff"  # no protobuf message
+    codes = {m: asyncio.run(send_raw(port, m, garbage, "garbler")) for m in (GET, TELL, STATUS)}
     assert codes["tellResult"] is grpc.StatusCode.INVALID_ARGUMENT
     assert codes["sendStatus"] is grpc.StatusCode.INVALID_ARGUMENT
     assert codes["getTask"] is not grpc.StatusCode.OK  # parsed by grpc itself: UNKNOWN
