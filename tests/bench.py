@@ -30,6 +30,7 @@ import grpc
 
 from contact import CLIENT_ID_KEY, contact_pb2, contact_pb2_grpc
 from contact_server import SERVER_OPTIONS, ContactServicer, Outcome, Router
+from tests.processes import status_field
 
 ROOT = Path(__file__).resolve().parent.parent
 CLIENT_OPTIONS = [("grpc.use_local_subchannel_pool", 1)]  # one connection per channel
@@ -138,8 +139,7 @@ async def serve_one_measurement(impl: str, mode: str, clients: int, tasks: int) 
         await target.wait_finished(tasks)
         elapsed = time.perf_counter() - started
         figures = {"ms": 1000 * elapsed, "tasks_per_s": tasks / elapsed}
-    status = Path("/proc/self/status").read_text()
-    figures["peak_rss_mb"] = int(status.split("VmHWM:")[1].split()[0]) / 1024
+    figures["peak_rss_mb"] = status_field(os.getpid(), "VmHWM") / 1024
     print(json.dumps(figures), flush=True)
     # Stay up until the driver has stopped the clients and then this process:
     # stopping a server under open streams only adds grpc's cancellation noise.

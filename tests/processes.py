@@ -15,6 +15,12 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 
 
+def status_field(pid: int, field: str) -> int:
+    """A number from /proc/PID/status, such as "Threads" or "VmRSS" (in kB)."""
+    status = Path(f"/proc/{pid}/status").read_text()
+    return int(status.split(f"{field}:")[1].split()[0])
+
+
 class Process:
     """One of our scripts running as a child, its output collected as it comes."""
 

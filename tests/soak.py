@@ -25,12 +25,11 @@ import threading
 import time
 from collections import Counter
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import grpc
 
 from contact import CLIENT_ID_KEY, contact_pb2, contact_pb2_grpc
-from tests.processes import Process, start_client, start_server
+from tests.processes import Process, start_client, start_server, status_field
 
 MODES = ["answer"] * 5 + ["hang", "twice", "late"]
 RESULT = re.compile(r"task (\S+) result from (\S+): '(.*)'$")
@@ -69,8 +68,7 @@ class Report:
 
 
 def rss_mb(pid: int) -> float:
-    status = Path(f"/proc/{pid}/status").read_text()
-    return int(status.split("VmRSS:")[1].split()[0]) / 1024
+    return status_field(pid, "VmRSS") / 1024
 
 
 class ServerLog:

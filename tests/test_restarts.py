@@ -8,9 +8,8 @@ import os
 import signal
 import time
 from collections.abc import Callable
-from pathlib import Path
 
-from tests.processes import Process, start_server
+from tests.processes import Process, start_server, status_field
 
 CLIENTS = ["c0", "c1", "c2"]
 CYCLES = 10
@@ -24,8 +23,7 @@ def resources(process: Process) -> tuple[int, int, int]:
     its way out is not counted, one that stays is."""
     samples = []
     for _ in range(10):
-        status = Path(f"/proc/{process.pid}/status").read_text()
-        threads = int(status.split("Threads:")[1].split()[0])
+        threads = status_field(process.pid, "Threads")
         samples.append((threads, len(os.listdir(f"/proc/{process.pid}/fd"))))
         time.sleep(0.05)
     last = process.wait_for(r"(\d+) asyncio tasks alive", count=process.count("tasks alive"))
