@@ -1,30 +1,29 @@
 """The contact client: dials in to the server, receives the tasks it pushes,
-answers each with `handle_task`, and reports back.
+answers each with a handler, and reports back.
 
-    python contact_client.py [--server localhost:50051] [--name NAME]
+    python contact_client.py [--server localhost:50051] [--name NAME] [--concurrency N]
                              [--ca FILE [--cert FILE --key FILE]]
 
-One connection carries three calls: getTask (registration; the server
-pushes tasks down it), tellResult (answers go up it, each naming its task)
-and sendStatus (a status line every few seconds, each acknowledged). When the
-server is away, the client retries with capped, jittered exponential backoff
+One connection carries the article's three calls: getTask (registration;
+the server pushes tasks down it), tellResult (answers go up it, each naming
+its task) and sendStatus (a status line every few seconds, each answered).
+When the server is away, the client retries with capped, jittered backoff
 until it is back. Ctrl-C (or SIGTERM) stops it at once.
+
+Use it from your own code without editing this file:
+
+    asyncio.run(run(my_handler, server="localhost:50051", name="worker-1"))
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import logging
-import os
-import random
-import signal
-import socket
-import threading
-from collections.abc import Callable, Coroutine, Iterator
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, NoReturn
 
 import grpc
 
@@ -32,148 +31,119 @@ from contact import (
     CLIENT_ID_KEY,
     CLIENT_NAME,
     CLIENT_NAME_RULE,
-    MAX_MESSAGE_BYTES,
+    MAX_IN_FLIGHT_KEY,
     MAX_TEXT_BYTES,
     contact_pb2,
     contact_pb2_grpc,
+    default_client_name,
 )
+from contact.logtext import Quoted
+from contact.options import client_channel
+from contact.retry import FINAL_CODES, backoff
+from contact.signals import on_stop_signal
+from contact.streams import StreamEndedError, ended, first_to_finish, hang_up
+from contact.tls import channel_credentials
+from contact.workers import DaemonPool
 
 log = logging.getLogger("contact.client")
 
+Handler = Callable[[contact_pb2.ServerMsg], str]
 
-def handle_task(text: str) -> str:
-    """Do the work for one task and return the answer. Replace this with your
-    own: it runs in a thread of its own, so it may block or take long."""
-    return text.upper()
-
-
-# Non-default gRPC options of the channel:
-#
-# grpc.keepalive_time_ms / grpc.keepalive_timeout_ms: ping the server after
-#   15 s without traffic and give up on the connection if the ping is not
-#   answered within 10 s, so a server that vanished without closing the
-#   connection is noticed within about 25 s and the client reconnects.
-#   The server accepts pings every 10 s or slower (see contact_server.py);
-#   pinging faster than a server allows gets the connection closed with
-#   GOAWAY "too_many_pings".
-# grpc.http2.ping_timeout_ms: how long current gRPC core really waits for a
-#   ping's answer (default one minute); keepalive_timeout_ms alone does not
-#   shorten it. See the same option in contact_server.py.
-# grpc.http2.max_pings_without_data = 0: keep pinging while no task flows; by
-#   default gRPC stops after two pings with no data in between.
-# grpc.max_receive_message_length / grpc.max_send_message_length: the same
-#   cap as the server's, so neither side sends what the other refuses.
-CHANNEL_OPTIONS = [
-    ("grpc.keepalive_time_ms", 15_000),
-    ("grpc.keepalive_timeout_ms", 10_000),
-    ("grpc.http2.ping_timeout_ms", 10_000),
-    ("grpc.http2.max_pings_without_data", 0),
-    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
-]
-
-# Status codes that retrying will not cure: stop and say why.
-FINAL_CODES = {
-    grpc.StatusCode.INVALID_ARGUMENT,  # the server refused our name
-    grpc.StatusCode.PERMISSION_DENIED,
-    grpc.StatusCode.UNIMPLEMENTED,  # not a contact server
-    grpc.StatusCode.ABORTED,  # another client registered under our name
-}
+# Defaults of the command line and of run().
+SERVER = "localhost:50051"
+CONCURRENCY = 1  # tasks worked on at once, each in a thread of its own
+PREFETCH = 3  # tasks held ready beyond those: hides the round trip for fast tasks
+STATUS_EVERY = 5.0  # seconds between status lines
+MAX_BACKOFF = 10.0  # the longest wait between retries, seconds
 
 
-class StreamEndedError(Exception):
-    """The server ended a stream without an error; reconnect."""
+def handle_task(task: contact_pb2.ServerMsg) -> str:
+    """The work for one task: return the answer. Pass your own to `run`; it
+    runs in a worker thread, so it may block or take long."""
+    return task.task.upper()
 
 
-class Progress:
-    """What this client has done, across reconnections."""
-
-    def __init__(self) -> None:
-        self.answered = 0
+class RefusedError(Exception):
+    """The server refused this client for good (a bad name, a takeover, ...)."""
 
 
-def answer(text: str) -> str:
-    """Run handle_task, turning a crash or an oversized answer into an error
+@dataclass
+class Work:
+    """The client's work, across reconnections: the handler's threads, the
+    tasks they are on, and answers not yet sent."""
+
+    handler: Handler
+    pool: DaemonPool
+    running: dict[str, asyncio.Task[None]] = field(default_factory=dict)
+    unsent: deque[contact_pb2.Result] = field(default_factory=deque)
+    answer_ready: asyncio.Event = field(default_factory=asyncio.Event)
+    answered: int = 0
+    max_tasks: int | None = None  # return once this many are answered; None: never
+
+    def start(self, task: contact_pb2.ServerMsg) -> None:
+        """Work on `task` unless it is already running (the server sent it
+        again after a reconnect); its answer joins `unsent` when done."""
+        if task.id not in self.running:
+            self.running[task.id] = asyncio.create_task(self._answer(task))
+
+    async def _answer(self, task: contact_pb2.ServerMsg) -> None:
+        ret = await self.pool.run(safely, (self.handler, task))
+        log.info("task %s: %s -> %s", task.id, Quoted(task.task), Quoted(ret))
+        del self.running[task.id]
+        self.unsent.append(contact_pb2.Result(id=task.id, ret=ret))
+        self.answer_ready.set()
+
+
+def safely(job: tuple[Handler, contact_pb2.ServerMsg]) -> str:
+    """Run the handler, turning whatever goes wrong into an `error: ...`
     answer: one bad task must not stop the client or come back forever."""
+    handler, task = job
     try:
-        result = handle_task(text)
-    except Exception as err:  # any failure of user code becomes the answer
-        log.exception("handle_task failed")
+        ret = handler(task)
+        if not isinstance(ret, str):
+            return f"error: the handler returned {type(ret).__name__}, not str"
+        if len(ret.encode()) > MAX_TEXT_BYTES:
+            return f"error: the answer is longer than {MAX_TEXT_BYTES} bytes"
+        return ret
+    except BaseException as err:  # even SystemExit: it would only end this thread
+        log.exception("the handler failed on task %s", task.id)
         return f"error: {type(err).__name__}: {err}"
-    if len(result.encode()) > MAX_TEXT_BYTES:
-        return f"error: the answer is longer than {MAX_TEXT_BYTES} bytes"
-    return result
 
 
-async def in_daemon_thread(work: Callable[[str], str], text: str) -> str:
-    """Run `work(text)` in a daemon thread: a slow task neither blocks the event
-    loop nor, unlike asyncio.to_thread, holds up the exit on Ctrl-C."""
-    loop = asyncio.get_running_loop()
-    done: asyncio.Future[str] = loop.create_future()
-
-    def settle(result: str) -> None:
-        if not done.done():  # the wait may have been cancelled meanwhile
-            done.set_result(result)
-
-    def run() -> None:
-        result = work(text)
-        with contextlib.suppress(RuntimeError):  # the loop has closed: we are exiting
-            loop.call_soon_threadsafe(settle, result)
-
-    threading.Thread(target=run, daemon=True).start()
-    return await done
+# --- One connection: the three calls ---------------------------------------------
 
 
-async def ended(call: grpc.aio.Call, stream: str) -> NoReturn:
-    """Raise why the server has ended `call`: its error as AioRpcError, or
-    StreamEndedError if it ended the `stream` without one."""
-    code = await call.code()
-    if code == grpc.StatusCode.OK:
-        raise StreamEndedError(f"the server ended the {stream} stream")
-    raise grpc.aio.AioRpcError(
-        code, await call.initial_metadata(), await call.trailing_metadata(), await call.details()
+async def one_connection(
+    channel: grpc.aio.Channel,
+    name: str,
+    window: int,
+    work: Work,
+    status_every: float,
+    registered: Callable[[], None],
+) -> None:
+    """Serve the server over `channel` until it fails (raise why), or until
+    `work` reaches its task limit (return)."""
+    stub = contact_pb2_grpc.ContactStub(channel)
+    metadata = ((CLIENT_ID_KEY, name),)
+    # getTask: register, and ask for up to `window` tasks at a time.
+    tasks = stub.getTask(
+        contact_pb2.Empty(), metadata=(*metadata, (MAX_IN_FLIGHT_KEY, str(window)))
     )
-
-
-async def answer_tasks(
-    tasks: grpc.aio.UnaryStreamCall,
-    results: grpc.aio.StreamUnaryCall,
-    progress: Progress,
-    max_tasks: int | None,
-) -> None:
-    """Answer every task pushed down `tasks` on `results`. Return once
-    `max_tasks` are answered and the server has read every answer; raise
-    when the connection fails."""
-    async for task in tasks:
-        result = await in_daemon_thread(answer, task.task)
-        log.info("task %s: %r -> %r", task.id, task.task, result)
+    try:
+        await confirm_registration(tasks, name)
+        registered()
+        results = stub.tellResult(metadata=metadata)  # tellResult: one stream of answers
+        status = stub.sendStatus(metadata=metadata)  # sendStatus: status lines, each answered
         try:
-            await results.write(contact_pb2.Result(id=task.id, ret=result))
-        except asyncio.InvalidStateError:  # the server has ended the stream
-            await ended(results, "result")
-        progress.answered += 1
-        if max_tasks is not None and progress.answered >= max_tasks:
-            await results.done_writing()
-            await results  # returns once the server has read every answer
-            return
-    await ended(tasks, "task")
-
-
-async def report_status(
-    status: grpc.aio.StreamStreamCall, progress: Progress, every: float
-) -> None:
-    """Send a status line every `every` seconds and print each acknowledgement."""
-    while True:
-        line = contact_pb2.ClientMsg(msg=f"alive, {progress.answered} tasks answered")
-        try:
-            await status.write(line)
-        except asyncio.InvalidStateError:  # the server has ended the stream
-            await ended(status, "status")
-        ack = await status.read()
-        if ack is grpc.aio.EOF:
-            await ended(status, "status")
-        log.info("server acknowledged status: %s", ack.ret)
-        await asyncio.sleep(every)
+            await first_to_finish(
+                receive_tasks(tasks, work),
+                send_answers(results, work),
+                report_status(status, work, status_every),
+            )
+        finally:
+            await hang_up(results, status)
+    finally:
+        tasks.cancel()
 
 
 async def confirm_registration(tasks: grpc.aio.UnaryStreamCall, name: str) -> None:
@@ -185,156 +155,122 @@ async def confirm_registration(tasks: grpc.aio.UnaryStreamCall, name: str) -> No
         raise StreamEndedError("the server sent no registration")
 
 
-async def hang_up(*calls: grpc.aio.Call) -> None:
-    """End our outgoing streams politely: half-close each and give the server
-    a second to finish it, then cancel whatever is left. Cancelling a call the
-    server has not started handling yet makes grpc.aio log a traceback there."""
-
-    async def finish(call: grpc.aio.Call) -> None:
-        # Best effort on a call we are leaving anyway: if it already failed,
-        # grpc raises AioRpcError, InvalidStateError or its private
-        # ExecuteBatchError here, all meaning "already over".
-        with contextlib.suppress(Exception):
-            await call.done_writing()
-            await call.code()
-
-    with contextlib.suppress(asyncio.TimeoutError):
-        await asyncio.wait_for(asyncio.gather(*(finish(call) for call in calls)), 1.0)
-    for call in calls:
-        call.cancel()
+async def receive_tasks(tasks: grpc.aio.UnaryStreamCall, work: Work) -> None:
+    """Start work on every task the server pushes, as soon as it arrives."""
+    async for task in tasks:
+        work.start(task)
+    await ended(tasks, "task")
 
 
-async def first_to_finish(*coroutines: Coroutine[Any, Any, None]) -> None:
-    """Run the coroutines together until one returns or raises; cancel the rest."""
-    running = [asyncio.ensure_future(coroutine) for coroutine in coroutines]
-    try:
-        done, _ = await asyncio.wait(running, return_when=asyncio.FIRST_COMPLETED)
-        for finished in done:
-            finished.result()  # raises its failure, if any
-    finally:
-        for task in running:
-            task.cancel()
-        await asyncio.gather(*running, return_exceptions=True)
-
-
-def channel_credentials(
-    ca: Path | None, cert: Path | None, key: Path | None
-) -> grpc.ChannelCredentials | None:
-    """TLS credentials from PEM files, or None for plaintext: trust servers
-    whose certificate `ca` signed and, for mutual TLS, present `cert`."""
-    if ca is None:
-        return None
-    return grpc.ssl_channel_credentials(
-        root_certificates=ca.read_bytes(),
-        private_key=key.read_bytes() if key else None,
-        certificate_chain=cert.read_bytes() if cert else None,
-    )
-
-
-def open_channel(target: str, credentials: grpc.ChannelCredentials | None) -> grpc.aio.Channel:
-    """A channel to `target` with our options: TLS if there are credentials."""
-    if credentials is None:
-        return grpc.aio.insecure_channel(target, options=CHANNEL_OPTIONS)
-    return grpc.aio.secure_channel(target, credentials, options=CHANNEL_OPTIONS)
-
-
-async def one_connection(
-    target: str,
-    credentials: grpc.ChannelCredentials | None,
-    name: str,
-    progress: Progress,
-    max_tasks: int | None,
-    status_every: float,
-    registered: Callable[[], None],
-) -> None:
-    """Serve the server over one channel until `max_tasks` are answered;
-    raise AioRpcError or StreamEndedError when the connection is lost."""
-    metadata = ((CLIENT_ID_KEY, name),)
-    async with open_channel(target, credentials) as channel:
-        stub = contact_pb2_grpc.ContactStub(channel)
-        tasks = stub.getTask(contact_pb2.Empty(), metadata=metadata)
-        try:
-            await confirm_registration(tasks, name)
-            registered()
-            results = stub.tellResult(metadata=metadata)
-            status = stub.sendStatus(metadata=metadata)
-            try:
-                # Answering ends only when done; status only when the
-                # connection failed. Whichever ends first ends both.
-                await first_to_finish(
-                    answer_tasks(tasks, results, progress, max_tasks),
-                    report_status(status, progress, status_every),
-                )
-            finally:
-                await hang_up(results, status)
-        finally:
-            tasks.cancel()
-
-
-def backoff(initial: float, cap: float) -> Iterator[float]:
-    """Delays before each retry: doubling from `initial` up to `cap`, each
-    scaled by a random 0.5-1.0 so that many clients do not retry in step."""
-    delay = initial
+async def send_answers(results: grpc.aio.StreamUnaryCall, work: Work) -> None:
+    """Send each answer as it is ready; return once the task limit is reached
+    and the server has read every answer."""
     while True:
-        yield delay * random.uniform(0.5, 1.0)
-        delay = min(cap, delay * 2)
+        while not work.unsent:
+            work.answer_ready.clear()
+            await work.answer_ready.wait()
+        try:
+            await results.write(work.unsent[0])
+        except asyncio.InvalidStateError:  # the server has ended the stream
+            await ended(results, "result")
+        work.unsent.popleft()  # only once written: a lost connection keeps it
+        work.answered += 1
+        if work.answered == work.max_tasks:
+            await results.done_writing()
+            await results  # returns once the server has read every answer
+            return
+
+
+async def report_status(status: grpc.aio.StreamStreamCall, work: Work, every: float) -> None:
+    """Send a status line every `every` seconds and log each answer."""
+    while True:
+        line = contact_pb2.ClientMsg(msg=f"alive, {work.answered} tasks answered")
+        try:
+            await status.write(line)
+        except asyncio.InvalidStateError:  # the server has ended the stream
+            await ended(status, "status")
+        ack = await status.read()
+        if ack is grpc.aio.EOF:
+            await ended(status, "status")
+        log.info("server acknowledged status: %s", ack.ret)
+        await asyncio.sleep(every)
+
+
+# --- The loop your code calls ------------------------------------------------------
 
 
 async def run(
-    target: str,
-    credentials: grpc.ChannelCredentials | None,
-    name: str,
-    max_tasks: int | None,
-    status_every: float,
-    max_backoff: float,
-) -> int:
-    """Keep a connection to the server until `max_tasks` are answered (or
-    forever); return the exit code."""
-    progress = Progress()
-    delays = backoff(0.25, max_backoff)
-    outage = False  # said once per outage, not once per retry
+    handler: Handler = handle_task,
+    server: str = SERVER,
+    name: str | None = None,
+    *,
+    concurrency: int = CONCURRENCY,
+    prefetch: int = PREFETCH,
+    credentials: grpc.ChannelCredentials | None = None,
+    max_tasks: int | None = None,
+    status_every: float = STATUS_EVERY,
+    max_backoff: float = MAX_BACKOFF,
+) -> None:
+    """Answer the tasks of `server` with `handler`, reconnecting whenever the
+    connection is lost, until `max_tasks` are answered (or forever). Raise
+    RefusedError if the server refuses this client for good."""
+    name = name or default_client_name()
+    work = Work(handler, DaemonPool(concurrency), max_tasks=max_tasks)
+    delays, outage = backoff(max_backoff), False  # an outage is said once, not per retry
 
     def registered() -> None:
         nonlocal delays, outage
-        log.info("registered with %s as %s", target, name)
+        log.info("registered with %s as %s", server, name)
         log.debug("%d asyncio tasks alive", len(asyncio.all_tasks()))
-        delays, outage = backoff(0.25, max_backoff), False
+        delays, outage = backoff(max_backoff), False
 
-    while True:
-        try:
-            await one_connection(
-                target, credentials, name, progress, max_tasks, status_every, registered
-            )
-            log.info("answered %d tasks; exiting", progress.answered)
-            return 0
-        except grpc.aio.AioRpcError as err:
-            if err.code() in FINAL_CODES:
-                log.error("the server refused this client: %s: %s", err.code().name, err.details())
-                return 1
-            problem = f"{err.code().name}: {err.details()}"
-        except StreamEndedError as err:
-            problem = str(err)
-        delay = next(delays)
-        if not outage:
-            log.warning("server %s unavailable (%s); retrying until it is back", target, problem)
-            outage = True
-        log.debug("retrying in %.2f s", delay)
-        await asyncio.sleep(delay)
+    try:
+        while True:
+            try:
+                async with client_channel(server, credentials) as channel:
+                    window = concurrency + prefetch
+                    await one_connection(channel, name, window, work, status_every, registered)
+                log.info("answered %d tasks; exiting", work.answered)
+                return
+            except grpc.aio.AioRpcError as err:
+                if err.code() in FINAL_CODES:
+                    raise RefusedError(f"{err.code().name}: {err.details()}") from None
+                problem = f"{err.code().name}: {err.details()}"
+            except StreamEndedError as err:
+                problem = str(err)
+            if not outage:
+                log.warning(
+                    "server %s unavailable (%s); retrying until it is back", server, problem
+                )
+                outage = True
+            await asyncio.sleep(next(delays))
+    finally:
+        for running in work.running.values():
+            running.cancel()
 
 
 async def run_until_signal(
     args: argparse.Namespace, credentials: grpc.ChannelCredentials | None
 ) -> int:
-    """Run the client; SIGINT or SIGTERM cancels it wherever it is."""
-    main = asyncio.current_task()
-    assert main is not None
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, main.cancel)
+    """The command line: run the client; SIGINT or SIGTERM cancels it wherever it is."""
+    main_task = asyncio.current_task()
+    assert main_task is not None
+    on_stop_signal(main_task.cancel)
     try:
-        return await run(
-            args.server, credentials, args.name, args.max_tasks, args.status_every, args.max_backoff
+        await run(
+            handle_task,
+            args.server,
+            args.name,
+            concurrency=args.concurrency,
+            credentials=credentials,
+            max_tasks=args.max_tasks,
+            status_every=args.status_every,
+            max_backoff=args.max_backoff,
         )
+        return 0
+    except RefusedError as err:
+        log.error("the server refused this client: %s", err)
+        return 1
     except asyncio.CancelledError:
         log.info("stopped")
         return 0
@@ -342,18 +278,20 @@ async def run_until_signal(
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--server", default="localhost:50051", help="the server's host:port")
+    parser.add_argument("--server", default=SERVER, help="the server's host:port")
+    parser.add_argument("--name", default=default_client_name(), help="the name to register under")
     parser.add_argument(
-        "--name",
-        default=f"{socket.gethostname()}-{os.getpid()}",
-        help="the name to register under (default: host name and process id)",
+        "--concurrency", type=int, default=CONCURRENCY, help="tasks worked on at once"
     )
     parser.add_argument("--max-tasks", type=int, help="exit after answering this many tasks")
     parser.add_argument(
-        "--status-every", type=float, default=5.0, help="seconds between status lines"
+        "--status-every", type=float, default=STATUS_EVERY, help="seconds between status lines"
     )
     parser.add_argument(
-        "--max-backoff", type=float, default=10.0, help="longest wait between retries, seconds"
+        "--max-backoff",
+        type=float,
+        default=MAX_BACKOFF,
+        help="longest wait between retries, seconds",
     )
     parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING"])
     parser.add_argument("--ca", type=Path, help="use TLS, trusting servers signed by this CA")
@@ -366,8 +304,10 @@ def main() -> int:
         parser.error("--cert needs --ca")
     if not CLIENT_NAME.fullmatch(args.name):
         parser.error(f"--name must be {CLIENT_NAME_RULE}")
-    if args.max_tasks is not None and args.max_tasks < 1:
-        parser.error("--max-tasks must be at least 1")
+    for option in ("concurrency", "max_tasks", "status_every", "max_backoff"):
+        value = getattr(args, option)
+        if value is not None and value <= 0:
+            parser.error(f"--{option.replace('_', '-')} must be more than 0")
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(message)s")
     try:
         credentials = channel_credentials(args.ca, args.cert, args.key)

@@ -1,18 +1,39 @@
 """The contact contract: contact.proto, the stubs generated from it, and the
 few rules both sides must agree on that a .proto file cannot express.
 
+The other modules of this package are the machinery the two scripts import,
+one job each: `router` (the queue, no gRPC), `metadata` (what a call must
+carry), `options` (gRPC settings), `tls`, `stdin`, `logtext`, `streams`,
+`retry` and `workers`. None of them imports a script.
+
 Regenerate the stubs with `make proto`; never edit contact_pb2*.py by hand.
 """
 
+import os
 import re
+import socket
 
 # Every call carries the caller's name under this metadata key.
 CLIENT_ID_KEY = "client-id"
+
+# getTask may carry how many unanswered tasks the client wants at once, as a
+# decimal integer of 1 or more; the server sends the smaller of that and its
+# own --max-in-flight, and its own when the key is absent.
+MAX_IN_FLIGHT_KEY = "max-in-flight"
 
 # A name: what `@NAME task` addresses on the server. Printable ASCII without
 # spaces, so that it survives metadata, log lines and the `@NAME` syntax.
 CLIENT_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 CLIENT_NAME_RULE = "1 to 64 letters, digits, '.', '_' or '-', starting with a letter or digit"
+
+
+def default_client_name() -> str:
+    """This machine's host name and this process's id, made to fit CLIENT_NAME
+    (a legal host name can be 63 characters long, or not ASCII)."""
+    pid = str(os.getpid())
+    host = re.sub(r"[^A-Za-z0-9._-]", "-", socket.gethostname()).lstrip("._-") or "client"
+    return f"{host[: 63 - len(pid)]}-{pid}"
+
 
 # The largest message either side sends or accepts (gRPC's default limit is
 # 4 MiB for receiving and none for sending). Task and answer texts stay under

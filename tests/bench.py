@@ -29,7 +29,9 @@ from typing import Any
 import grpc
 
 from contact import CLIENT_ID_KEY, contact_pb2, contact_pb2_grpc
-from contact_server import SERVER_OPTIONS, ContactServicer, Outcome, Router
+from contact.options import SERVER_OPTIONS
+from contact.router import Outcome, Router
+from contact_server import ContactServicer
 from tests.processes import status_field
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from contact import MAX_TEXT_BYTES
-from contact_server import parse_task, split_lines
+from contact.stdin import parse_task, split_lines
 
 
 @pytest.mark.parametrize(

@@ -6,7 +6,7 @@ import asyncio
 
 import pytest
 
-from contact_server import REPLACED, SHUTDOWN, Outcome, Router, Session
+from contact.router import REPLACED, SHUTDOWN, Outcome, Router, Session
 
 
 def assigned(session: Session) -> list[str]:

@@ -7,7 +7,7 @@ from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule
 
-from contact_server import Outcome, Router, Task
+from contact.router import Outcome, Router, Task
 
 NAMES = st.sampled_from(["ann", "bob", "cy", "dee"])
 
@@ -19,10 +19,10 @@ class RouterMachine(RuleBasedStateMachine):
         self.tasks: list[Task] = []  # every task ever submitted
         self.finished: set[str] = set()
 
-    @rule(name=NAMES)
-    def connect(self, name: str) -> None:  # a takeover when `name` is connected
+    @rule(name=NAMES, window=st.none() | st.integers(1, 4))
+    def connect(self, name: str, window: int | None) -> None:  # a takeover when connected
         old = self.router._sessions.get(name)
-        self.router.connect(name)
+        self.router.connect(name, window)
         assert old is None or old.ended == "replaced"
 
     @rule(name=NAMES)
@@ -75,19 +75,21 @@ class RouterMachine(RuleBasedStateMachine):
     def no_client_is_over_its_limit_and_no_work_waits_beside_room(self) -> None:
         router = self.router
         for session in router._sessions.values():
-            assert len(session.in_flight) <= router.max_in_flight
+            assert session.window <= router.max_in_flight
+            assert len(session.in_flight) <= session.window
             assert set(t.id for t in session.outbox) <= set(session.in_flight)
-            if len(session.in_flight) < router.max_in_flight:
+            if len(session.in_flight) < session.window:
                 assert not router._waiting.get(session.name)
         if router._queue:
-            assert all(len(s.in_flight) == router.max_in_flight for s in router._sessions.values())
+            assert all(len(s.in_flight) == s.window for s in router._sessions.values())
         assert all(router._waiting.values())  # no empty line left behind
 
     @invariant()
-    def every_live_client_is_in_the_bucket_of_its_load(self) -> None:
+    def every_live_client_with_room_is_in_the_bucket_of_its_load(self) -> None:
         router = self.router
         placed = {s: load for load, bucket in router._by_load.items() for s in bucket}
-        assert placed == {s: len(s.in_flight) for s in router._sessions.values()}
+        with_room = [s for s in router._sessions.values() if len(s.in_flight) < s.window]
+        assert placed == {s: len(s.in_flight) for s in with_room}
         assert all(router._by_load.values())  # no empty bucket kept
 
     @invariant()

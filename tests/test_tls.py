@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from contact_server import is_loopback
+from contact.tls import is_loopback
 from tests.certs import Authority
 from tests.processes import Process, start_server
 

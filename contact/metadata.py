@@ -1,0 +1,81 @@
+"""What every call must carry in its metadata, checked on the server: the
+caller's name (`client-id`) and, on getTask, the window it asks for
+(`max-in-flight`). A call that fails a check is ended with a clear status."""
+
+from __future__ import annotations
+
+import logging
+import re
+from typing import NoReturn
+
+import grpc
+
+from contact import CLIENT_ID_KEY, CLIENT_NAME, CLIENT_NAME_RULE, MAX_IN_FLIGHT_KEY
+from contact.tls import certified_name_mismatch
+
+log = logging.getLogger("contact.metadata")
+
+# A window is a decimal integer of 1 or more; 20 digits is far beyond any
+# real window and keeps int() away from huge strings.
+WINDOW = re.compile(r"[0-9]{1,20}")
+
+
+async def client_name(context: grpc.aio.ServicerContext) -> str:
+    """The caller's name from `client-id`; refuse the call with
+    INVALID_ARGUMENT when it is missing or malformed, and with
+    PERMISSION_DENIED when it is not the name of the caller's certificate."""
+    names = values(context, CLIENT_ID_KEY)
+    if len(names) != 1:
+        await refuse(
+            context,
+            grpc.StatusCode.INVALID_ARGUMENT,
+            f"send exactly one '{CLIENT_ID_KEY}' metadata value with the client's name",
+        )
+    name = names[0]
+    if not CLIENT_NAME.fullmatch(name):
+        await refuse(
+            context,
+            grpc.StatusCode.INVALID_ARGUMENT,
+            f"'{CLIENT_ID_KEY}' must be {CLIENT_NAME_RULE}",
+        )
+    # Under mutual TLS a client may only use the name its certificate carries.
+    if certified_name_mismatch(context.auth_context(), name):
+        await refuse(
+            context,
+            grpc.StatusCode.PERMISSION_DENIED,
+            f"'{CLIENT_ID_KEY}' {name} is not the name in the client certificate",
+        )
+    return name
+
+
+async def requested_window(context: grpc.aio.ServicerContext) -> int | None:
+    """How many tasks at once the caller asked for in `max-in-flight`, or
+    None if it did not say; refuse the call if the value is malformed."""
+    windows = values(context, MAX_IN_FLIGHT_KEY)
+    if not windows:
+        return None
+    if len(windows) > 1 or not WINDOW.fullmatch(windows[0]) or int(windows[0]) < 1:
+        await refuse(
+            context,
+            grpc.StatusCode.INVALID_ARGUMENT,
+            f"'{MAX_IN_FLIGHT_KEY}' must be one decimal integer of 1 or more",
+        )
+    return int(windows[0])
+
+
+def values(context: grpc.aio.ServicerContext, key: str) -> list[str]:
+    """Every text value the call carries under `key`."""
+    return [
+        value
+        for k, value in context.invocation_metadata() or ()
+        if k == key and isinstance(value, str)
+    ]
+
+
+async def refuse(
+    context: grpc.aio.ServicerContext, code: grpc.StatusCode, problem: str
+) -> NoReturn:
+    """Log why a call is refused, and end it with `code`."""
+    log.warning("refused a call from %s: %s", context.peer(), problem)
+    await context.abort(code, problem)
+    raise AssertionError("context.abort returned")  # it always raises

@@ -1,0 +1,280 @@
+"""The work queue of the server, with no gRPC in it: which connected client
+gets which task, and what happens when a client leaves or answers.
+
+Import it, test it (tests/test_router.py says what it must do), or replace it
+with a class backed by a broker that offers the same methods.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import logging
+import secrets
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from contact.logtext import Quoted
+
+log = logging.getLogger("contact.router")
+
+# Why a session ended.
+LEFT, REPLACED, SHUTDOWN = "left", "replaced", "shutdown"
+
+
+@dataclass(eq=False)
+class Task:
+    """One unit of work, from the moment it is submitted until a result arrives."""
+
+    id: str
+    text: str
+    target: str | None = None  # the only client that may take it; None: any
+    fields: dict[str, Any] = field(default_factory=dict)  # more ServerMsg fields, as given
+    holder: Session | None = None  # the client it is in flight at, if any
+    given_to: set[str] = field(default_factory=set)  # every client it was sent to
+
+
+class Session:
+    """One registered client: the tasks in flight at it, oldest first, and the
+    part of them still waiting to be written to its stream (the outbox)."""
+
+    def __init__(self, name: str, window: int) -> None:
+        self.name = name
+        self.window = window  # the most tasks it may hold unanswered
+        self.in_flight: dict[str, Task] = {}
+        self.outbox: deque[Task] = deque()
+        self.ended: str | None = None  # why the session ended, once it has
+        self._wakeup = asyncio.Event()
+
+    async def next_task(self) -> Task | None:
+        """Wait for the next task to write to this client; None once ended."""
+        while self.ended is None:
+            if self.outbox:
+                return self.outbox.popleft()
+            self._wakeup.clear()
+            await self._wakeup.wait()
+        return None
+
+    def has_room(self) -> bool:
+        return len(self.in_flight) < self.window
+
+    def _push(self, task: Task) -> None:
+        self.outbox.append(task)
+        self._wakeup.set()
+
+    def _end(self, reason: str) -> None:
+        self.ended = reason
+        self._wakeup.set()
+
+
+class Outcome(enum.Enum):
+    """What became of a result."""
+
+    ACCEPTED = "accepted"  # the first result for a live task: it is finished
+    DUPLICATE = "duplicate"  # the task was already finished by an earlier result
+    UNKNOWN = "unknown"  # no task of this server ever had this id
+    NOT_GIVEN = "not given"  # a live task that was never sent to this client
+
+
+class Router:
+    """Assigns each task to exactly one connected client and takes it back
+    when that client leaves without answering.
+
+    - A task for any client goes to the one with the fewest tasks in flight
+      (ties: the one whose load changed longest ago, so equals take turns);
+      a task for NAME waits for NAME.
+    - No client holds more unanswered tasks than its window (what it asked
+      for, at most `max_in_flight`); the rest wait in order, and tasks taken
+      back from a departed client go to the front.
+    - A task is finished by the first result from a client it was sent to;
+      `on_answer(task, name, text)` is then called.
+
+    Everything lives in memory: delivery is at-least-once while the process
+    runs. All methods are synchronous and must be called from one thread
+    (the event loop's); `Session.next_task` is the only one that waits.
+    """
+
+    def __init__(
+        self,
+        max_in_flight: int = 32,
+        on_answer: Callable[[Task, str, str], None] | None = None,
+    ) -> None:
+        if max_in_flight < 1:
+            raise ValueError("max_in_flight must be at least 1")
+        self.max_in_flight = max_in_flight
+        self.closed = False
+        self._on_answer = on_answer
+        self._run = secrets.token_hex(3)  # keeps ids unique across restarts
+        self._issued = 0
+        self._tasks: dict[str, Task] = {}  # every unfinished task, by id
+        self._queue: deque[Task] = deque()  # tasks for any client, waiting
+        self._waiting: dict[str, deque[Task]] = {}  # tasks for one client, waiting
+        self._sessions: dict[str, Session] = {}  # connected clients, by name
+        # Connected clients with room, by how many tasks they have in flight
+        # (only loads some client has); each bucket keeps the order its
+        # clients arrived in, so the least loaded client with room is the
+        # first of the lowest bucket, found without a scan of every client.
+        self._by_load: dict[int, dict[Session, None]] = {}
+
+    # -- what the server calls --
+
+    def submit(self, text: str, target: str | None = None, **fields: Any) -> Task:
+        """Add a task; it is sent at once if a client has room."""
+        if self.closed:
+            raise RuntimeError("the router is closed")
+        self._issued += 1
+        task = Task(id=f"{self._run}-{self._issued}", text=text, target=target, fields=fields)
+        self._tasks[task.id] = task
+        log.info("task %s queued for %s: %s", task.id, target or "any client", Quoted(text))
+        if target is None:
+            self._queue.append(task)
+            self._spread()
+        else:
+            self._waiting.setdefault(target, deque()).append(task)
+            if target in self._sessions:
+                self._fill(self._sessions[target])
+        return task
+
+    def connect(self, name: str, window: int | None = None) -> Session:
+        """Register a client that wants up to `window` tasks at once (None or
+        more than `max_in_flight`: `max_in_flight`); an older session under
+        the same name is ended (REPLACED) and its unanswered tasks taken back."""
+        if self.closed:
+            raise RuntimeError("the router is closed")
+        if window is not None and window < 1:
+            raise ValueError("a window is at least 1")
+        old = self._sessions.get(name)
+        if old is not None:
+            self.disconnect(old, REPLACED)
+        session = Session(name, min(window or self.max_in_flight, self.max_in_flight))
+        self._sessions[name] = session
+        self._place(session)
+        self._fill(session)
+        return session
+
+    def disconnect(self, session: Session, reason: str = LEFT) -> None:
+        """End a session and queue its unanswered tasks again, at the front.
+        Safe to call more than once."""
+        if session.ended is not None:
+            return
+        session._end(reason)
+        if self._sessions.get(session.name) is session:
+            del self._sessions[session.name]
+            self._unplace(session)
+        for task in reversed(list(session.in_flight.values())):
+            task.holder = None
+            log.info("task %s requeued (%s %s)", task.id, session.name, reason)
+            if task.target is None:
+                self._queue.appendleft(task)
+            else:
+                self._waiting.setdefault(task.target, deque()).appendleft(task)
+        session.in_flight.clear()
+        session.outbox.clear()
+        self._spread()
+
+    def complete(self, name: str, task_id: str, text: str) -> Outcome:
+        """Record the result `text` that client `name` sent for task `task_id`."""
+        task = self._tasks.get(task_id)
+        if task is None:
+            outcome = Outcome.DUPLICATE if self._was_issued(task_id) else Outcome.UNKNOWN
+            log.info("%s result for task %s from %s ignored", outcome.value, Quoted(task_id), name)
+            return outcome
+        if name not in task.given_to:
+            log.warning("result for task %s refused: %s was never given it", task_id, name)
+            return Outcome.NOT_GIVEN
+        del self._tasks[task_id]
+        holder = task.holder
+        if holder is not None:
+            self._unplace(holder)
+            del holder.in_flight[task_id]
+            self._place(holder)
+            if task in holder.outbox:  # answered by an earlier holder before this one saw it
+                holder.outbox.remove(task)
+            self._fill(holder)
+        else:
+            self._waiting_line(task).remove(task)
+            self._forget_empty_line(task.target)
+        if self._on_answer is not None:
+            self._on_answer(task, name, text)
+        return Outcome.ACCEPTED
+
+    def close(self) -> list[Task]:
+        """Refuse new work and end every session (SHUTDOWN), taking back their
+        unanswered tasks; return every unfinished task, all of them queued."""
+        self.closed = True
+        for session in list(self._sessions.values()):
+            self.disconnect(session, SHUTDOWN)
+        return list(self._tasks.values())
+
+    # -- counts, for logs and status answers --
+
+    def queued(self) -> int:
+        """How many tasks wait for a client."""
+        return len(self._queue) + sum(len(line) for line in self._waiting.values())
+
+    def in_flight(self, name: str | None = None) -> int:
+        """How many tasks are sent and unanswered, at `name` or at anyone."""
+        if name is not None:
+            session = self._sessions.get(name)
+            return len(session.in_flight) if session else 0
+        return len(self._tasks) - self.queued()
+
+    # -- internals --
+
+    def _place(self, session: Session) -> None:
+        """Put `session` at the end of the bucket of its load, if it has room."""
+        if session.has_room():
+            self._by_load.setdefault(len(session.in_flight), {})[session] = None
+
+    def _unplace(self, session: Session) -> None:
+        """Take `session` out of the bucket of its load, if it is in one."""
+        load = len(session.in_flight)
+        bucket = self._by_load.get(load)
+        if bucket is not None and session in bucket:
+            del bucket[session]
+            if not bucket:
+                del self._by_load[load]
+
+    def _assign(self, task: Task, session: Session) -> None:
+        self._unplace(session)
+        task.holder = session
+        task.given_to.add(session.name)
+        session.in_flight[task.id] = task
+        self._place(session)
+        session._push(task)
+
+    def _fill(self, session: Session) -> None:
+        """Give `session` work up to its window: its own waiting tasks first."""
+        own = self._waiting.get(session.name)
+        while session.has_room():
+            if own:
+                self._assign(own.popleft(), session)
+            elif self._queue:
+                self._assign(self._queue.popleft(), session)
+            else:
+                break
+        self._forget_empty_line(session.name)
+
+    def _spread(self) -> None:
+        """Hand waiting tasks for any client to the least loaded ones with room."""
+        while self._queue and self._by_load:
+            self._assign(self._queue.popleft(), next(iter(self._by_load[min(self._by_load)])))
+
+    def _waiting_line(self, task: Task) -> deque[Task]:
+        return self._queue if task.target is None else self._waiting[task.target]
+
+    def _forget_empty_line(self, name: str | None) -> None:
+        if name is not None and not self._waiting.get(name, True):
+            del self._waiting[name]
+
+    def _was_issued(self, task_id: str) -> bool:
+        run, _, number = task_id.rpartition("-")
+        return (
+            run == self._run
+            and number.isascii()
+            and number.isdigit()
+            and len(number) <= 20  # int() refuses strings of thousands of digits
+            and 0 < int(number) <= self._issued
+        )

@@ -1,0 +1,62 @@
+"""Helpers for the client's long-lived streams: telling why the server ended
+one, hanging up politely, and running the streams side by side."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Coroutine
+from typing import Any, NoReturn
+
+import grpc
+
+# How long the server gets to acknowledge our half-close before we cancel:
+# cancelling a call the server has not finished makes grpc.aio log a
+# traceback there, but we never wait longer than this to leave.
+HANG_UP_SECONDS = 1.0
+
+
+class StreamEndedError(Exception):
+    """The server ended a stream without an error; reconnect."""
+
+
+async def ended(call: grpc.aio.Call, stream: str) -> NoReturn:
+    """Raise why the server has ended `call`: its error as AioRpcError, or
+    StreamEndedError if it ended the `stream` without one."""
+    code = await call.code()
+    if code == grpc.StatusCode.OK:
+        raise StreamEndedError(f"the server ended the {stream} stream")
+    raise grpc.aio.AioRpcError(
+        code, await call.initial_metadata(), await call.trailing_metadata(), await call.details()
+    )
+
+
+async def hang_up(*calls: grpc.aio.Call) -> None:
+    """End our outgoing streams politely: half-close each and give the server
+    HANG_UP_SECONDS to finish it, then cancel whatever is left."""
+
+    async def finish(call: grpc.aio.Call) -> None:
+        # Best effort on a call we are leaving anyway: if it already failed,
+        # grpc raises AioRpcError, InvalidStateError or its private
+        # ExecuteBatchError here, all meaning "already over".
+        with contextlib.suppress(Exception):
+            await call.done_writing()
+            await call.code()
+
+    with contextlib.suppress(asyncio.TimeoutError):
+        await asyncio.wait_for(asyncio.gather(*(finish(call) for call in calls)), HANG_UP_SECONDS)
+    for call in calls:
+        call.cancel()
+
+
+async def first_to_finish(*coroutines: Coroutine[Any, Any, None]) -> None:
+    """Run the coroutines together until one returns or raises; cancel the rest."""
+    running = [asyncio.ensure_future(coroutine) for coroutine in coroutines]
+    try:
+        done, _ = await asyncio.wait(running, return_when=asyncio.FIRST_COMPLETED)
+        for finished in done:
+            finished.result()  # raises its failure, if any
+    finally:
+        for task in running:
+            task.cancel()
+        await asyncio.gather(*running, return_exceptions=True)
