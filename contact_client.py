@@ -74,7 +74,7 @@ class Work:
 
     handler: Handler
     pool: DaemonPool
-    running: dict[str, asyncio.Task[None]] = field(default_factory=dict)
+    running: set[str] = field(default_factory=set)  # ids of the tasks being worked on
     unsent: deque[contact_pb2.Result] = field(default_factory=deque)
     answer_ready: asyncio.Event = field(default_factory=asyncio.Event)
     answered: int = 0
@@ -84,30 +84,31 @@ class Work:
         """Work on `task` unless it is already running (the server sent it
         again after a reconnect); its answer joins `unsent` when done."""
         if task.id not in self.running:
-            self.running[task.id] = asyncio.create_task(self._answer(task))
+            self.running.add(task.id)
+            self.pool.submit(safely, (self.handler, task), self._finished)
 
-    async def _answer(self, task: contact_pb2.ServerMsg) -> None:
-        ret = await self.pool.run(safely, (self.handler, task))
+    def _finished(self, answer: tuple[contact_pb2.ServerMsg, str]) -> None:
+        task, ret = answer
         log.info("task %s: %s -> %s", task.id, Quoted(task.task), Quoted(ret))
-        del self.running[task.id]
+        self.running.discard(task.id)
         self.unsent.append(contact_pb2.Result(id=task.id, ret=ret))
         self.answer_ready.set()
 
 
-def safely(job: tuple[Handler, contact_pb2.ServerMsg]) -> str:
+def safely(job: tuple[Handler, contact_pb2.ServerMsg]) -> tuple[contact_pb2.ServerMsg, str]:
     """Run the handler, turning whatever goes wrong into an `error: ...`
     answer: one bad task must not stop the client or come back forever."""
     handler, task = job
     try:
         ret = handler(task)
         if not isinstance(ret, str):
-            return f"error: the handler returned {type(ret).__name__}, not str"
+            return task, f"error: the handler returned {type(ret).__name__}, not str"
         if len(ret.encode()) > MAX_TEXT_BYTES:
-            return f"error: the answer is longer than {MAX_TEXT_BYTES} bytes"
-        return ret
+            return task, f"error: the answer is longer than {MAX_TEXT_BYTES} bytes"
+        return task, ret
     except BaseException as err:  # even SystemExit: it would only end this thread
         log.exception("the handler failed on task %s", task.id)
-        return f"error: {type(err).__name__}: {err}"
+        return task, f"error: {type(err).__name__}: {err}"
 
 
 # --- One connection: the three calls ---------------------------------------------
@@ -140,6 +141,9 @@ async def one_connection(
                 send_answers(results, work),
                 report_status(status, work, status_every),
             )
+            # The task limit is reached and every answer written.
+            await results.done_writing()
+            await results  # returns once the server has read every answer
         finally:
             await hang_up(results, status)
     finally:
@@ -163,9 +167,8 @@ async def receive_tasks(tasks: grpc.aio.UnaryStreamCall, work: Work) -> None:
 
 
 async def send_answers(results: grpc.aio.StreamUnaryCall, work: Work) -> None:
-    """Send each answer as it is ready; return once the task limit is reached
-    and the server has read every answer."""
-    while True:
+    """Send each answer as it is ready; return once the task limit is reached."""
+    while work.max_tasks is None or work.answered < work.max_tasks:
         while not work.unsent:
             work.answer_ready.clear()
             await work.answer_ready.wait()
@@ -175,10 +178,6 @@ async def send_answers(results: grpc.aio.StreamUnaryCall, work: Work) -> None:
             await ended(results, "result")
         work.unsent.popleft()  # only once written: a lost connection keeps it
         work.answered += 1
-        if work.answered == work.max_tasks:
-            await results.done_writing()
-            await results  # returns once the server has read every answer
-            return
 
 
 async def report_status(status: grpc.aio.StreamStreamCall, work: Work, every: float) -> None:
@@ -224,29 +223,23 @@ async def run(
         log.debug("%d asyncio tasks alive", len(asyncio.all_tasks()))
         delays, outage = backoff(max_backoff), False
 
-    try:
-        while True:
-            try:
-                async with client_channel(server, credentials) as channel:
-                    window = concurrency + prefetch
-                    await one_connection(channel, name, window, work, status_every, registered)
-                log.info("answered %d tasks; exiting", work.answered)
-                return
-            except grpc.aio.AioRpcError as err:
-                if err.code() in FINAL_CODES:
-                    raise RefusedError(f"{err.code().name}: {err.details()}") from None
-                problem = f"{err.code().name}: {err.details()}"
-            except StreamEndedError as err:
-                problem = str(err)
-            if not outage:
-                log.warning(
-                    "server %s unavailable (%s); retrying until it is back", server, problem
-                )
-                outage = True
-            await asyncio.sleep(next(delays))
-    finally:
-        for running in work.running.values():
-            running.cancel()
+    while True:
+        try:
+            async with client_channel(server, credentials) as channel:
+                window = concurrency + prefetch
+                await one_connection(channel, name, window, work, status_every, registered)
+            log.info("answered %d tasks; exiting", work.answered)
+            return
+        except grpc.aio.AioRpcError as err:
+            if err.code() in FINAL_CODES:
+                raise RefusedError(f"{err.code().name}: {err.details()}") from None
+            problem = f"{err.code().name}: {err.details()}"
+        except StreamEndedError as err:
+            problem = str(err)
+        if not outage:
+            log.warning("server %s unavailable (%s); retrying until it is back", server, problem)
+            outage = True
+        await asyncio.sleep(next(delays))
 
 
 async def run_until_signal(

@@ -144,9 +144,7 @@ class ContactServer:
         self._credentials = credentials
         self._router = Router(max_in_flight, on_answer=self._answered)
         self._answers: dict[str, asyncio.Future[str]] = {}
-        self._server = grpc.aio.server(options=SERVER_OPTIONS)
-        self._loop: asyncio.AbstractEventLoop | None = None
-        contact_pb2_grpc.add_ContactServicer_to_server(ContactServicer(self._router), self._server)
+        self._loop: asyncio.AbstractEventLoop | None = None  # the loop it runs on, once started
 
     @property
     def closed(self) -> bool:
@@ -182,6 +180,8 @@ class ContactServer:
             answer.set_result(text)
 
     async def __aenter__(self) -> ContactServer:
+        self._server = grpc.aio.server(options=SERVER_OPTIONS)  # needs a running loop
+        contact_pb2_grpc.add_ContactServicer_to_server(ContactServicer(self._router), self._server)
         address = f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
         try:
             if self._credentials is None:

@@ -50,12 +50,14 @@ async def hang_up(*calls: grpc.aio.Call) -> None:
 
 
 async def first_to_finish(*coroutines: Coroutine[Any, Any, None]) -> None:
-    """Run the coroutines together until one returns or raises; cancel the rest."""
+    """Run the coroutines together until one returns or raises; cancel the
+    rest. If one returned and another raised in the same instant, return."""
     running = [asyncio.ensure_future(coroutine) for coroutine in coroutines]
     try:
         done, _ = await asyncio.wait(running, return_when=asyncio.FIRST_COMPLETED)
-        for finished in done:
-            finished.result()  # raises its failure, if any
+        failures = [error for finished in done if (error := finished.exception())]
+        if len(failures) == len(done):
+            raise failures[0]
     finally:
         for task in running:
             task.cancel()

@@ -28,6 +28,7 @@ from typing import Any
 
 import grpc
 
+import contact_client
 from contact import CLIENT_ID_KEY, contact_pb2, contact_pb2_grpc
 from contact.options import SERVER_OPTIONS
 from contact.router import Outcome, Router
@@ -165,6 +166,12 @@ async def run_clients(port: int, count: int, prefix: str) -> None:
     await asyncio.gather(*(one_client(port, f"{prefix}-{i}") for i in range(count)))
 
 
+async def run_shipped_client(port: int, name: str) -> None:
+    """contact_client.run as shipped: its defaults, its handler in a worker thread."""
+    logging.basicConfig(level=logging.WARNING)
+    await contact_client.run(contact_client.handle_task, f"127.0.0.1:{port}", name)
+
+
 # --- the driver ---------------------------------------------------------------
 
 
@@ -182,7 +189,8 @@ def measure(impl: str, mode: str, clients: int, tasks: int) -> dict[str, float]:
         processes = min(clients, 4)  # a few client processes; up to 250 clients each
         for index in range(processes):
             share = clients // processes + (index < clients % processes)
-            arguments = [*command, "clients", str(port), str(share), f"c{index}"]
+            kind = "shipped" if impl == "project-shipped" else "clients"
+            arguments = [*command, kind, str(port), str(share), f"c{index}"]
             helpers.append(subprocess.Popen(arguments, cwd=ROOT, stderr=subprocess.DEVNULL))
         line = server.stdout.readline()
         if not line:
@@ -201,6 +209,14 @@ ROWS = [
     # label, mode, clients, figure, higher is better, target ratio
     ("throughput, 1 client (tasks/s)", "throughput", 1, "tasks_per_s", True, 0.8),
     ("  the same, logging at INFO to /dev/null", "throughput-info", 1, "tasks_per_s", True, None),
+    (
+        "  the same, 1 contact_client.run as shipped",
+        "throughput-shipped",
+        1,
+        "tasks_per_s",
+        True,
+        0.8,
+    ),
     ("throughput, 4 clients (tasks/s)", "throughput", 4, "tasks_per_s", True, 0.8),
     ("latency p50, 1 task in flight (ms)", "latency", 1, "p50_ms", False, 1.25),
     ("latency p99, 1 task in flight (ms)", "latency", 1, "p99_ms", False, None),
@@ -222,6 +238,9 @@ def main() -> int:
         port, count, prefix = int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
         asyncio.run(run_clients(port, count, prefix))
         return 0
+    if len(sys.argv) > 1 and sys.argv[1] == "shipped":
+        asyncio.run(run_shipped_client(int(sys.argv[2]), sys.argv[4]))
+        return 0
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--repeats", type=int, default=5)
@@ -236,7 +255,7 @@ def main() -> int:
     for repeat in range(args.repeats):
         for mode, clients, tasks in plan:
             impls = ["baseline", "project"] + (
-                ["project-info"] if mode == "throughput" and clients == 1 else []
+                ["project-info", "project-shipped"] if mode == "throughput" and clients == 1 else []
             )
             for impl in impls:  # interleaved, so drift hits both alike
                 print(f"repeat {repeat + 1}/{args.repeats}: {impl} {mode} x{clients}", flush=True)
@@ -245,6 +264,8 @@ def main() -> int:
                 )
     runs[("project", "throughput-info", 1)] = runs[("project-info", "throughput", 1)]
     runs[("baseline", "throughput-info", 1)] = runs[("baseline", "throughput", 1)]
+    runs[("project", "throughput-shipped", 1)] = runs[("project-shipped", "throughput", 1)]
+    runs[("baseline", "throughput-shipped", 1)] = runs[("baseline", "throughput", 1)]
 
     print(f"\nmachine: {os.cpu_count()} cores, Python {sys.version.split()[0]}, "
           f"grpcio {grpc.__version__}; project logging at WARNING unless said; "

@@ -24,7 +24,15 @@ def status_field(pid: int, field: str) -> int:
 class Process:
     """One of our scripts running as a child, its output collected as it comes."""
 
-    def __init__(self, label: str, script: str, *args: str, echo: bool = False) -> None:
+    def __init__(
+        self,
+        label: str,
+        script: str,
+        *args: str,
+        echo: bool = False,
+        cwd: Path = ROOT,
+        env: dict[str, str] | None = None,
+    ) -> None:
         self.label = label
         self.echo = echo
         self.lines: list[str] = []
@@ -32,12 +40,13 @@ class Process:
         self._changed = threading.Condition()
         self.popen = subprocess.Popen(
             [sys.executable, str(ROOT / script), *args],
-            cwd=ROOT,
+            cwd=cwd,
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             text=True,
-            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+            # PYTHONPATH: helper scripts under tests/ import the project too.
+            env={**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONPATH": str(ROOT), **(env or {})},
         )
         threading.Thread(target=self._collect, daemon=True).start()
 

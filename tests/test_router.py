@@ -206,3 +206,57 @@ def test_a_huge_max_in_flight_costs_nothing_up_front() -> None:
 def test_max_in_flight_must_be_positive() -> None:
     with pytest.raises(ValueError):
         Router(max_in_flight=0)
+
+
+def test_a_client_gets_at_most_the_window_it_asked_for() -> None:
+    router = Router(max_in_flight=8)
+    small = router.connect("small", window=2)
+    big = router.connect("big")  # asked nothing: the server's own limit
+    tasks = [router.submit(f"t{i}") for i in range(12)]
+    assert (small.window, big.window) == (2, 8)
+    assert len(small.in_flight) == 2 and len(big.in_flight) == 8
+    assert router.queued() == 2
+    router.complete("small", next(iter(small.in_flight)), "ok")
+    assert len(small.in_flight) == 2  # refilled from the queue, up to its window
+    assert tasks[-1].holder is None or tasks[-1].holder is small
+
+
+def test_a_window_over_the_servers_limit_is_capped() -> None:
+    router = Router(max_in_flight=3)
+    greedy = router.connect("greedy", window=1000)
+    for i in range(5):
+        router.submit(f"t{i}")
+    assert greedy.window == 3 and len(greedy.in_flight) == 3
+
+
+def test_a_full_client_is_passed_over_for_one_with_room() -> None:
+    router = Router(max_in_flight=4)
+    one = router.connect("one", window=1)
+    two = router.connect("two", window=3)
+    for i in range(4):
+        router.submit(f"t{i}")
+    assert assigned(one) == ["t0"]
+    assert assigned(two) == ["t1", "t2", "t3"]
+
+
+def test_a_window_must_be_positive() -> None:
+    with pytest.raises(ValueError):
+        Router().connect("zero", window=0)
+
+
+def test_on_answer_hears_each_accepted_result_once() -> None:
+    heard: list[tuple[str, str, str]] = []
+    router = Router(on_answer=lambda task, name, text: heard.append((task.text, name, text)))
+    router.connect("alice")
+    task = router.submit("job")
+    assert router.complete("alice", task.id, "done") is Outcome.ACCEPTED
+    assert router.complete("alice", task.id, "again") is Outcome.DUPLICATE
+    assert heard == [("job", "alice", "done")]
+
+
+def test_close_returns_every_unfinished_task() -> None:
+    router = Router()
+    router.connect("alice")
+    held = router.submit("held")
+    waiting = router.submit("waiting", target="bob")
+    assert set(router.close()) == {held, waiting}

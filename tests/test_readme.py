@@ -1,0 +1,82 @@
+"""The README's runnable code, run: using ContactServer from a script, from
+another thread, and copying the example into a new project with a field of
+its own."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+from tests.processes import ROOT, Process
+from tests.readme import blocks, python_file
+
+
+def run_script(
+    processes: list[Process], folder: Path, name: str, *args: str, **env: str
+) -> Process:
+    """Write README block `name` into `folder` and run it there."""
+    (folder / name).write_text(python_file(name))
+    script = Process(name, str(folder / name), *args, cwd=folder, env=env)
+    processes.append(script)
+    return script
+
+
+def serve_one_answer(processes: list[Process], folder: Path, script: str, expected: str) -> None:
+    """Run a README server script, then a client of it; the script prints
+    `expected` and exits 0, and the client keeps serving."""
+    server = run_script(processes, folder, script, PYTHONPATH=str(ROOT))
+    port = server.wait_for(r"listening on port (\d+)").group(1)
+    worker = Process("worker", "contact_client.py", "--server", f"127.0.0.1:{port}")
+    processes.append(worker)
+    server.wait_for(rf"^{re.escape(expected)}$", timeout=20)
+    assert server.exit_code(10) == 0, server.output
+    assert "Traceback" not in server.output + worker.output
+
+
+def test_submit_returns_the_answer(processes: list[Process], tmp_path: Path) -> None:
+    serve_one_answer(processes, tmp_path, "submit_one.py", "HELLO")
+
+
+def test_submit_threadsafe_returns_the_answer_to_plain_code(
+    processes: list[Process], tmp_path: Path
+) -> None:
+    serve_one_answer(processes, tmp_path, "from_a_thread.py", "FROM A THREAD")
+
+
+def test_copy_into_a_project_and_add_a_field(processes: list[Process], tmp_path: Path) -> None:
+    """The README's "Copy it into your project", step by step, outside the repository."""
+    project = tmp_path / "myproject"
+    project.mkdir()
+    copy, regenerate = blocks("sh")[-2:]
+    venv_bin = str(Path(sys.executable).parent)  # `python` is this interpreter
+    env = {**os.environ, "PATH": venv_bin + os.pathsep + os.environ["PATH"]}
+    env.pop("PYTHONPATH", None)
+
+    def shell(script: str, cwd: Path) -> None:
+        script = script.replace("~/myproject", str(project))
+        done = subprocess.run(
+            ["bash", "-ec", script], cwd=cwd, env=env, capture_output=True, text=True, timeout=120
+        )
+        assert done.returncode == 0, done.stdout + done.stderr
+
+    shell(copy, ROOT)
+    for generated in (project / "contact").glob("contact_pb2*"):
+        generated.unlink()  # so the test proves the documented command makes them
+    proto = project / "contact" / "contact.proto"
+    (field,) = [line for line in blocks("proto")[0].splitlines() if "your own field" in line]
+    proto.write_text(
+        proto.read_text().replace("  string id = 2;\n", f"  string id = 2;\n{field}\n", 1)
+    )
+    shell(regenerate, project)
+    assert "priority" in (project / "contact" / "contact_pb2.pyi").read_text()
+
+    alone = {"PYTHONPATH": ""}  # only the copied files, none of the repository's
+    server = run_script(processes, project, "my_server.py", **alone)
+    port = server.wait_for(r"listening on port (\d+)").group(1)
+    worker = run_script(processes, project, "my_client.py", f"127.0.0.1:{port}", **alone)
+    server.wait_for(r"^HELLO \(priority high\)$", timeout=20)
+    assert server.exit_code(10) == 0, server.output
+    assert worker.exit_code(10) == 0, worker.output

@@ -1,0 +1,59 @@
+"""ContactServer used from code, in this process: what `submit` promises
+when no client answers, and the mistakes it refuses at once."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+import pytest
+
+from contact_server import ContactServer, TaskNotAnsweredError
+
+
+def test_a_task_unanswered_at_shutdown_raises_for_its_submitter() -> None:
+    async def scenario() -> None:
+        async with ContactServer(port=0, grace=0) as server:
+            answer = server.submit("nobody will answer this")
+            targeted = server.submit("nor this", target="absent")
+        with pytest.raises(TaskNotAnsweredError, match="the server closed before task"):
+            await answer
+        with pytest.raises(TaskNotAnsweredError):
+            await targeted
+
+    asyncio.run(scenario())
+
+
+def test_a_field_the_proto_lacks_is_refused_when_submitted() -> None:
+    async def scenario() -> None:
+        async with ContactServer(port=0, grace=0) as server:
+            with pytest.raises(ValueError, match="no_such_field"):
+                server.submit("text", no_such_field="x")
+            assert server._router.queued() == 0
+
+    asyncio.run(scenario())
+
+
+def test_submit_after_shutdown_and_threadsafe_submit_before_start_are_refused() -> None:
+    server = ContactServer(port=0)
+    with pytest.raises(RuntimeError, match="not running"):
+        server.submit_threadsafe("too early")
+
+    async def scenario() -> None:
+        async with server:
+            pass
+        with pytest.raises(RuntimeError, match="closed"):
+            server.submit("too late")
+
+    asyncio.run(scenario())
+
+
+def test_a_busy_port_is_a_clear_error(caplog: pytest.LogCaptureFixture) -> None:
+    async def scenario() -> None:
+        async with ContactServer(port=0, grace=0) as first:
+            with pytest.raises(OSError, match=f"cannot listen on 127.0.0.1:{first.port}"):
+                async with ContactServer(port=first.port):
+                    pass
+
+    with caplog.at_level(logging.ERROR):
+        asyncio.run(scenario())
