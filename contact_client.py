@@ -23,31 +23,32 @@ import logging
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import grpc
 
 from contact import (
     CLIENT_ID_KEY,
-    CLIENT_NAME,
-    CLIENT_NAME_RULE,
     MAX_IN_FLIGHT_KEY,
-    MAX_TEXT_BYTES,
     contact_pb2,
     contact_pb2_grpc,
     default_client_name,
 )
+from contact.cli import (
+    add_common_arguments,
+    client_name,
+    client_tls,
+    positive_float,
+    positive_int,
+    start_logging,
+)
+from contact.handler import Handler, HandlerPool
 from contact.logtext import Quoted
 from contact.options import client_channel
 from contact.retry import FINAL_CODES, backoff
 from contact.signals import on_stop_signal
 from contact.streams import StreamEndedError, ended, first_to_finish, hang_up
-from contact.tls import channel_credentials
-from contact.workers import DaemonPool
 
 log = logging.getLogger("contact.client")
-
-Handler = Callable[[contact_pb2.ServerMsg], str]
 
 # Defaults of the command line and of run().
 SERVER = "localhost:50051"
@@ -72,8 +73,7 @@ class Work:
     """The client's work, across reconnections: the handler's threads, the
     tasks they are on, and answers not yet sent."""
 
-    handler: Handler
-    pool: DaemonPool
+    handlers: HandlerPool
     running: set[str] = field(default_factory=set)  # ids of the tasks being worked on
     unsent: deque[contact_pb2.Result] = field(default_factory=deque)
     answer_ready: asyncio.Event = field(default_factory=asyncio.Event)
@@ -85,30 +85,13 @@ class Work:
         again after a reconnect); its answer joins `unsent` when done."""
         if task.id not in self.running:
             self.running.add(task.id)
-            self.pool.submit(safely, (self.handler, task), self._finished)
+            self.handlers.submit(task, self._finished)
 
-    def _finished(self, answer: tuple[contact_pb2.ServerMsg, str]) -> None:
-        task, ret = answer
-        log.info("task %s: %s -> %s", task.id, Quoted(task.task), Quoted(ret))
+    def _finished(self, task: contact_pb2.ServerMsg, answer: str) -> None:
+        log.info("task %s: %s -> %s", task.id, Quoted(task.task), Quoted(answer))
         self.running.discard(task.id)
-        self.unsent.append(contact_pb2.Result(id=task.id, ret=ret))
+        self.unsent.append(contact_pb2.Result(id=task.id, ret=answer))
         self.answer_ready.set()
-
-
-def safely(job: tuple[Handler, contact_pb2.ServerMsg]) -> tuple[contact_pb2.ServerMsg, str]:
-    """Run the handler, turning whatever goes wrong into an `error: ...`
-    answer: one bad task must not stop the client or come back forever."""
-    handler, task = job
-    try:
-        ret = handler(task)
-        if not isinstance(ret, str):
-            return task, f"error: the handler returned {type(ret).__name__}, not str"
-        if len(ret.encode()) > MAX_TEXT_BYTES:
-            return task, f"error: the answer is longer than {MAX_TEXT_BYTES} bytes"
-        return task, ret
-    except BaseException as err:  # even SystemExit: it would only end this thread
-        log.exception("the handler failed on task %s", task.id)
-        return task, f"error: {type(err).__name__}: {err}"
 
 
 # --- One connection: the three calls ---------------------------------------------
@@ -214,7 +197,7 @@ async def run(
     connection is lost, until `max_tasks` are answered (or forever). Raise
     RefusedError if the server refuses this client for good."""
     name = name or default_client_name()
-    work = Work(handler, DaemonPool(concurrency), max_tasks=max_tasks)
+    work = Work(HandlerPool(handler, concurrency), max_tasks=max_tasks)
     delays, outage = backoff(max_backoff), False  # an outage is said once, not per retry
 
     def registered() -> None:
@@ -271,41 +254,17 @@ async def run_until_signal(
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--server", default=SERVER, help="the server's host:port")
-    parser.add_argument("--name", default=default_client_name(), help="the name to register under")
-    parser.add_argument(
-        "--concurrency", type=int, default=CONCURRENCY, help="tasks worked on at once"
-    )
-    parser.add_argument("--max-tasks", type=int, help="exit after answering this many tasks")
-    parser.add_argument(
-        "--status-every", type=float, default=STATUS_EVERY, help="seconds between status lines"
-    )
-    parser.add_argument(
-        "--max-backoff",
-        type=float,
-        default=MAX_BACKOFF,
-        help="longest wait between retries, seconds",
-    )
-    parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING"])
-    parser.add_argument("--ca", type=Path, help="use TLS, trusting servers signed by this CA")
-    parser.add_argument("--cert", type=Path, help="this client's certificate, for mutual TLS")
-    parser.add_argument("--key", type=Path, help="the private key of --cert")
+    option = parser.add_argument
+    option("--server", default=SERVER, help="the server's host:port")
+    option("--name", type=client_name, default=default_client_name(), help="default: HOST-PID")
+    option("--concurrency", type=positive_int, default=CONCURRENCY, help="tasks worked on at once")
+    option("--max-tasks", type=positive_int, help="exit after this many answers")
+    option("--status-every", type=positive_float, default=STATUS_EVERY, metavar="SECONDS")
+    option("--max-backoff", type=positive_float, default=MAX_BACKOFF, metavar="SECONDS")
+    add_common_arguments(parser, server=False)
     args = parser.parse_args()
-    if (args.cert is None) != (args.key is None):
-        parser.error("--cert and --key go together")
-    if args.cert and not args.ca:
-        parser.error("--cert needs --ca")
-    if not CLIENT_NAME.fullmatch(args.name):
-        parser.error(f"--name must be {CLIENT_NAME_RULE}")
-    for option in ("concurrency", "max_tasks", "status_every", "max_backoff"):
-        value = getattr(args, option)
-        if value is not None and value <= 0:
-            parser.error(f"--{option.replace('_', '-')} must be more than 0")
-    logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(message)s")
-    try:
-        credentials = channel_credentials(args.ca, args.cert, args.key)
-    except OSError as err:
-        parser.error(f"cannot read a TLS file: {err}")
+    credentials = client_tls(parser, args)
+    start_logging(args)
     return asyncio.run(run_until_signal(args, credentials))
 
 

@@ -20,20 +20,26 @@ import asyncio
 import concurrent.futures
 import logging
 from collections.abc import AsyncIterator
-from pathlib import Path
 from typing import Any
 
 import grpc
 from google.protobuf.message import DecodeError
 
 from contact import CLIENT_ID_KEY, contact_pb2, contact_pb2_grpc
+from contact.cli import (
+    add_common_arguments,
+    positive_float,
+    positive_int,
+    server_tls,
+    start_logging,
+)
 from contact.logtext import Quoted
-from contact.metadata import client_name, refuse, requested_window
+from contact.metadata import client_name, refuse_malformed, requested_window
 from contact.options import SERVER_OPTIONS
 from contact.router import REPLACED, SHUTDOWN, Outcome, Router, Task
 from contact.signals import stop_event
-from contact.stdin import parse_task, read_stdin
-from contact.tls import is_loopback, server_credentials
+from contact.stdin import read_tasks
+from contact.tls import warn_if_exposed
 
 log = logging.getLogger("contact.server")
 
@@ -113,12 +119,6 @@ class ContactServicer(contact_pb2_grpc.ContactServicer):
             await refuse_malformed(context, name, err)
 
 
-async def refuse_malformed(context: grpc.aio.ServicerContext, name: str, err: DecodeError) -> None:
-    """End a call whose client sent bytes that are not a valid message
-    (grpc's default would be UNKNOWN and a traceback in the log)."""
-    await refuse(context, grpc.StatusCode.INVALID_ARGUMENT, f"malformed message from {name}: {err}")
-
-
 class TaskNotAnsweredError(Exception):
     """The task will never be answered; the message says why."""
 
@@ -192,12 +192,7 @@ class ContactServer:
             raise OSError(f"cannot listen on {address}: {err}") from err
         await self._server.start()
         self._loop = asyncio.get_running_loop()
-        if self._credentials is None and not is_loopback(self.host):
-            log.warning(
-                "!!! listening on %s WITHOUT TLS: anyone who can reach this port can read "
-                "every task and register under any name. Use --tls-cert and --tls-key. !!!",
-                self.host,
-            )
+        warn_if_exposed(self.host, self._credentials)
         tls = "" if self._credentials is None else " with TLS"
         log.info("listening on %s:%d%s", self.host, self.port, tls)
         return self
@@ -233,14 +228,7 @@ async def serve(args: argparse.Namespace, credentials: grpc.ServerCredentials | 
         credentials=credentials,
     )
 
-    def on_line(line: str) -> None:
-        try:
-            target, text = parse_task(line)
-        except ValueError as err:
-            log.warning("ignored input line: %s", err)
-            return
-        if not text:
-            return
+    def submit(text: str, target: str | None) -> None:
         if server.closed:
             log.warning("ignored input line: the server is shutting down")
             return
@@ -250,7 +238,7 @@ async def serve(args: argparse.Namespace, credentials: grpc.ServerCredentials | 
     try:
         async with server:
             log.info("type a task per line (TEXT or @NAME TEXT)")
-            read_stdin(asyncio.get_running_loop(), on_line)
+            read_tasks(asyncio.get_running_loop(), submit)
             await stop.wait()
     except OSError as err:
         log.error("%s", err)
@@ -260,32 +248,15 @@ async def serve(args: argparse.Namespace, credentials: grpc.ServerCredentials | 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--host", default="127.0.0.1", help="address to listen on")
-    parser.add_argument("--port", type=int, default=PORT, help="port (0: any free port)")
-    parser.add_argument(
-        "--max-in-flight", type=int, default=MAX_IN_FLIGHT, help="most unanswered tasks per client"
-    )
-    parser.add_argument(
-        "--grace", type=float, default=GRACE_SECONDS, help="seconds open calls get at shutdown"
-    )
-    parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING"])
-    parser.add_argument("--tls-cert", type=Path, help="the server's certificate (PEM): use TLS")
-    parser.add_argument("--tls-key", type=Path, help="the private key of --tls-cert (PEM)")
-    parser.add_argument(
-        "--client-ca", type=Path, help="accept only clients with a certificate from this CA"
-    )
+    option = parser.add_argument
+    option("--host", default="127.0.0.1", help="address to listen on")
+    option("--port", type=int, default=PORT, help="port (0: any free port)")
+    option("--max-in-flight", type=positive_int, default=MAX_IN_FLIGHT, metavar="TASKS")
+    option("--grace", type=positive_float, default=GRACE_SECONDS, metavar="SECONDS")
+    add_common_arguments(parser, server=True)
     args = parser.parse_args()
-    if args.max_in_flight < 1:
-        parser.error("--max-in-flight must be at least 1")
-    if (args.tls_cert is None) != (args.tls_key is None):
-        parser.error("--tls-cert and --tls-key go together")
-    if args.client_ca and not args.tls_cert:
-        parser.error("--client-ca needs --tls-cert and --tls-key")
-    logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(message)s")
-    try:
-        credentials = server_credentials(args.tls_cert, args.tls_key, args.client_ca)
-    except OSError as err:
-        parser.error(f"cannot read a TLS file: {err}")
+    credentials = server_tls(parser, args)
+    start_logging(args)
     return asyncio.run(serve(args, credentials))
 
 

@@ -1,6 +1,7 @@
 """What every call must carry in its metadata, checked on the server: the
 caller's name (`client-id`) and, on getTask, the window it asks for
-(`max-in-flight`). A call that fails a check is ended with a clear status."""
+(`max-in-flight`). A call that fails a check, or that carries a malformed
+message, is ended with a clear status and a log line saying why."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import re
 from typing import NoReturn
 
 import grpc
+from google.protobuf.message import DecodeError
 
 from contact import CLIENT_ID_KEY, CLIENT_NAME, CLIENT_NAME_RULE, MAX_IN_FLIGHT_KEY
 from contact.tls import certified_name_mismatch
@@ -79,3 +81,9 @@ async def refuse(
     log.warning("refused a call from %s: %s", context.peer(), problem)
     await context.abort(code, problem)
     raise AssertionError("context.abort returned")  # it always raises
+
+
+async def refuse_malformed(context: grpc.aio.ServicerContext, name: str, err: DecodeError) -> None:
+    """End a call whose client sent bytes that are not a valid message
+    (grpc's default would be UNKNOWN and a traceback in the log)."""
+    await refuse(context, grpc.StatusCode.INVALID_ARGUMENT, f"malformed message from {name}: {err}")

@@ -59,7 +59,25 @@ def stdin_encoding() -> str:
     return getattr(sys.stdin, "encoding", None) or "utf-8"
 
 
-def read_stdin(loop: asyncio.AbstractEventLoop, on_line: Callable[[str], None]) -> None:
+def read_tasks(
+    loop: asyncio.AbstractEventLoop, submit: Callable[[str, str | None], object]
+) -> None:
+    """Read tasks from standard input in a daemon thread and hand each to
+    `submit(text, target)` on the loop's thread; log lines that are no task."""
+
+    def on_line(line: str) -> None:
+        try:
+            target, text = parse_task(line)
+        except ValueError as err:
+            log.warning("ignored input line: %s", err)
+            return
+        if text:
+            submit(text, target)
+
+    read_lines(loop, on_line)
+
+
+def read_lines(loop: asyncio.AbstractEventLoop, on_line: Callable[[str], None]) -> None:
     """Read standard input in a daemon thread and hand each line to `on_line`
     on the loop's thread.
 

@@ -5,9 +5,12 @@ is for loopback only."""
 from __future__ import annotations
 
 import ipaddress
+import logging
 from pathlib import Path
 
 import grpc
+
+log = logging.getLogger("contact.tls")
 
 
 def server_credentials(
@@ -53,3 +56,13 @@ def is_loopback(host: str) -> bool:
         return ipaddress.ip_address(host).is_loopback
     except ValueError:  # a host name: assume it is reachable from elsewhere
         return False
+
+
+def warn_if_exposed(host: str, credentials: grpc.ServerCredentials | None) -> None:
+    """Warn loudly about plaintext on an address other machines can reach."""
+    if credentials is None and not is_loopback(host):
+        log.warning(
+            "!!! listening on %s WITHOUT TLS: anyone who can reach this port can read "
+            "every task and register under any name. Use --tls-cert and --tls-key. !!!",
+            host,
+        )

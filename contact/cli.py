@@ -1,0 +1,85 @@
+"""Command-line pieces both scripts share: option types that refuse what
+makes no sense, the TLS flags with their checks, and the log format."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from pathlib import Path
+
+import grpc
+
+from contact import CLIENT_NAME, CLIENT_NAME_RULE
+from contact.tls import channel_credentials, server_credentials
+
+LOG_FORMAT = "%(asctime)s %(levelname)s %(message)s"
+
+
+def positive_int(text: str) -> int:
+    """An argparse type: a whole number of 1 or more."""
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text} is not 1 or more")
+    return value
+
+
+def positive_float(text: str) -> float:
+    """An argparse type: a number of seconds more than 0."""
+    value = float(text)
+    if not value > 0:  # also refuses nan
+        raise argparse.ArgumentTypeError(f"{text} is not more than 0")
+    return value
+
+
+def client_name(text: str) -> str:
+    """An argparse type: a name that follows the naming rule."""
+    if not CLIENT_NAME.fullmatch(text):
+        raise argparse.ArgumentTypeError(f"{text!r} is not {CLIENT_NAME_RULE}")
+    return text
+
+
+def add_common_arguments(parser: argparse.ArgumentParser, *, server: bool) -> None:
+    """--log-level, and the TLS flags of a server or of a client."""
+    parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING"])
+    if server:
+        parser.add_argument("--tls-cert", type=Path, help="the server's certificate (PEM): use TLS")
+        parser.add_argument("--tls-key", type=Path, help="the private key of --tls-cert (PEM)")
+        parser.add_argument(
+            "--client-ca", type=Path, help="accept only clients certified by this CA"
+        )
+    else:
+        parser.add_argument("--ca", type=Path, help="use TLS, trusting servers signed by this CA")
+        parser.add_argument("--cert", type=Path, help="this client's certificate, for mutual TLS")
+        parser.add_argument("--key", type=Path, help="the private key of --cert")
+
+
+def start_logging(args: argparse.Namespace) -> None:
+    logging.basicConfig(level=args.log_level, format=LOG_FORMAT)
+
+
+def server_tls(
+    parser: argparse.ArgumentParser, args: argparse.Namespace
+) -> grpc.ServerCredentials | None:
+    """The server's credentials from its TLS flags, or None for plaintext."""
+    if (args.tls_cert is None) != (args.tls_key is None):
+        parser.error("--tls-cert and --tls-key go together")
+    if args.client_ca and not args.tls_cert:
+        parser.error("--client-ca needs --tls-cert and --tls-key")
+    try:
+        return server_credentials(args.tls_cert, args.tls_key, args.client_ca)
+    except OSError as err:
+        parser.error(f"cannot read a TLS file: {err}")
+
+
+def client_tls(
+    parser: argparse.ArgumentParser, args: argparse.Namespace
+) -> grpc.ChannelCredentials | None:
+    """The client's credentials from its TLS flags, or None for plaintext."""
+    if (args.cert is None) != (args.key is None):
+        parser.error("--cert and --key go together")
+    if args.cert and not args.ca:
+        parser.error("--cert needs --ca")
+    try:
+        return channel_credentials(args.ca, args.cert, args.key)
+    except OSError as err:
+        parser.error(f"cannot read a TLS file: {err}")
