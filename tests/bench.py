@@ -166,10 +166,12 @@ async def run_clients(port: int, count: int, prefix: str) -> None:
     await asyncio.gather(*(one_client(port, f"{prefix}-{i}") for i in range(count)))
 
 
-async def run_shipped_client(port: int, name: str) -> None:
-    """contact_client.run as shipped: its defaults, its handler in a worker thread."""
+async def run_shipped_client(port: int, name: str, prefetch: int) -> None:
+    """contact_client.run as shipped, its handler in a worker thread: its
+    defaults but for `prefetch`."""
     logging.basicConfig(level=logging.WARNING)
-    await contact_client.run(contact_client.handle_task, f"127.0.0.1:{port}", name)
+    server = f"127.0.0.1:{port}"
+    await contact_client.run(contact_client.handle_task, server, name, prefetch=prefetch)
 
 
 # --- the driver ---------------------------------------------------------------
@@ -189,8 +191,10 @@ def measure(impl: str, mode: str, clients: int, tasks: int) -> dict[str, float]:
         processes = min(clients, 4)  # a few client processes; up to 250 clients each
         for index in range(processes):
             share = clients // processes + (index < clients % processes)
-            kind = "shipped" if impl == "project-shipped" else "clients"
-            arguments = [*command, kind, str(port), str(share), f"c{index}"]
+            arguments = [*command, "clients", str(port), str(share), f"c{index}"]
+            if impl.startswith("project-shipped"):  # its prefetch follows the last "-p"
+                prefetch = impl.partition("-p")[2] or str(contact_client.PREFETCH)
+                arguments = [*command, "shipped", str(port), prefetch, f"c{index}"]
             helpers.append(subprocess.Popen(arguments, cwd=ROOT, stderr=subprocess.DEVNULL))
         line = server.stdout.readline()
         if not line:
@@ -239,7 +243,7 @@ def main() -> int:
         asyncio.run(run_clients(port, count, prefix))
         return 0
     if len(sys.argv) > 1 and sys.argv[1] == "shipped":
-        asyncio.run(run_shipped_client(int(sys.argv[2]), sys.argv[4]))
+        asyncio.run(run_shipped_client(int(sys.argv[2]), sys.argv[4], int(sys.argv[3])))
         return 0
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -247,15 +251,24 @@ def main() -> int:
     parser.add_argument("--tasks", type=int, default=20_000, help="tasks per throughput run")
     parser.add_argument("--latency-tasks", type=int, default=2_000)
     parser.add_argument("--scale", type=int, default=1_000, help="clients in the scale row")
+    parser.add_argument(
+        "--prefetch",
+        type=lambda text: [int(n) for n in text.split(",")],
+        default=[],
+        help="also the shipped client with these prefetches (e.g. 0,1,7): the default's reason",
+    )
     args = parser.parse_args()
 
     runs: dict[tuple[str, str, int], list[dict[str, float]]] = {}
+    sweep = [f"project-shipped-p{prefetch}" for prefetch in args.prefetch]
     plan = [("throughput", 1, args.tasks), ("throughput", 4, args.tasks),
             ("latency", 1, args.latency_tasks), ("scale", args.scale, args.scale)]  # fmt: skip
     for repeat in range(args.repeats):
         for mode, clients, tasks in plan:
             impls = ["baseline", "project"] + (
-                ["project-info", "project-shipped"] if mode == "throughput" and clients == 1 else []
+                ["project-info", "project-shipped", *sweep]
+                if mode == "throughput" and clients == 1
+                else []
             )
             for impl in impls:  # interleaved, so drift hits both alike
                 print(f"repeat {repeat + 1}/{args.repeats}: {impl} {mode} x{clients}", flush=True)
@@ -284,6 +297,13 @@ def main() -> int:
             verdict = f"{'>=' if higher_better else '<='} {target}x {'met' if met else 'MISSED'}"
         row = [label.format(scale=args.scale), shown(project), shown(baseline), f"{ratio:.2f}x"]
         print("| " + " | ".join([*row, verdict]) + " |")
+    for impl in sweep:
+        shipped = [r["tasks_per_s"] for r in runs[(impl, "throughput", 1)]]
+        baseline = statistics.median(r["tasks_per_s"] for r in runs[("baseline", "throughput", 1)])
+        ratio = statistics.median(shipped) / baseline
+        label = f"shipped client, prefetch {impl.partition('-p')[2]} (tasks/s)"
+        row = [label, shown(statistics.median(shipped)), shown(baseline), f"{ratio:.2f}x"]
+        print("| " + " | ".join(row) + " |  |")
     print("\nevery run (project | baseline):")
     for label, mode, clients, figure, _, _ in ROWS:
         clients = clients or args.scale
