@@ -29,17 +29,10 @@ import grpc
 from contact import (
     CLIENT_ID_KEY,
     MAX_IN_FLIGHT_KEY,
+    cli,
     contact_pb2,
     contact_pb2_grpc,
     default_client_name,
-)
-from contact.cli import (
-    add_common_arguments,
-    client_name,
-    client_tls,
-    positive_float,
-    positive_int,
-    start_logging,
 )
 from contact.handler import Handler, HandlerPool
 from contact.logtext import Quoted
@@ -256,15 +249,15 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     option = parser.add_argument
     option("--server", default=SERVER, help="the server's host:port")
-    option("--name", type=client_name, default=default_client_name(), help="default: HOST-PID")
-    option("--concurrency", type=positive_int, default=CONCURRENCY, help="tasks worked on at once")
-    option("--max-tasks", type=positive_int, help="exit after this many answers")
-    option("--status-every", type=positive_float, default=STATUS_EVERY, metavar="SECONDS")
-    option("--max-backoff", type=positive_float, default=MAX_BACKOFF, metavar="SECONDS")
-    add_common_arguments(parser, server=False)
+    option("--name", type=cli.client_name, default=default_client_name(), help="default: HOST-PID")
+    option("--concurrency", type=cli.positive_int, default=CONCURRENCY, help="tasks at once")
+    option("--max-tasks", type=cli.positive_int, help="exit after this many answers")
+    option("--status-every", type=cli.positive_float, default=STATUS_EVERY, metavar="SECONDS")
+    option("--max-backoff", type=cli.positive_float, default=MAX_BACKOFF, metavar="SECONDS")
+    cli.add_common_arguments(parser, server=False)
     args = parser.parse_args()
-    credentials = client_tls(parser, args)
-    start_logging(args)
+    credentials = cli.client_tls(parser, args)
+    cli.start_logging(args)
     return asyncio.run(run_until_signal(args, credentials))
 
 

@@ -25,14 +25,7 @@ from typing import Any
 import grpc
 from google.protobuf.message import DecodeError
 
-from contact import CLIENT_ID_KEY, contact_pb2, contact_pb2_grpc
-from contact.cli import (
-    add_common_arguments,
-    positive_float,
-    positive_int,
-    server_tls,
-    start_logging,
-)
+from contact import CLIENT_ID_KEY, cli, contact_pb2, contact_pb2_grpc
 from contact.logtext import Quoted
 from contact.metadata import client_name, refuse_malformed, requested_window
 from contact.options import SERVER_OPTIONS
@@ -251,12 +244,12 @@ def main() -> int:
     option = parser.add_argument
     option("--host", default="127.0.0.1", help="address to listen on")
     option("--port", type=int, default=PORT, help="port (0: any free port)")
-    option("--max-in-flight", type=positive_int, default=MAX_IN_FLIGHT, metavar="TASKS")
-    option("--grace", type=positive_float, default=GRACE_SECONDS, metavar="SECONDS")
-    add_common_arguments(parser, server=True)
+    option("--max-in-flight", type=cli.positive_int, default=MAX_IN_FLIGHT, metavar="TASKS")
+    option("--grace", type=cli.positive_float, default=GRACE_SECONDS, metavar="SECONDS")
+    cli.add_common_arguments(parser, server=True)
     args = parser.parse_args()
-    credentials = server_tls(parser, args)
-    start_logging(args)
+    credentials = cli.server_tls(parser, args)
+    cli.start_logging(args)
     return asyncio.run(serve(args, credentials))
 
 
