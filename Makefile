@@ -1,15 +1,35 @@
 # Every command a user runs. The first one creates a virtual environment in
-# .venv/ and installs requirements.txt into it (plus requirements-dev.txt for
-# test and lint); later runs reuse it until a requirements file changes.
+# .venv/ with $(PYTHON) and installs requirements.txt into it (plus
+# requirements-dev.txt for test and lint); later runs reuse it until a
+# requirements file changes, or until PYTHON names another interpreter.
+# Without make (Windows): the README lists the plain commands.
 
 PYTHON ?= python3
-VENV := .venv
-PY := $(VENV)/bin/python
+VENV ?= .venv
+ifeq ($(OS),Windows_NT)
+  PY := $(VENV)/Scripts/python.exe
+else
+  PY := $(VENV)/bin/python
+endif
 PORT ?= 50051
 SERVER ?= localhost:$(PORT)
 NAME ?=
 RUNTIME := $(VENV)/.runtime-installed
 DEV := $(VENV)/.dev-installed
+MADE_BY := $(VENV)/.made-by
+
+# Which interpreter PYTHON is, and whether it is new enough: checked before
+# anything else, so an old one fails with one line instead of pip's errors.
+INTERPRETER := $(shell $(PYTHON) -c "import sys; print(sys.executable, sys.version.split()[0])" 2>/dev/null)
+ifeq ($(filter clean,$(MAKECMDGOALS)),)
+  ifneq ($(shell $(PYTHON) -c "import sys; print(sys.version_info >= (3, 10))" 2>/dev/null),True)
+    $(error contact needs Python 3.10 or newer, but PYTHON=$(PYTHON) is $(or $(word 2,$(INTERPRETER)),not a working Python); run make again with PYTHON=python3.12 (or any 3.10+))
+  endif
+  # A .venv made by another interpreter is made again.
+  ifneq ($(shell cat $(MADE_BY) 2>/dev/null),$(INTERPRETER))
+    $(shell rm -rf $(VENV))
+  endif
+endif
 
 .PHONY: demo test soak bench server client proto lint clean
 
@@ -40,15 +60,16 @@ lint: $(DEV)  ## style and type checks of our code (generated files excluded)
 	$(PY) -m mypy
 
 clean:
-	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .hypothesis
+	rm -rf .venv .venv-* .pytest_cache .mypy_cache .ruff_cache .hypothesis
 
-$(VENV)/bin/python:
+$(PY):
 	$(PYTHON) -m venv $(VENV)
+	@echo "$(INTERPRETER)" > $(MADE_BY)
 
-$(RUNTIME): requirements.txt | $(VENV)/bin/python
+$(RUNTIME): requirements.txt | $(PY)
 	$(PY) -m pip install --quiet --disable-pip-version-check -r requirements.txt
-	touch $@
+	@touch $@
 
-$(DEV): requirements.txt requirements-dev.txt | $(VENV)/bin/python
+$(DEV): requirements.txt requirements-dev.txt | $(PY)
 	$(PY) -m pip install --quiet --disable-pip-version-check -r requirements-dev.txt
-	touch $@ $(RUNTIME)
+	@touch $@ $(RUNTIME)

@@ -33,7 +33,7 @@ from contact import CLIENT_ID_KEY, contact_pb2, contact_pb2_grpc
 from contact.options import SERVER_OPTIONS
 from contact.router import Outcome, Router
 from contact_server import ContactServicer
-from tests.processes import status_field
+from tests.measure import own_peak_rss_mb
 
 ROOT = Path(__file__).resolve().parent.parent
 CLIENT_OPTIONS = [("grpc.use_local_subchannel_pool", 1)]  # one connection per channel
@@ -142,7 +142,7 @@ async def serve_one_measurement(impl: str, mode: str, clients: int, tasks: int) 
         await target.wait_finished(tasks)
         elapsed = time.perf_counter() - started
         figures = {"ms": 1000 * elapsed, "tasks_per_s": tasks / elapsed}
-    figures["peak_rss_mb"] = status_field(os.getpid(), "VmHWM") / 1024
+    figures["peak_rss_mb"] = own_peak_rss_mb()
     print(json.dumps(figures), flush=True)
     # Stay up until the driver has stopped the clients and then this process:
     # stopping a server under open streams only adds grpc's cancellation noise.

@@ -15,12 +15,6 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def status_field(pid: int, field: str) -> int:
-    """A number from /proc/PID/status, such as "Threads" or "VmRSS" (in kB)."""
-    status = Path(f"/proc/{pid}/status").read_text()
-    return int(status.split(f"{field}:")[1].split()[0])
-
-
 class Process:
     """One of our scripts running as a child, its output collected as it comes."""
 
@@ -32,6 +26,7 @@ class Process:
         echo: bool = False,
         cwd: Path = ROOT,
         env: dict[str, str] | None = None,
+        encoding: str = "utf-8",
     ) -> None:
         self.label = label
         self.echo = echo
@@ -44,7 +39,7 @@ class Process:
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
-            text=True,
+            encoding=encoding,  # of what is typed in and what it prints
             # PYTHONPATH: helper scripts under tests/ import the project too.
             env={**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONPATH": str(ROOT), **(env or {})},
         )
@@ -119,16 +114,24 @@ class Process:
         self.popen.send_signal(sig)
 
     def freeze(self, timeout: float = 5.0) -> None:
-        """SIGSTOP the process and return once it has really stopped: it then
-        answers nothing, not even pings, yet its connections stay open."""
-        self.send(signal.SIGSTOP)
+        """Suspend the process (SIGSTOP; on Windows, its threads) and return
+        once it has really stopped: it then answers nothing, not even pings,
+        yet its connections stay open."""
+        import psutil  # a dev tool: `make demo` runs without it and freezes nothing
+
+        process = psutil.Process(self.pid)
+        process.suspend()
         deadline = time.monotonic() + timeout
-        stat = Path(f"/proc/{self.pid}/stat")
-        # The state is the field after the parenthesised command name.
-        while stat.read_text().rpartition(")")[2].split()[0] != "T":
+        while process.status() != psutil.STATUS_STOPPED:
             if time.monotonic() > deadline:
                 raise AssertionError(f"{self.label} did not stop within {timeout} s")
             time.sleep(0.01)
+
+    def thaw(self) -> None:
+        """Let a frozen process run again (SIGCONT)."""
+        import psutil
+
+        psutil.Process(self.pid).resume()
 
     def exit_code(self, timeout: float = 10.0) -> int:
         """Wait for the process to exit; fail if it does not within `timeout`."""

@@ -29,7 +29,8 @@ from dataclasses import dataclass, field
 import grpc
 
 from contact import CLIENT_ID_KEY, contact_pb2, contact_pb2_grpc
-from tests.processes import Process, start_client, start_server, status_field
+from tests.measure import rss_mb
+from tests.processes import Process, start_client, start_server
 
 MODES = ["answer"] * 5 + ["hang", "twice", "late"]
 RESULT = re.compile(r"task (\S+) result from (\S+): '(.*)'$")
@@ -65,10 +66,6 @@ class Report:
             + ", ".join(f"{mb:.1f} MB" for mb in self.rss_after_round_mb),
             f"unanswered at shutdown: {self.unanswered_at_shutdown}; took {self.seconds:.1f} s",
         ]
-
-
-def rss_mb(pid: int) -> float:
-    return status_field(pid, "VmRSS") / 1024
 
 
 class ServerLog:

@@ -44,12 +44,12 @@ def test_typed_tasks_reach_a_client_and_results_reach_the_server_log(
 ) -> None:
     srv, port = server
     worker = client("worker", port, "--max-tasks", "2")
+    worker.wait_for(r"server acknowledged status: ")  # the first is sent at registration
     srv.type("hello world", "", "second task")
     srv.wait_for(r"result from worker: 'HELLO WORLD'$")
     srv.wait_for(r"result from worker: 'SECOND TASK'$")
     assert_clean_exit(worker)
     worker.wait_for(r"answered 2 tasks; exiting")
-    worker.wait_for(r"server acknowledged status: ")
     srv.wait_for(r"status from worker: ")
     assert srv.count(r"queued for") == 2  # the blank line was no task
 
@@ -127,7 +127,7 @@ def test_a_signal_stops_a_client_at_once_and_loses_no_task(
     job = hold_a_task(srv, worker, "interrupted")
     worker.send(sig)  # handled when it runs again, racing the task it holds
     started = time.monotonic()
-    worker.send(signal.SIGCONT)
+    worker.thaw()
     assert_clean_exit(worker, within=3)
     assert time.monotonic() - started < 3
     worker.wait_for(r"INFO stopped$")
@@ -149,7 +149,7 @@ def test_a_second_client_with_the_same_name_takes_over(
     srv.wait_for(rf"task {job} requeued \(twin replaced\)")
     srv.wait_for(rf"task {job} result from twin: 'HELD BY THE OLD TWIN'$")
     new.wait_for(rf"task {job}: ")
-    old.send(signal.SIGCONT)
+    old.thaw()
     assert_clean_exit(old, code=1)
     old.wait_for(r"refused this client: ABORTED: a newer client registered as twin")
 

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import random
-import signal
 from collections.abc import Callable
 
 import grpc
@@ -179,7 +178,7 @@ def test_a_client_cannot_finish_a_task_held_by_another(
     forged = contact_pb2.Result(id=job, ret="stolen").SerializeToString()
     assert asyncio.run(send_raw(port, TELL, forged)) is grpc.StatusCode.PERMISSION_DENIED
     srv.wait_for(rf"result for task {job} refused: attacker was never given it")
-    holder.send(signal.SIGCONT)
+    holder.thaw()
     srv.wait_for(rf"task {job} result from holder: 'YOURS ONLY'$")
     assert srv.count("stolen") == 0
     still_serving()

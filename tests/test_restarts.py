@@ -4,12 +4,12 @@ of them grows in threads, file descriptors or asyncio tasks."""
 
 from __future__ import annotations
 
-import os
 import signal
 import time
 from collections.abc import Callable
 
-from tests.processes import Process, start_server, status_field
+from tests.measure import threads_and_handles
+from tests.processes import Process, start_server
 
 CLIENTS = ["c0", "c1", "c2"]
 CYCLES = 10
@@ -23,8 +23,7 @@ def resources(process: Process) -> tuple[int, int, int]:
     its way out is not counted, one that stays is."""
     samples = []
     for _ in range(10):
-        threads = status_field(process.pid, "Threads")
-        samples.append((threads, len(os.listdir(f"/proc/{process.pid}/fd"))))
+        samples.append(threads_and_handles(process.pid))
         time.sleep(0.05)
     last = process.wait_for(r"(\d+) asyncio tasks alive", count=process.count("tasks alive"))
     return min(t for t, _ in samples), min(f for _, f in samples), int(last.group(1))
