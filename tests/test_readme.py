@@ -80,3 +80,19 @@ def test_copy_into_a_project_and_add_a_field(processes: list[Process], tmp_path:
     server.wait_for(r"^HELLO \(priority high\)$", timeout=20)
     assert server.exit_code(10) == 0, server.output
     assert worker.exit_code(10) == 0, worker.output
+
+
+INLINE_COMMAND = re.compile(r"`((?:make|python|\.venv\S*python|py) [^`]*)`")
+
+
+def test_the_chinese_tutorial_shows_the_same_commands_and_code() -> None:
+    english, chinese = ROOT / "README.md", ROOT / "README.zh-CN.md"
+    assert "README.zh-CN.md" in english.read_text().split("\n## ")[0]  # linked at the top
+    assert "(README.md)" in chinese.read_text().split("\n## ")[0]  # and back
+    for language in ("sh", "powershell", "console", "python", "proto", "mermaid"):
+        assert blocks(language, chinese) == blocks(language, english), language
+    commands = [
+        sorted(" ".join(command.split()) for command in INLINE_COMMAND.findall(path.read_text()))
+        for path in (english, chinese)
+    ]
+    assert commands[0] == commands[1]
