@@ -29,7 +29,15 @@ from contact import CLIENT_ID_KEY, cli, contact_pb2, contact_pb2_grpc
 from contact.logtext import Quoted
 from contact.metadata import client_name, refuse_malformed, requested_window
 from contact.options import SERVER_OPTIONS
-from contact.router import REPLACED, SHUTDOWN, Outcome, Router, Task
+from contact.router import (
+    MAX_ATTEMPTS,
+    REPLACED,
+    SHUTDOWN,
+    TASK_TIMEOUT_SECONDS,
+    Outcome,
+    Router,
+    Task,
+)
 from contact.signals import stop_event
 from contact.stdin import read_tasks
 from contact.tls import warn_if_exposed
@@ -40,6 +48,7 @@ log = logging.getLogger("contact.server")
 PORT = 50051
 MAX_IN_FLIGHT = 32  # unanswered tasks per client: enough to hide a round trip
 GRACE_SECONDS = 3.0  # open calls get this long to finish at shutdown
+LEASE_CHECK_SECONDS = 0.5  # how often leases are checked: how late one may run out
 
 
 class ContactServicer(contact_pb2_grpc.ContactServicer):
@@ -116,6 +125,11 @@ class TaskNotAnsweredError(Exception):
     """The task will never be answered; the message says why."""
 
 
+class TaskFailedError(TaskNotAnsweredError):
+    """The task was sent too many times without an answer (it may be what
+    kills the clients that take it)."""
+
+
 class ContactServer:
     """The server as an async context manager: started on entry, shut down
     gracefully on exit (as Ctrl-C does on the command line).
@@ -130,12 +144,20 @@ class ContactServer:
         port: int = PORT,
         *,
         max_in_flight: int = MAX_IN_FLIGHT,
+        task_timeout: float | None = TASK_TIMEOUT_SECONDS,
+        max_attempts: int | None = MAX_ATTEMPTS,
         grace: float = GRACE_SECONDS,
         credentials: grpc.ServerCredentials | None = None,
     ) -> None:
         self.host, self.port, self.grace = host, port, grace
         self._credentials = credentials
-        self._router = Router(max_in_flight, on_answer=self._answered)
+        self._router = Router(
+            max_in_flight,
+            self._answered,
+            task_timeout=task_timeout,
+            max_attempts=max_attempts,
+            on_failed=self._failed,
+        )
         self._answers: dict[str, asyncio.Future[str]] = {}
         self._loop: asyncio.AbstractEventLoop | None = None  # the loop it runs on, once started
 
@@ -172,6 +194,16 @@ class ContactServer:
         if not answer.done():  # the submitter may have stopped waiting
             answer.set_result(text)
 
+    def _failed(self, task: Task, reason: str) -> None:
+        answer = self._answers.pop(task.id)
+        if not answer.done():
+            answer.set_exception(TaskFailedError(f"task {task.id} failed: {reason}"))
+
+    async def _expire_leases(self) -> None:
+        while True:
+            await asyncio.sleep(LEASE_CHECK_SECONDS)
+            self._router.expire_leases()
+
     async def __aenter__(self) -> ContactServer:
         self._server = grpc.aio.server(options=SERVER_OPTIONS)  # needs a running loop
         contact_pb2_grpc.add_ContactServicer_to_server(ContactServicer(self._router), self._server)
@@ -185,6 +217,7 @@ class ContactServer:
             raise OSError(f"cannot listen on {address}: {err}") from err
         await self._server.start()
         self._loop = asyncio.get_running_loop()
+        self._leases = asyncio.create_task(self._expire_leases())
         warn_if_exposed(self.host, self._credentials)
         tls = "" if self._credentials is None else " with TLS"
         log.info("listening on %s:%d%s", self.host, self.port, tls)
@@ -197,6 +230,7 @@ class ContactServer:
             self._router.in_flight(),
             self.grace,
         )
+        self._leases.cancel()
         unanswered = self._router.close()
         await self._server.stop(self.grace)
         for task in unanswered:
@@ -217,6 +251,8 @@ async def serve(args: argparse.Namespace, credentials: grpc.ServerCredentials | 
         args.host,
         args.port,
         max_in_flight=args.max_in_flight,
+        task_timeout=args.task_timeout or None,
+        max_attempts=args.max_attempts,
         grace=args.grace,
         credentials=credentials,
     )
@@ -245,6 +281,8 @@ def main() -> int:
     option("--host", default="127.0.0.1", help="address to listen on")
     option("--port", type=int, default=PORT, help="port (0: any free port)")
     option("--max-in-flight", type=cli.positive_int, default=MAX_IN_FLIGHT, metavar="TASKS")
+    option("--task-timeout", type=cli.seconds, default=TASK_TIMEOUT_SECONDS, help="0: none")
+    option("--max-attempts", type=cli.positive_int, default=MAX_ATTEMPTS, help="sends per task")
     option("--grace", type=cli.positive_float, default=GRACE_SECONDS, metavar="SECONDS")
     cli.add_common_arguments(parser, server=True)
     args = parser.parse_args()

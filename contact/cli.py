@@ -31,6 +31,14 @@ def positive_float(text: str) -> float:
     return value
 
 
+def seconds(text: str) -> float:
+    """An argparse type: a number of seconds, 0 or more."""
+    value = float(text)
+    if not value >= 0:  # also refuses nan
+        raise argparse.ArgumentTypeError(f"{text} is not 0 or more")
+    return value
+
+
 def client_name(text: str) -> str:
     """An argparse type: a name that follows the naming rule."""
     if not CLIENT_NAME.fullmatch(text):

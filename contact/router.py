@@ -11,6 +11,7 @@ import asyncio
 import enum
 import logging
 import secrets
+import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -23,6 +24,10 @@ log = logging.getLogger("contact.router")
 # Why a session ended.
 LEFT, REPLACED, SHUTDOWN = "left", "replaced", "shutdown"
 
+# Defaults of the server's --task-timeout and --max-attempts (see docs/limits.md).
+TASK_TIMEOUT_SECONDS = 600.0  # a lease: ten minutes from sending to answer
+MAX_ATTEMPTS = 5  # deliveries without an answer before a task fails for good
+
 
 @dataclass(eq=False)
 class Task:
@@ -34,6 +39,13 @@ class Task:
     fields: dict[str, Any] = field(default_factory=dict)  # more ServerMsg fields, as given
     holder: Session | None = None  # the client it is in flight at, if any
     given_to: set[str] = field(default_factory=set)  # every client it was sent to
+    attempts: int = 0  # how many times it was sent
+    # Taken back unanswered at least once: it may be what made its holder
+    # die or hang, so it is sent only to a client with nothing else in
+    # flight, and that client gets nothing else until it is answered. Tasks
+    # that merely waited beside it are then not charged for its attempts.
+    suspect: bool = False
+    lease_ends: float = 0.0  # while in flight: when it is taken back unanswered
 
 
 class Session:
@@ -43,6 +55,10 @@ class Session:
     def __init__(self, name: str, window: int) -> None:
         self.name = name
         self.window = window  # the most tasks it may hold unanswered
+        # Leases that ran out at this client since it last answered: they
+        # count against its window, so a hung client is sent no more work.
+        self.stalled = 0
+        self.suspects = 0  # suspect tasks in flight here (at most one, then alone)
         self.in_flight: dict[str, Task] = {}
         self.outbox: deque[Task] = deque()
         self.ended: str | None = None  # why the session ended, once it has
@@ -58,7 +74,10 @@ class Session:
         return None
 
     def has_room(self) -> bool:
-        return len(self.in_flight) < self.window
+        return len(self.in_flight) + self.stalled < self.window and not self.suspects
+
+    def can_take(self, task: Task) -> bool:
+        return self.has_room() and not (task.suspect and self.in_flight)
 
     def _push(self, task: Task) -> None:
         self.outbox.append(task)
@@ -90,6 +109,11 @@ class Router:
       back from a departed client go to the front.
     - A task is finished by the first result from a client it was sent to;
       `on_answer(task, name, text)` is then called.
+    - A task sent to a client is leased to it for `task_timeout` seconds
+      (None: for ever): `expire_leases` takes back those that ran out, as if
+      their holder had left, and the holder gets no more work until it
+      answers again. A task sent `max_attempts` times and taken back each
+      time fails: `on_failed(task, reason)` is called and it is dropped.
 
     Everything lives in memory: delivery is at-least-once while the process
     runs. All methods are synchronous and must be called from one thread
@@ -100,12 +124,23 @@ class Router:
         self,
         max_in_flight: int = 32,
         on_answer: Callable[[Task, str, str], None] | None = None,
+        *,
+        task_timeout: float | None = TASK_TIMEOUT_SECONDS,
+        max_attempts: int | None = MAX_ATTEMPTS,
+        on_failed: Callable[[Task, str], None] | None = None,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         if max_in_flight < 1:
             raise ValueError("max_in_flight must be at least 1")
+        if task_timeout is not None and not task_timeout > 0:
+            raise ValueError("task_timeout must be more than 0, or None")
+        if max_attempts is not None and max_attempts < 1:
+            raise ValueError("max_attempts must be at least 1, or None")
         self.max_in_flight = max_in_flight
+        self.task_timeout, self.max_attempts = task_timeout, max_attempts
         self.closed = False
-        self._on_answer = on_answer
+        self._on_answer, self._on_failed, self._clock = on_answer, on_failed, clock
+        self._leases: dict[str, Task] = {}  # tasks in flight, the soonest to run out first
         self._run = secrets.token_hex(3)  # keeps ids unique across restarts
         self._issued = 0
         self._tasks: dict[str, Task] = {}  # every unfinished task, by id
@@ -164,14 +199,36 @@ class Router:
             del self._sessions[session.name]
             self._unplace(session)
         for task in reversed(list(session.in_flight.values())):
-            task.holder = None
             log.info("task %s requeued (%s %s)", task.id, session.name, reason)
-            if task.target is None:
-                self._queue.appendleft(task)
-            else:
-                self._waiting.setdefault(task.target, deque()).appendleft(task)
+            self._take_back(task, may_fail=reason != SHUTDOWN)
         session.in_flight.clear()
         session.outbox.clear()
+        self._spread()
+
+    def expire_leases(self) -> None:
+        """Take back every task whose lease has run out, as if its holder had left."""
+        now = self._clock()
+        expired = []
+        for task in self._leases.values():  # the soonest to run out first
+            if task.lease_ends > now:
+                break
+            expired.append(task)
+        holders = []
+        for task in expired:
+            holder = task.holder
+            assert holder is not None
+            log.warning(
+                "task %s taken back from %s: no answer within %.0f s",
+                task.id,
+                holder.name,
+                self.task_timeout,
+            )
+            self._release(holder, task, stalled=True)
+            holders.append(holder)
+        for task in reversed(expired):  # back to the front, in their order
+            self._take_back(task, may_fail=True)
+        for holder in dict.fromkeys(holders):
+            self._fill(holder)  # a suspect task it held no longer closes its window
         self._spread()
 
     def complete(self, name: str, task_id: str, text: str) -> Outcome:
@@ -180,22 +237,25 @@ class Router:
         if task is None:
             outcome = Outcome.DUPLICATE if self._was_issued(task_id) else Outcome.UNKNOWN
             log.info("%s result for task %s from %s ignored", outcome.value, Quoted(task_id), name)
+            if outcome is Outcome.DUPLICATE:
+                self._answers_again(name)  # late, but it is not hung
             return outcome
         if name not in task.given_to:
             log.warning("result for task %s refused: %s was never given it", task_id, name)
             return Outcome.NOT_GIVEN
         del self._tasks[task_id]
+        self._leases.pop(task_id, None)
         holder = task.holder
         if holder is not None:
-            self._unplace(holder)
-            del holder.in_flight[task_id]
-            self._place(holder)
-            if task in holder.outbox:  # answered by an earlier holder before this one saw it
-                holder.outbox.remove(task)
+            self._release(holder, task)
             self._fill(holder)
-        else:
+        else:  # answered from the queue: what stood behind it may move now
             self._waiting_line(task).remove(task)
             self._forget_empty_line(task.target)
+            if task.target in self._sessions:
+                self._fill(self._sessions[task.target])
+            self._spread()
+        self._answers_again(name)
         if self._on_answer is not None:
             self._on_answer(task, name, text)
         return Outcome.ACCEPTED
@@ -241,26 +301,73 @@ class Router:
         self._unplace(session)
         task.holder = session
         task.given_to.add(session.name)
+        task.attempts += 1
         session.in_flight[task.id] = task
+        session.suspects += task.suspect
         self._place(session)
+        if self.task_timeout is not None:
+            task.lease_ends = self._clock() + self.task_timeout
+            self._leases[task.id] = task  # the newest lease runs out last
         session._push(task)
+
+    def _release(self, session: Session, task: Task, stalled: bool = False) -> None:
+        """Take `task` out of `session`'s flight: answered, or (`stalled`) its
+        lease ran out, which keeps its place in the window taken."""
+        self._unplace(session)
+        del session.in_flight[task.id]
+        session.suspects -= task.suspect
+        session.stalled += stalled
+        self._place(session)
+        if task in session.outbox:  # never written to it: no longer worth writing
+            session.outbox.remove(task)
+
+    def _answers_again(self, name: str) -> None:
+        """A client whose leases ran out answered after all: it is slow, not
+        hung, so its whole window is open to it again."""
+        session = self._sessions.get(name)
+        if session is not None and session.stalled:
+            self._unplace(session)
+            session.stalled = 0
+            self._place(session)
+            self._fill(session)
+            self._spread()
+
+    def _take_back(self, task: Task, may_fail: bool) -> None:
+        """Queue an unanswered task again, at the front, or fail it if it
+        has had all its attempts (and `may_fail`)."""
+        task.holder = None
+        self._leases.pop(task.id, None)
+        task.suspect = task.suspect or may_fail
+        if may_fail and self.max_attempts is not None and task.attempts >= self.max_attempts:
+            del self._tasks[task.id]
+            reason = f"sent {task.attempts} times without an answer"
+            log.error("task %s failed: %s: %s", task.id, reason, Quoted(task.text))
+            if self._on_failed is not None:
+                self._on_failed(task, reason)
+        elif task.target is None:
+            self._queue.appendleft(task)
+        else:
+            self._waiting.setdefault(task.target, deque()).appendleft(task)
 
     def _fill(self, session: Session) -> None:
         """Give `session` work up to its window: its own waiting tasks first."""
         own = self._waiting.get(session.name)
-        while session.has_room():
-            if own:
-                self._assign(own.popleft(), session)
-            elif self._queue:
-                self._assign(self._queue.popleft(), session)
-            else:
-                break
+        took_shared = False
+        while (line := own or self._queue) and session.can_take(line[0]):
+            self._assign(line.popleft(), session)
+            took_shared = took_shared or line is self._queue
         self._forget_empty_line(session.name)
+        if took_shared:  # a suspect head another client could not take may be gone
+            self._spread()
 
     def _spread(self) -> None:
-        """Hand waiting tasks for any client to the least loaded ones with room."""
+        """Hand waiting tasks for any client to the least loaded ones with room
+        (a suspect task only to one with nothing in flight)."""
         while self._queue and self._by_load:
-            self._assign(self._queue.popleft(), next(iter(self._by_load[min(self._by_load)])))
+            load = 0 if self._queue[0].suspect else min(self._by_load)
+            if load not in self._by_load:
+                return  # no client is idle: the suspect task waits for one
+            self._assign(self._queue.popleft(), next(iter(self._by_load[load])))
 
     def _waiting_line(self, task: Task) -> deque[Task]:
         return self._queue if task.target is None else self._waiting[task.target]

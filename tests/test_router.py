@@ -87,9 +87,12 @@ def test_a_departed_clients_tasks_go_back_to_the_front_in_order() -> None:
     assert router.in_flight() == 0
     assert router.queued() == 4
     bob = router.connect("bob")
-    assert assigned(bob) == ["one", "two"]
+    assert assigned(bob) == ["one"]  # taken back, it travels alone: it may be what killed alice
     alice = router.connect("alice")
-    assert assigned(alice) == ["alice only", "three"]
+    assert assigned(alice) == ["alice only"]  # "two" is next, and waits for an idle client
+    answer_all(router, bob)
+    assert assigned(bob) == ["two"]
+    assert assigned(alice) == ["alice only", "three"]  # the head moved on, in order
 
 
 def test_the_first_result_wins_and_a_later_one_is_a_duplicate() -> None:
@@ -136,7 +139,9 @@ def test_a_new_registration_under_a_connected_name_takes_over() -> None:
     new = router.connect("alice")
     assert old.ended == REPLACED
     assert old.in_flight == {}
-    assert assigned(new) == ["two", "one"]  # her own waiting task first
+    assert assigned(new) == ["two"]  # her own waiting task first, alone: it was taken back
+    answer_all(router, new)
+    assert assigned(new) == ["one"]
 
 
 def test_close_ends_every_session_and_keeps_unfinished_tasks_queued() -> None:
@@ -261,3 +266,86 @@ def test_close_returns_every_unfinished_task() -> None:
     held = router.submit("held")
     waiting = router.submit("waiting", target="bob")
     assert set(router.close()) == {held, waiting}
+
+
+class Clock:
+    """A clock the test moves by hand."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_a_lease_that_runs_out_sends_the_task_elsewhere_and_stalls_its_holder() -> None:
+    clock = Clock()
+    router = Router(max_in_flight=2, task_timeout=10, clock=clock)
+    hung = router.connect("hung")
+    first, second = router.submit("one"), router.submit("two")
+    clock.now = 9.9
+    router.expire_leases()
+    assert assigned(hung) == ["one", "two"]  # not yet
+    clock.now = 10.0
+    router.expire_leases()
+    assert assigned(hung) == [] and hung.stalled == 2
+    router.submit("three")
+    assert assigned(hung) == []  # a hung client gets nothing more
+    rescuer = router.connect("rescuer")
+    assert assigned(rescuer) == ["one"]  # taken back, it travels alone
+    # The slow holder's late answer still counts if it comes first.
+    assert router.complete("hung", first.id, "late") is Outcome.ACCEPTED
+    assert hung.stalled == 0  # it answered: it is slow, not hung, and has room again
+    assert assigned(rescuer) == ["two"] and assigned(hung) == ["three"]
+    assert router.complete("rescuer", second.id, "ok") is Outcome.ACCEPTED
+    assert router.in_flight() == 1 and router.queued() == 0
+
+
+def test_a_task_taken_back_too_often_fails_and_others_go_on() -> None:
+    failed: list[tuple[str, str]] = []
+    router = Router(max_attempts=3, on_failed=lambda task, why: failed.append((task.text, why)))
+    router.submit("poison")
+    for attempt in range(3):
+        victim = router.connect(f"victim-{attempt}")
+        assert assigned(victim) == ["poison"]
+        router.disconnect(victim)  # it died of the task
+    assert failed == [("poison", "sent 3 times without an answer")]
+    assert (router.queued(), router.in_flight()) == (0, 0)
+    survivor = router.connect("survivor")
+    healthy = router.submit("healthy")
+    assert router.complete("survivor", healthy.id, "ok") is Outcome.ACCEPTED
+    assert assigned(survivor) == []
+
+
+def test_a_shutdown_fails_no_task_whatever_its_attempts() -> None:
+    router = Router(max_attempts=1, on_failed=lambda task, why: pytest.fail(why))
+    router.connect("alice")
+    task = router.submit("one")
+    assert router.close() == [task]
+
+
+def test_leases_can_be_turned_off() -> None:
+    clock = Clock()
+    router = Router(task_timeout=None, clock=clock)
+    alice = router.connect("alice")
+    router.submit("forever")
+    clock.now = 10**9
+    router.expire_leases()
+    assert assigned(alice) == ["forever"]
+
+
+def test_tasks_that_waited_beside_a_poison_task_are_not_failed_with_it() -> None:
+    failed: list[str] = []
+    router = Router(max_in_flight=4, max_attempts=2, on_failed=lambda t, why: failed.append(t.text))
+    for text in ("poison", "a", "b", "c"):
+        router.submit(text)
+    first = router.connect("first")
+    assert assigned(first) == ["poison", "a", "b", "c"]
+    router.disconnect(first)  # died of the poison, holding the rest
+    second, third = router.connect("second"), router.connect("third")
+    assert (assigned(second), assigned(third)) == (["poison"], ["a"])  # each alone now
+    router.disconnect(second)  # the poison again
+    assert failed == ["poison"]
+    while router.in_flight():
+        answer_all(router, third)
+    assert failed == ["poison"] and router.queued() == 0

@@ -10,14 +10,29 @@ from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, ru
 from contact.router import Outcome, Router, Task
 
 NAMES = st.sampled_from(["ann", "bob", "cy", "dee"])
+LEASE = 10.0  # seconds of the fake clock
 
 
 class RouterMachine(RuleBasedStateMachine):
-    @initialize(max_in_flight=st.integers(1, 3))
-    def start(self, max_in_flight: int) -> None:
-        self.router = Router(max_in_flight)
+    @initialize(max_in_flight=st.integers(1, 3), max_attempts=st.none() | st.integers(1, 3))
+    def start(self, max_in_flight: int, max_attempts: int | None) -> None:
+        self.now = 0.0
+        self.router = Router(
+            max_in_flight,
+            task_timeout=LEASE,
+            max_attempts=max_attempts,
+            on_failed=lambda task, reason: self.failed.add(task.id),
+            clock=lambda: self.now,
+        )
         self.tasks: list[Task] = []  # every task ever submitted
         self.finished: set[str] = set()
+        self.failed: set[str] = set()
+
+    @rule(seconds=st.floats(0, 2 * LEASE))
+    def time_passes(self, seconds: float) -> None:
+        self.now += seconds
+        self.router.expire_leases()
+        assert all(task.lease_ends > self.now for task in self.router._leases.values())
 
     @rule(name=NAMES, window=st.none() | st.integers(1, 4))
     def connect(self, name: str, window: int | None) -> None:  # a takeover when connected
@@ -42,7 +57,7 @@ class RouterMachine(RuleBasedStateMachine):
         task = self.tasks[pick % len(self.tasks)]
         was_given = name in task.given_to
         outcome = self.router.complete(name, task.id, "done")
-        if task.id in self.finished:
+        if task.id in self.finished or task.id in self.failed:
             assert outcome is Outcome.DUPLICATE
         elif was_given:
             assert outcome is Outcome.ACCEPTED
@@ -63,38 +78,49 @@ class RouterMachine(RuleBasedStateMachine):
         assert len({id(t) for t in queued + held}) == len(queued) + len(held)  # no task twice
         for task in self.tasks:
             places = sum(t is task for t in queued) + sum(t is task for t in held)
-            assert places == (0 if task.id in self.finished else 1), task
+            done = task.id in self.finished or task.id in self.failed
+            assert places == (0 if done else 1), task
         for task in held:
             assert task.holder is not None
             assert task.holder is router._sessions[task.holder.name]
             assert task.target in (None, task.holder.name)
         for task in queued:
             assert task.holder is None
+            if router.max_attempts is not None:
+                assert task.attempts < router.max_attempts  # it would have failed
+        assert set(router._leases) == {t.id for t in held}
+        ends = [t.lease_ends for t in router._leases.values()]
+        assert ends == sorted(ends)  # the soonest to run out first
+        assert self.finished.isdisjoint(self.failed)
 
     @invariant()
     def no_client_is_over_its_limit_and_no_work_waits_beside_room(self) -> None:
         router = self.router
         for session in router._sessions.values():
             assert session.window <= router.max_in_flight
-            assert len(session.in_flight) <= session.window
+            assert len(session.in_flight) + session.stalled <= session.window
             assert set(t.id for t in session.outbox) <= set(session.in_flight)
-            if len(session.in_flight) < session.window:
-                assert not router._waiting.get(session.name)
+            assert session.suspects == sum(t.suspect for t in session.in_flight.values())
+            if session.suspects:
+                assert len(session.in_flight) == 1  # a suspect task travels alone
+            own = router._waiting.get(session.name)
+            if own:  # waits only where it cannot be taken
+                assert not session.can_take(own[0])
         if router._queue:
-            assert all(len(s.in_flight) == s.window for s in router._sessions.values())
+            assert not any(s.can_take(router._queue[0]) for s in router._sessions.values())
         assert all(router._waiting.values())  # no empty line left behind
 
     @invariant()
     def every_live_client_with_room_is_in_the_bucket_of_its_load(self) -> None:
         router = self.router
         placed = {s: load for load, bucket in router._by_load.items() for s in bucket}
-        with_room = [s for s in router._sessions.values() if len(s.in_flight) < s.window]
+        with_room = [s for s in router._sessions.values() if s.has_room()]
         assert placed == {s: len(s.in_flight) for s in with_room}
         assert all(router._by_load.values())  # no empty bucket kept
 
     @invariant()
     def counts_agree(self) -> None:
-        unfinished = len(self.tasks) - len(self.finished)
+        unfinished = len(self.tasks) - len(self.finished) - len(self.failed)
         assert self.router.queued() + self.router.in_flight() == unfinished
 
 

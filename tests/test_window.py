@@ -108,11 +108,11 @@ def test_slow_tasks_are_shared_by_two_default_clients(
     srv, port = server
     srv.type(*(f"slow {i}" for i in range(8)))
     srv.wait_for(r"queued for any client", count=8)
-    slow = ["tests/slow_client.py", f"127.0.0.1:{port}"]
-    processes.append(Process("first", *slow, "first", "1"))
+    slow = ["tests/odd_client.py", f"127.0.0.1:{port}"]
+    processes.append(Process("first", *slow, "first", "--sleep", "1"))
     srv.wait_for(r"client first connected")
     time.sleep(0.5)  # the scenario itself: the second client comes half a second later
-    processes.append(Process("second", *slow, "second", "1"))
+    processes.append(Process("second", *slow, "second", "--sleep", "1"))
     last = srv.wait_for(r"result from \S+: 'SLOW \d'$", count=8, timeout=15)
     first = srv.wait_for(r"client first connected")
     took = logged_at(last.string) - logged_at(first.string)

@@ -1,0 +1,46 @@
+"""A contact client whose handler misbehaves on cue, for the tests:
+
+    python tests/odd_client.py SERVER NAME [--sleep SECONDS] [--concurrency N]
+
+Every task takes --sleep seconds, then its text upper-cased, except:
+`none` returns None, `exit` raises SystemExit, `surrogate` returns a string
+that cannot be encoded, and `poison` kills the whole process at once.
+It is what a user's project does: import `run` and pass its own handler.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import time
+
+from contact import contact_pb2
+from contact.cli import LOG_FORMAT
+from contact_client import run
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("server")
+    parser.add_argument("name")
+    parser.add_argument("--sleep", type=float, default=0.0)
+    parser.add_argument("--concurrency", type=int, default=1)
+    args = parser.parse_args()
+
+    def odd(task: contact_pb2.ServerMsg) -> str:
+        time.sleep(args.sleep)
+        if task.task == "poison":
+            os._exit(3)  # as a crash would: no clean-up, no answer
+        if task.task == "exit":
+            raise SystemExit(2)
+        odd_answers: dict[str, object] = {"none": None, "surrogate": "\ud800"}
+        return odd_answers.get(task.task, task.task.upper())  # type: ignore[return-value]
+
+    logging.basicConfig(level=logging.INFO, format=LOG_FORMAT)
+    asyncio.run(run(odd, args.server, args.name, concurrency=args.concurrency))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,91 @@
+"""Clients that stay connected but misbehave, and tasks that misbehave: a
+client that never answers, a task that kills whoever takes it, a handler
+that returns nonsense. Real processes throughout."""
+
+from __future__ import annotations
+
+import asyncio
+import re
+from collections.abc import Callable
+
+import grpc
+import pytest
+
+from contact import CLIENT_ID_KEY, MAX_IN_FLIGHT_KEY, contact_pb2, contact_pb2_grpc
+from contact_server import ContactServer, TaskFailedError
+from tests.processes import Process, start_server
+from tests.test_window import logged_at
+
+
+def test_a_client_that_never_answers_loses_its_tasks_when_their_lease_runs_out(
+    processes: list[Process], client: Callable[..., Process]
+) -> None:
+    srv, port = start_server("--task-timeout", "2")
+    processes.append(srv)
+
+    async def scenario() -> None:
+        metadata = ((CLIENT_ID_KEY, "hung"), (MAX_IN_FLIGHT_KEY, "2"))
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+            # Registered and alive (gRPC answers its pings), but it reads and answers nothing.
+            call = contact_pb2_grpc.ContactStub(channel).getTask(
+                contact_pb2.Empty(), metadata=metadata
+            )
+            await call.initial_metadata()
+            srv.type("held one", "held two")
+            await asyncio.to_thread(srv.wait_for, r"sent to hung", 10.0, 2)
+            await asyncio.to_thread(client, "rescuer", port)
+            for text in ("HELD ONE", "HELD TWO"):
+                await asyncio.to_thread(srv.wait_for, rf"result from rescuer: '{text}'$", 10.0)
+            srv.type(*(f"later {i}" for i in range(5)))
+            await asyncio.to_thread(srv.wait_for, r"result from rescuer: 'LATER \d'$", 10.0, 5)
+            call.cancel()
+
+    asyncio.run(scenario())
+    for text in ("held one", "held two"):
+        job = srv.wait_for(rf"task (\S+) queued for any client: '{text}'$").group(1)
+        sent = srv.wait_for(rf"task {job} sent to hung")
+        srv.wait_for(rf"task {job} taken back from hung: no answer within 2 s")
+        answered = srv.wait_for(rf"task {job} result from rescuer")
+        assert logged_at(answered.string) - logged_at(sent.string) <= 5.0
+    assert srv.count(r"sent to hung") == 2  # nothing beyond its window
+
+
+def test_a_task_that_kills_every_client_fails_and_the_rest_are_answered(
+    processes: list[Process],
+) -> None:
+    async def scenario() -> None:
+        async with ContactServer(port=0, max_attempts=3, grace=1) as server:
+            poison = server.submit("poison")
+            healthy = [server.submit(f"healthy {i}") for i in range(6)]
+            for number in range(4):  # each dies of the poison it is sent, but the last
+                name = f"victim-{number}"
+                odd = Process(name, "tests/odd_client.py", f"127.0.0.1:{server.port}", name)
+                processes.append(odd)
+            with pytest.raises(TaskFailedError, match="sent 3 times without an answer"):
+                await asyncio.wait_for(poison, 30)
+            answers = await asyncio.wait_for(asyncio.gather(*healthy), 30)
+            assert answers == [f"HEALTHY {i}" for i in range(6)]
+
+    asyncio.run(scenario())
+    exits = [process.popen.poll() for process in processes]
+    assert exits.count(3) == 3  # three died of it, one was never sent it again
+
+
+def test_whatever_the_handler_does_the_task_gets_an_error_answer_and_the_next_is_served(
+    server: tuple[Process, int], processes: list[Process]
+) -> None:
+    srv, port = server
+    odd = Process("odd", "tests/odd_client.py", f"127.0.0.1:{port}", "odd")
+    processes.append(odd)
+    odd.wait_for(r"registered with .* as odd$")
+    srv.type("none", "exit", "surrogate", "after them")
+    srv.wait_for(r"result from odd: 'AFTER THEM'$")
+    errors = {
+        "none": r"error: the handler returned NoneType, not str",
+        "exit": r"error: SystemExit: 2",
+        "surrogate": r"error: UnicodeEncodeError: .*surrogates not allowed",
+    }
+    for text, error in errors.items():
+        job = srv.wait_for(rf"task (\S+) queued for any client: '{text}'$").group(1)
+        srv.wait_for(rf"task {re.escape(job)} result from odd: [\'\"]{error}[\'\"]$")
+    assert odd.popen.poll() is None  # still serving
