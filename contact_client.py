@@ -73,6 +73,10 @@ class Work:
     answered: int = 0
     max_tasks: int | None = None  # return once this many are answered; None: never
 
+    def done(self) -> bool:
+        """Whether the task limit is reached: every answer it asks for is written."""
+        return self.max_tasks is not None and self.answered >= self.max_tasks
+
     def start(self, task: contact_pb2.ServerMsg) -> None:
         """Work on `task` unless it is already running (the server sent it
         again after a reconnect); its answer joins `unsent` when done."""
@@ -120,6 +124,10 @@ async def one_connection(
             # The task limit is reached and every answer written.
             await results.done_writing()
             await results  # returns once the server has read every answer
+        except (grpc.aio.AioRpcError, StreamEndedError) as err:
+            if not work.done():
+                raise
+            log.warning("the server did not confirm the last answers (%s)", err)
         finally:
             await hang_up(results, status)
     finally:
@@ -144,7 +152,7 @@ async def receive_tasks(tasks: grpc.aio.UnaryStreamCall, work: Work) -> None:
 
 async def send_answers(results: grpc.aio.StreamUnaryCall, work: Work) -> None:
     """Send each answer as it is ready; return once the task limit is reached."""
-    while work.max_tasks is None or work.answered < work.max_tasks:
+    while not work.done():
         while not work.unsent:
             work.answer_ready.clear()
             await work.answer_ready.wait()

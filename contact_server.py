@@ -38,6 +38,7 @@ from contact.router import (
     Router,
     Task,
 )
+from contact.sessions import end_calls, owned_by, registration
 from contact.signals import stop_event
 from contact.stdin import read_tasks
 from contact.tls import warn_if_exposed
@@ -56,6 +57,7 @@ class ContactServicer(contact_pb2_grpc.ContactServicer):
 
     def __init__(self, router: Router) -> None:
         self._router = router
+        self.calls: set[asyncio.Task[Any]] = set()  # open tellResult and sendStatus calls
 
     async def getTask(
         self, request: contact_pb2.Empty, context: grpc.aio.ServicerContext
@@ -92,13 +94,15 @@ class ContactServicer(contact_pb2_grpc.ContactServicer):
     ) -> contact_pb2.Empty:
         """The client's answers, one per task, each naming its task by id."""
         name = await client_name(context)
+        session = await registration(self._router, name, context)
         try:
-            async for result in request_iterator:
-                if self._router.complete(name, result.id, result.ret) is Outcome.NOT_GIVEN:
-                    await context.abort(
-                        grpc.StatusCode.PERMISSION_DENIED,
-                        f"task {result.id} was never given to {name}",
-                    )
+            async with owned_by(session, context, self.calls):  # ends with its registration
+                async for result in request_iterator:
+                    if self._router.complete(name, result.id, result.ret) is Outcome.NOT_GIVEN:
+                        await context.abort(
+                            grpc.StatusCode.PERMISSION_DENIED,
+                            f"task {result.id} was never given to {name}",
+                        )
         except DecodeError as err:
             await refuse_malformed(context, name, err)
         return contact_pb2.Empty()
@@ -110,13 +114,15 @@ class ContactServicer(contact_pb2_grpc.ContactServicer):
     ) -> AsyncIterator[contact_pb2.Result]:
         """The client's own messages; each one is answered."""
         name = await client_name(context)
+        session = await registration(self._router, name, context)
         try:
-            async for status in request_iterator:
-                log.info("status from %s: %s", name, Quoted(status.msg))
-                yield contact_pb2.Result(
-                    ret=f"{self._router.in_flight(name)} of your tasks in flight, "
-                    f"{self._router.queued()} queued"
-                )
+            async with owned_by(session, context, self.calls):  # ends with its registration
+                async for status in request_iterator:
+                    log.info("status from %s: %s", name, Quoted(status.msg))
+                    yield contact_pb2.Result(
+                        ret=f"{len(session.in_flight)} of your tasks in flight, "
+                        f"{self._router.queued()} queued"
+                    )
         except DecodeError as err:
             await refuse_malformed(context, name, err)
 
@@ -206,7 +212,8 @@ class ContactServer:
 
     async def __aenter__(self) -> ContactServer:
         self._server = grpc.aio.server(options=SERVER_OPTIONS)  # needs a running loop
-        contact_pb2_grpc.add_ContactServicer_to_server(ContactServicer(self._router), self._server)
+        self._servicer = ContactServicer(self._router)
+        contact_pb2_grpc.add_ContactServicer_to_server(self._servicer, self._server)
         address = f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
         try:
             if self._credentials is None:
@@ -231,8 +238,10 @@ class ContactServer:
             self.grace,
         )
         self._leases.cancel()
-        unanswered = self._router.close()
+        self._router.close()  # every getTask call ends: UNAVAILABLE
+        await end_calls(self._servicer.calls, self.grace)  # answers on their way still land
         await self._server.stop(self.grace)
+        unanswered = self._router.unfinished()
         for task in unanswered:
             answer = self._answers.pop(task.id)
             if not answer.done():

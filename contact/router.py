@@ -63,6 +63,7 @@ class Session:
         self.outbox: deque[Task] = deque()
         self.ended: str | None = None  # why the session ended, once it has
         self._wakeup = asyncio.Event()
+        self._on_end: list[Callable[[], object]] = []
 
     async def next_task(self) -> Task | None:
         """Wait for the next task to write to this client; None once ended."""
@@ -83,9 +84,17 @@ class Session:
         self.outbox.append(task)
         self._wakeup.set()
 
+    def when_ended(self, callback: Callable[[], object]) -> Callable[[], None]:
+        """Call `callback` once the session ends; return what cancels that."""
+        self._on_end.append(callback)
+        return lambda: self._on_end.remove(callback) if callback in self._on_end else None
+
     def _end(self, reason: str) -> None:
         self.ended = reason
         self._wakeup.set()
+        for callback in self._on_end:
+            callback()
+        self._on_end.clear()
 
 
 class Outcome(enum.Enum):
@@ -260,13 +269,21 @@ class Router:
             self._on_answer(task, name, text)
         return Outcome.ACCEPTED
 
-    def close(self) -> list[Task]:
+    def close(self) -> None:
         """Refuse new work and end every session (SHUTDOWN), taking back their
-        unanswered tasks; return every unfinished task, all of them queued."""
+        unanswered tasks: all unfinished tasks are then queued. Results for
+        them are still accepted from clients they were sent to."""
         self.closed = True
         for session in list(self._sessions.values()):
             self.disconnect(session, SHUTDOWN)
+
+    def unfinished(self) -> list[Task]:
+        """Every task not answered (nor failed) yet."""
         return list(self._tasks.values())
+
+    def session(self, name: str) -> Session | None:
+        """The live session of the client registered as `name`, if any."""
+        return self._sessions.get(name)
 
     # -- counts, for logs and status answers --
 

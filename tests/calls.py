@@ -30,14 +30,23 @@ def parses(method: str, raw: bytes) -> bool:
 
 
 async def send_raw(
-    port: int, method: str, raw: bytes | None, name: str | None = "attacker"
+    port: int,
+    method: str,
+    raw: bytes | None,
+    name: str | None = "attacker",
+    registered: bool = True,
 ) -> grpc.StatusCode:
     """Send `raw` as the request of `method` (None: open the stream and send
     nothing) under `name` (None: no `client-id` at all); the status the call
-    ends with (a getTask that registers is ended by us: CANCELLED)."""
+    ends with (a getTask that registers is ended by us: CANCELLED). For
+    tellResult and sendStatus, `registered` first registers `name` with a
+    getTask call that stays open meanwhile, as a real client does."""
     metadata = () if name is None else ((CLIENT_ID_KEY, name),)
     path = f"/contact.Contact/{method}"
     async with grpc.aio.insecure_channel(f"127.0.0.1:{port}", options=UNLIMITED) as channel:
+        if registered and method != GET and name is not None:
+            registration = channel.unary_stream(f"/contact.Contact/{GET}")(b"", metadata=metadata)
+            await registration.initial_metadata()
         call: Any
         if method == GET:
             call = channel.unary_stream(path)(raw or b"", metadata=metadata)

@@ -2,11 +2,18 @@
 answer twice, vanish and rejoin at random, and a few real client processes
 killed with SIGKILL, while thousands of tasks (some targeted) flow.
 
-At the end, from the server's own log: every task has exactly one accepted
-result, with the right text; nothing is queued or in flight; and the
-server's memory after every client has left is compared with where it started.
+Some chaos clients hang holding their tasks for the whole round (their
+leases must rescue those tasks), and each round has one poison task that
+kills whoever takes it: real clients die of it (and are restarted), chaos
+clients vanish.
 
-    python -m tests.soak [--tasks 10000] [--chaos 40] [--real 4] [--kills 5]
+At the end, from the server's own log: every task but the poison ones has
+exactly one accepted result, with the right text; each poison task failed
+after exactly --max-attempts deliveries; nothing is queued or in flight; and
+the server's memory after every client has left is compared with where it
+started.
+
+    python -m tests.soak [--tasks 10000] [--chaos 40] [--hung 2] [--real 4] [--kills 5]
                          [--rounds 2] [--chaos-seconds 30] [--seed 1] [--seconds 240]
 
 `make soak` runs it at full size; the test suite runs a short version.
@@ -30,10 +37,17 @@ import grpc
 
 from contact import CLIENT_ID_KEY, contact_pb2, contact_pb2_grpc
 from tests.measure import rss_mb
-from tests.processes import Process, start_client, start_server
+from tests.processes import Process, start_server
 
 MODES = ["answer"] * 5 + ["hang", "twice", "late"]
 RESULT = re.compile(r"task (\S+) result from (\S+): '(.*)'$")
+FAILED = re.compile(r"task (\S+) failed: sent (\d+) times without an answer: '(.*)'$")
+POISON = "poison"  # the task text that kills whoever takes it (see tests/odd_client.py)
+# The server the soak runs: small windows so that tasks move a lot, short
+# leases so that hung clients are rescued within the round, and attempts
+# enough that flapping chaos clients never fail an honest task.
+SERVER_ARGS = ["--max-in-flight", "4", "--task-timeout", "2", "--max-attempts", "30"]
+MAX_ATTEMPTS = 30
 QUEUED = re.compile(r"task (\S+) queued for (?:any client|\S+): '(.*)'$")
 
 
@@ -41,6 +55,10 @@ QUEUED = re.compile(r"task (\S+) queued for (?:any client|\S+): '(.*)'$")
 class Report:
     tasks: int = 0
     accepted: Counter[str] = field(default_factory=Counter)  # task id -> accepted results
+    failed: dict[str, tuple[str, int]] = field(default_factory=dict)  # id -> (text, attempts)
+    poison_tasks: int = 0
+    poison_deaths: int = 0  # real clients the poison killed
+    leases_run_out: int = 0
     wrong_text: int = 0
     requeued: int = 0
     duplicates_ignored: int = 0
@@ -59,6 +77,10 @@ class Report:
             f"tasks: {self.tasks}, answered: {len(self.accepted)}, "
             f"answered twice: {answered_twice}",
             f"chaos client sessions: {self.chaos_sessions}, real clients killed: {self.kills}",
+            f"poison tasks failed: {len(self.failed)} of {self.poison_tasks} (after "
+            + ", ".join(str(n) for _, n in self.failed.values())
+            + f" deliveries), real clients it killed: {self.poison_deaths}, "
+            f"leases run out: {self.leases_run_out}",
             f"redeliveries (requeued): {self.requeued}, duplicate results ignored: "
             f"{self.duplicates_ignored}, refused calls: {self.refused}",
             f"server memory (RSS): start {self.rss_start_mb:.1f} MB, "
@@ -86,6 +108,10 @@ class ServerLog:
                 self.report.accepted[task_id] += 1
                 if text != self.texts.get(task_id, "").upper():
                     self.report.wrong_text += 1
+            elif match := FAILED.search(line):
+                self.report.failed[match.group(1)] = (match.group(3), int(match.group(2)))
+            elif " taken back from " in line:
+                self.report.leases_run_out += 1
             elif " requeued (" in line:
                 self.report.requeued += 1
             elif "duplicate result" in line:
@@ -94,19 +120,27 @@ class ServerLog:
                 self.report.refused += 1
 
 
-async def chaos_session(port: int, name: str, rng: random.Random, calm: asyncio.Event) -> None:
-    """One connection of a misbehaving client, ended abruptly after a while."""
-    mode = "answer" if calm.is_set() else rng.choice(MODES)
-    lifetime = 3600.0 if calm.is_set() else rng.uniform(0.05, 1.0)
+async def chaos_session(
+    port: int, name: str, rng: random.Random, calm: asyncio.Event, hung: bool
+) -> None:
+    """One connection of a misbehaving client, ended abruptly after a while
+    (a `hung` one holds every task it gets, for as long as the round lasts)."""
+    mode = "hang" if hung else "answer" if calm.is_set() else rng.choice(MODES)
+    lifetime = 3600.0 if calm.is_set() or hung else rng.uniform(0.05, 1.0)
     held: list[contact_pb2.ServerMsg] = []
     metadata = ((CLIENT_ID_KEY, name),)
     async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
         stub = contact_pb2_grpc.ContactStub(channel)
         tasks = stub.getTask(contact_pb2.Empty(), metadata=metadata)
-        results = stub.tellResult(metadata=metadata)
+        calls: list[grpc.aio.Call] = [tasks]
 
         async def work() -> None:
+            await tasks.initial_metadata()  # registered: only now are results accepted
+            results = stub.tellResult(metadata=metadata)
+            calls.append(results)
             async for task in tasks:
+                if task.task == POISON:
+                    return  # it "kills" this client: vanish at once
                 held.append(task)
                 if mode == "hang" or (mode == "late" and rng.random() < 0.5):
                     continue
@@ -117,16 +151,22 @@ async def chaos_session(port: int, name: str, rng: random.Random, calm: asyncio.
             asyncio.TimeoutError, grpc.aio.AioRpcError, asyncio.InvalidStateError
         ):
             await asyncio.wait_for(work(), lifetime)
-        tasks.cancel()  # vanish: no goodbye
-        results.cancel()
+        for call in calls:
+            call.cancel()  # vanish: no goodbye
     if mode == "late" and held:  # answer, from a new connection, what we held before
         async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
-            late = contact_pb2_grpc.ContactStub(channel).tellResult(metadata=metadata)
-            with contextlib.suppress(grpc.aio.AioRpcError, asyncio.InvalidStateError):
+            stub = contact_pb2_grpc.ContactStub(channel)
+            again = stub.getTask(contact_pb2.Empty(), metadata=metadata)  # results need one
+            late = stub.tellResult(metadata=metadata)
+            with contextlib.suppress(
+                asyncio.TimeoutError, grpc.aio.AioRpcError, asyncio.InvalidStateError
+            ):
+                await asyncio.wait_for(again.initial_metadata(), 5)
                 for task in held:
                     await late.write(contact_pb2.Result(id=task.id, ret=task.task.upper()))
                 await late.done_writing()
                 await asyncio.wait_for(late, 5)
+            again.cancel()
 
 
 async def chaos_client(
@@ -136,10 +176,11 @@ async def chaos_client(
     calm: asyncio.Event,
     stop: asyncio.Event,
     report: Report,
+    hung: bool = False,
 ) -> None:
     while not stop.is_set():
         report.chaos_sessions += 1
-        session = asyncio.ensure_future(chaos_session(port, name, rng, calm))
+        session = asyncio.ensure_future(chaos_session(port, name, rng, calm, hung))
         stopped = asyncio.ensure_future(stop.wait())
         await asyncio.wait({session, stopped}, return_when=asyncio.FIRST_COMPLETED)
         for waiting in (session, stopped):
@@ -149,13 +190,28 @@ async def chaos_client(
             await asyncio.sleep(rng.uniform(0, 0.3))
 
 
+def real_client(name: str, port: int) -> Process:
+    """A real client process; its handler dies of the poison task."""
+    client = Process(name, "tests/odd_client.py", f"127.0.0.1:{port}", name)
+    client.wait_for(rf"registered with .* as {name}$")
+    return client
+
+
 def kill_and_restart(real: list[Process], port: int, rng: random.Random, report: Report) -> None:
     index = rng.randrange(len(real))
     victim = real[index]
-    victim.send(signal.SIGKILL)
+    victim.popen.kill()
     victim.exit_code(5)
     report.kills += 1
-    real[index] = start_client(victim.label, port, "--max-backoff", "1", "--status-every", "1")
+    real[index] = real_client(victim.label, port)
+
+
+def restart_the_poisoned(real: list[Process], port: int, report: Report) -> None:
+    for index, client in enumerate(real):
+        if client.popen.poll() is not None:
+            assert client.popen.returncode == 3, client.output  # the poison's exit code
+            report.poison_deaths += 1
+            real[index] = real_client(client.label, port)
 
 
 async def drive(
@@ -170,25 +226,25 @@ async def drive(
     every task of the round is finished, then all leave."""
     rng = random.Random(f"{args.seed}-{round_}")
     names = [f"chaos-{i}" for i in range(args.chaos)]
-    real = [
-        start_client(f"real-{i}", port, "--max-backoff", "1", "--status-every", "1")
-        for i in range(args.real)
-    ]
+    real = [real_client(f"real-{i}", port) for i in range(args.real)]
     calm, stop = asyncio.Event(), asyncio.Event()
     clients = [
         asyncio.ensure_future(
             chaos_client(
-                port, name, random.Random(f"{args.seed}-{round_}-{name}"), calm, stop, report
+                port, name, random.Random(f"{args.seed}-{round_}-{name}"), calm, stop, report,
+                hung=name.startswith("hung"),
             )
         )
-        for name in names
-    ]
+        for name in names + [f"hung-{i}" for i in range(args.hung)]
+    ]  # fmt: skip
     targets = names + [process.label for process in real]
     lines = [
         f"@{rng.choice(targets)} r{round_}t{i}" if rng.random() < 0.1 else f"r{round_}t{i}"
         for i in range(args.tasks)
     ]
+    lines.insert(len(lines) // 3, POISON)
     report.tasks += len(lines)
+    report.poison_tasks += 1
     ticks = max(1, int(args.chaos_seconds / 0.1))
     burst = -(-len(lines) // ticks)  # typed evenly across the chaos window
     kill_every = max(1, ticks // max(1, args.kills))
@@ -198,12 +254,14 @@ async def drive(
             server.type(*lines[tick * burst : (tick + 1) * burst])
             if real and tick % kill_every == kill_every // 2:
                 await asyncio.to_thread(kill_and_restart, real, port, rng, report)
+            await asyncio.to_thread(restart_the_poisoned, real, port, report)
             await asyncio.sleep(0.1)
             log.update()
         calm.set()  # from now on every client answers, so the queue drains
-        while len(report.accepted) < report.tasks:
+        while len(report.accepted) + len(report.failed) < report.tasks:
             if time.monotonic() > deadline:
-                raise AssertionError(f"not all tasks answered within {args.seconds} s")
+                raise AssertionError(f"not all tasks finished within {args.seconds} s")
+            await asyncio.to_thread(restart_the_poisoned, real, port, report)
             await asyncio.sleep(0.1)
             log.update()
     finally:
@@ -218,7 +276,7 @@ def soak(args: argparse.Namespace) -> Report:
     """Run the fault test; return its figures, or raise AssertionError with them."""
     report = Report()
     started = time.monotonic()
-    server, port = start_server("--max-in-flight", "4")
+    server, port = start_server(*SERVER_ARGS)
     try:
         report.rss_start_mb = report.rss_peak_mb = rss_mb(server.pid)
         sampling = threading.Event()
@@ -250,7 +308,11 @@ def soak(args: argparse.Namespace) -> Report:
 
 def check(report: Report, args: argparse.Namespace) -> None:
     figures = "\n".join(report.lines())
-    assert len(report.accepted) == report.tasks, f"tasks lost:\n{figures}"
+    poisoned = {task_id for task_id, (text, _) in report.failed.items() if text == POISON}
+    assert len(poisoned) == report.poison_tasks, f"a poison task was not failed:\n{figures}"
+    assert set(report.failed) == poisoned, f"an honest task failed:\n{figures}"
+    assert all(n == MAX_ATTEMPTS for _, n in report.failed.values()), figures
+    assert len(report.accepted) == report.tasks - len(poisoned), f"tasks lost:\n{figures}"
     assert all(n == 1 for n in report.accepted.values()), f"a task answered twice:\n{figures}"
     assert report.wrong_text == 0, f"{report.wrong_text} results with the wrong text:\n{figures}"
     assert report.unanswered_at_shutdown == 0, f"tasks left over:\n{figures}"
@@ -264,6 +326,7 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--tasks", type=int, default=10_000)
     parser.add_argument("--chaos", type=int, default=40, help="misbehaving in-process clients")
+    parser.add_argument("--hung", type=int, default=2, help="clients that never answer")
     parser.add_argument(
         "--real", type=int, default=4, help="real client processes, killed at random"
     )

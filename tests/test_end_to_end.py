@@ -178,6 +178,9 @@ def test_a_result_for_a_task_never_given_is_refused_and_the_task_kept(
     srv.type("@victim not yours")
     job = task_id(srv, "not yours")
     forged = contact_pb2.Result(id=job, ret="forged").SerializeToString()
+    unregistered = asyncio.run(send_raw(port, TELL, forged, "mallory", registered=False))
+    assert unregistered is grpc.StatusCode.FAILED_PRECONDITION
+    srv.wait_for(r"refused a call from .*: mallory is not registered: call getTask first")
     code = asyncio.run(send_raw(port, TELL, forged, "mallory"))
     assert code is grpc.StatusCode.PERMISSION_DENIED
     srv.wait_for(rf"result for task {job} refused: mallory was never given it")
@@ -191,7 +194,7 @@ def test_an_oversized_message_is_refused_and_others_are_served(
     srv, port = server
     worker = client("worker", port)
     huge = contact_pb2.Result(id="x", ret="x" * MAX_MESSAGE_BYTES).SerializeToString()
-    code = asyncio.run(send_raw(port, TELL, huge, "worker"))
+    code = asyncio.run(send_raw(port, TELL, huge, "flooder"))
     assert code is grpc.StatusCode.RESOURCE_EXHAUSTED
     srv.type("after the flood")
     srv.wait_for(r"result from worker: 'AFTER THE FLOOD'$")

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from tests.soak import parse, soak
 
-SHORT = ["--tasks", "1000", "--chaos", "8", "--real", "2", "--kills", "3", "--chaos-seconds", "3"]
+SHORT = ["--tasks", "1000", "--chaos", "8", "--hung", "1", "--real", "2", "--kills", "3",
+         "--chaos-seconds", "3"]  # fmt: skip
 
 
 def test_no_task_is_lost_or_answered_twice_under_faults() -> None:
@@ -15,3 +16,5 @@ def test_no_task_is_lost_or_answered_twice_under_faults() -> None:
     assert report.requeued > 0
     assert report.duplicates_ignored > 0
     assert report.chaos_sessions > 8 * 2
+    assert report.leases_run_out > 0  # the hung clients' tasks were rescued
+    assert len(report.failed) == 2  # one poison task a round
