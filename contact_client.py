@@ -39,7 +39,13 @@ from contact.logtext import Quoted
 from contact.options import client_channel
 from contact.retry import FINAL_CODES, backoff
 from contact.signals import on_stop_signal
-from contact.streams import StreamEndedError, ended, first_to_finish, hang_up
+from contact.streams import (
+    StreamEndedError,
+    answered_within,
+    ended,
+    first_to_finish,
+    hang_up,
+)
 
 log = logging.getLogger("contact.client")
 
@@ -49,6 +55,10 @@ CONCURRENCY = 1  # tasks worked on at once, each in a thread of its own
 PREFETCH = 3  # tasks held ready beyond those: hides the round trip for fast tasks
 STATUS_EVERY = 5.0  # seconds between status lines
 MAX_BACKOFF = 10.0  # the longest wait between retries, seconds
+# A live server answers registration and status lines within milliseconds;
+# one that has not answered in this long is stuck (while gRPC core may still
+# answer its pings): treat it as unavailable, and retry.
+ANSWER_WITHIN_SECONDS = 5.0
 
 
 def handle_task(task: contact_pb2.ServerMsg) -> str:
@@ -137,7 +147,7 @@ async def one_connection(
 async def confirm_registration(tasks: grpc.aio.UnaryStreamCall, name: str) -> None:
     """Wait until the server accepts our getTask call, which it shows by
     echoing our name in the initial metadata; raise its refusal otherwise."""
-    echoed = await tasks.initial_metadata()
+    echoed = await answered_within(tasks.initial_metadata(), ANSWER_WITHIN_SECONDS, "getTask")
     if echoed is None or echoed.get(CLIENT_ID_KEY) != name:
         await tasks.read()  # raises the refusal as AioRpcError
         raise StreamEndedError("the server sent no registration")
@@ -172,7 +182,7 @@ async def report_status(status: grpc.aio.StreamStreamCall, work: Work, every: fl
             await status.write(line)
         except asyncio.InvalidStateError:  # the server has ended the stream
             await ended(status, "status")
-        ack = await status.read()
+        ack = await answered_within(status.read(), ANSWER_WITHIN_SECONDS, "a status line")
         if ack is grpc.aio.EOF:
             await ended(status, "status")
         log.info("server acknowledged status: %s", ack.ret)
@@ -207,23 +217,28 @@ async def run(
         log.debug("%d asyncio tasks alive", len(asyncio.all_tasks()))
         delays, outage = backoff(max_backoff), False
 
-    while True:
-        try:
-            async with client_channel(server, credentials) as channel:
-                window = concurrency + prefetch
-                await one_connection(channel, name, window, work, status_every, registered)
-            log.info("answered %d tasks; exiting", work.answered)
-            return
-        except grpc.aio.AioRpcError as err:
-            if err.code() in FINAL_CODES:
-                raise RefusedError(f"{err.code().name}: {err.details()}") from None
-            problem = f"{err.code().name}: {err.details()}"
-        except StreamEndedError as err:
-            problem = str(err)
-        if not outage:
-            log.warning("server %s unavailable (%s); retrying until it is back", server, problem)
-            outage = True
-        await asyncio.sleep(next(delays))
+    try:
+        while True:
+            try:
+                async with client_channel(server, credentials) as channel:
+                    window = concurrency + prefetch
+                    await one_connection(channel, name, window, work, status_every, registered)
+                log.info("answered %d tasks; exiting", work.answered)
+                return
+            except grpc.aio.AioRpcError as err:
+                if err.code() in FINAL_CODES:
+                    raise RefusedError(f"{err.code().name}: {err.details()}") from None
+                problem = f"{err.code().name}: {err.details()}"
+            except StreamEndedError as err:
+                problem = str(err)
+            if not outage:
+                log.warning(
+                    "server %s unavailable (%s); retrying until it is back", server, problem
+                )
+                outage = True
+            await asyncio.sleep(next(delays))
+    finally:
+        work.handlers.close()  # tasks not started yet are dropped: nobody takes their answers
 
 
 async def run_until_signal(

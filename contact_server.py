@@ -20,13 +20,14 @@ import asyncio
 import concurrent.futures
 import logging
 from collections.abc import AsyncIterator
+from logging import INFO
 from typing import Any
 
 import grpc
 from google.protobuf.message import DecodeError
 
 from contact import CLIENT_ID_KEY, cli, contact_pb2, contact_pb2_grpc
-from contact.logtext import Quoted
+from contact.logtext import REPEATS, Quoted
 from contact.metadata import client_name, refuse_malformed, requested_window
 from contact.options import SERVER_OPTIONS
 from contact.router import (
@@ -49,7 +50,7 @@ log = logging.getLogger("contact.server")
 PORT = 50051
 MAX_IN_FLIGHT = 32  # unanswered tasks per client: enough to hide a round trip
 GRACE_SECONDS = 3.0  # open calls get this long to finish at shutdown
-LEASE_CHECK_SECONDS = 0.5  # how often leases are checked: how late one may run out
+HOUSEKEEPING_SECONDS = 0.5  # how often leases are checked (how late one may run out)
 
 
 class ContactServicer(contact_pb2_grpc.ContactServicer):
@@ -118,7 +119,9 @@ class ContactServicer(contact_pb2_grpc.ContactServicer):
         try:
             async with owned_by(session, context, self.calls):  # ends with its registration
                 async for status in request_iterator:
-                    log.info("status from %s: %s", name, Quoted(status.msg))
+                    REPEATS.log(
+                        log, INFO, "status", name, "status from %s: %s", name, Quoted(status.msg)
+                    )
                     yield contact_pb2.Result(
                         ret=f"{len(session.in_flight)} of your tasks in flight, "
                         f"{self._router.queued()} queued"
@@ -205,10 +208,11 @@ class ContactServer:
         if not answer.done():
             answer.set_exception(TaskFailedError(f"task {task.id} failed: {reason}"))
 
-    async def _expire_leases(self) -> None:
+    async def _housekeeping(self) -> None:
         while True:
-            await asyncio.sleep(LEASE_CHECK_SECONDS)
+            await asyncio.sleep(HOUSEKEEPING_SECONDS)
             self._router.expire_leases()
+            REPEATS.flush(log)
 
     async def __aenter__(self) -> ContactServer:
         self._server = grpc.aio.server(options=SERVER_OPTIONS)  # needs a running loop
@@ -224,7 +228,7 @@ class ContactServer:
             raise OSError(f"cannot listen on {address}: {err}") from err
         await self._server.start()
         self._loop = asyncio.get_running_loop()
-        self._leases = asyncio.create_task(self._expire_leases())
+        self._housekeeper = asyncio.create_task(self._housekeeping())
         warn_if_exposed(self.host, self._credentials)
         tls = "" if self._credentials is None else " with TLS"
         log.info("listening on %s:%d%s", self.host, self.port, tls)
@@ -237,7 +241,7 @@ class ContactServer:
             self._router.in_flight(),
             self.grace,
         )
-        self._leases.cancel()
+        self._housekeeper.cancel()
         self._router.close()  # every getTask call ends: UNAVAILABLE
         await end_calls(self._servicer.calls, self.grace)  # answers on their way still land
         await self._server.stop(self.grace)

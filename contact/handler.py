@@ -36,9 +36,11 @@ class HandlerPool:
             raise ValueError("a pool needs at least one thread")
         self._handler = handler
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._tasks: queue.SimpleQueue[tuple[contact_pb2.ServerMsg, Done]] = queue.SimpleQueue()
+        self._tasks: queue.SimpleQueue[tuple[contact_pb2.ServerMsg, Done] | None]
+        self._tasks = queue.SimpleQueue()  # None: the thread that takes it ends
         self._finished: deque[tuple[Done, contact_pb2.ServerMsg, str]] = deque()
         self._delivery_scheduled = False
+        self._size = size
         for number in range(size):
             threading.Thread(target=self._work, name=f"handler-{number}", daemon=True).start()
 
@@ -62,9 +64,18 @@ class HandlerPool:
             log.exception("the handler failed on task %s", task.id)
             return f"error: {type(err).__name__}: {err}"
 
+    def close(self) -> None:
+        """Drop the tasks not started yet, and end each thread after its
+        current task (whose answer then goes nowhere)."""
+        with contextlib.suppress(queue.Empty):
+            while True:
+                self._tasks.get_nowait()
+        for _ in range(self._size):
+            self._tasks.put(None)
+
     def _work(self) -> None:
-        while True:
-            task, done = self._tasks.get()
+        while (job := self._tasks.get()) is not None:
+            task, done = job
             self._finished.append((done, task, self.answer(task)))
             if not self._delivery_scheduled:
                 self._delivery_scheduled = True

@@ -13,6 +13,7 @@ import grpc
 from google.protobuf.message import DecodeError
 
 from contact import CLIENT_ID_KEY, CLIENT_NAME, CLIENT_NAME_RULE, MAX_IN_FLIGHT_KEY
+from contact.logtext import REPEATS
 from contact.tls import certified_name_mismatch
 
 log = logging.getLogger("contact.metadata")
@@ -78,7 +79,8 @@ async def refuse(
     context: grpc.aio.ServicerContext, code: grpc.StatusCode, problem: str
 ) -> NoReturn:
     """Log why a call is refused, and end it with `code`."""
-    log.warning("refused a call from %s: %s", context.peer(), problem)
+    peer = context.peer()
+    REPEATS.log(log, logging.WARNING, "refused", peer, "refused a call from %s: %s", peer, problem)
     await context.abort(code, problem)
     raise AssertionError("context.abort returned")  # it always raises
 

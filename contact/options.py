@@ -24,6 +24,13 @@ grpc.max_receive_message_length / grpc.max_send_message_length (both
   sides): an explicit cap of MAX_MESSAGE_BYTES, so an oversized message is
   refused with RESOURCE_EXHAUSTED and neither side sends what the other
   would refuse.
+grpc.max_concurrent_streams (server): at most MAX_STREAMS_PER_CONNECTION
+  calls at once on one connection; the client waits for a free slot before
+  it opens more. A real client needs three, and a process that serves many
+  names shares one connection between them (gRPC shares a connection between
+  channels to the same address unless told otherwise), so the cap is well
+  above that; but one connection can no longer make the server hold tens of
+  thousands of open calls.
 grpc.so_reuseport = 0 (server): gRPC sets SO_REUSEPORT by default, so a
   second server on a busy port would start "successfully" and share it;
   fail instead.
@@ -40,6 +47,7 @@ from contact import MAX_MESSAGE_BYTES
 
 KEEPALIVE_TIME_MS = 15_000
 KEEPALIVE_TIMEOUT_MS = 10_000
+MAX_STREAMS_PER_CONNECTION = 100
 
 _SHARED = [
     ("grpc.keepalive_time_ms", KEEPALIVE_TIME_MS),
@@ -53,6 +61,7 @@ _SHARED = [
 SERVER_OPTIONS = [
     *_SHARED,
     ("grpc.http2.min_recv_ping_interval_without_data_ms", 10_000),
+    ("grpc.max_concurrent_streams", MAX_STREAMS_PER_CONNECTION),
     ("grpc.so_reuseport", 0),
 ]
 

@@ -17,7 +17,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from contact.logtext import Quoted
+from contact.logtext import REPEATS, Quoted
 
 log = logging.getLogger("contact.router")
 
@@ -245,7 +245,16 @@ class Router:
         task = self._tasks.get(task_id)
         if task is None:
             outcome = Outcome.DUPLICATE if self._was_issued(task_id) else Outcome.UNKNOWN
-            log.info("%s result for task %s from %s ignored", outcome.value, Quoted(task_id), name)
+            REPEATS.log(
+                log,
+                logging.INFO,
+                "ignored result",
+                name,
+                "%s result for task %s from %s ignored",
+                outcome.value,
+                Quoted(task_id),
+                name,
+            )
             if outcome is Outcome.DUPLICATE:
                 self._answers_again(name)  # late, but it is not hung
             return outcome

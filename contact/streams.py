@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Coroutine
-from typing import Any, NoReturn
+from collections.abc import Awaitable, Coroutine
+from typing import Any, NoReturn, TypeVar
 
 import grpc
 
@@ -16,8 +16,20 @@ import grpc
 HANG_UP_SECONDS = 1.0
 
 
+T = TypeVar("T")
+
+
 class StreamEndedError(Exception):
-    """The server ended a stream without an error; reconnect."""
+    """The server ended a stream without an error, or stopped answering; reconnect."""
+
+
+async def answered_within(answer: Awaitable[T], seconds: float, what: str) -> T:
+    """Await the server's `answer` to `what`, for at most `seconds`: a server
+    that accepts a call but never answers it is as good as gone."""
+    try:
+        return await asyncio.wait_for(answer, seconds)
+    except asyncio.TimeoutError:
+        raise StreamEndedError(f"no answer to {what} in {seconds:.0f} s") from None
 
 
 async def ended(call: grpc.aio.Call, stream: str) -> NoReturn:

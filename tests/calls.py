@@ -44,6 +44,7 @@ async def send_raw(
     metadata = () if name is None else ((CLIENT_ID_KEY, name),)
     path = f"/contact.Contact/{method}"
     async with grpc.aio.insecure_channel(f"127.0.0.1:{port}", options=UNLIMITED) as channel:
+        registration: Any = None
         if registered and method != GET and name is not None:
             registration = channel.unary_stream(f"/contact.Contact/{GET}")(b"", metadata=metadata)
             await registration.initial_metadata()
@@ -62,6 +63,9 @@ async def send_raw(
                     await call.write(raw)
                 await call.done_writing()
         code: grpc.StatusCode = await asyncio.wait_for(call.code(), 5)
+        if registration is not None:
+            registration.cancel()
+            await registration.code()  # ended before the channel closes
         return code
 
 

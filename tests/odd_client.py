@@ -18,7 +18,7 @@ import time
 
 from contact import contact_pb2
 from contact.cli import LOG_FORMAT
-from contact_client import run
+from contact_client import RefusedError, run
 
 
 def main() -> None:
@@ -30,6 +30,7 @@ def main() -> None:
     args = parser.parse_args()
 
     def odd(task: contact_pb2.ServerMsg) -> str:
+        logging.info("started task %s", task.id)
         time.sleep(args.sleep)
         if task.task == "poison":
             os._exit(3)  # as a crash would: no clean-up, no answer
@@ -39,7 +40,11 @@ def main() -> None:
         return odd_answers.get(task.task, task.task.upper())  # type: ignore[return-value]
 
     logging.basicConfig(level=logging.INFO, format=LOG_FORMAT)
-    asyncio.run(run(odd, args.server, args.name, concurrency=args.concurrency))
+    try:
+        asyncio.run(run(odd, args.server, args.name, concurrency=args.concurrency))
+    except RefusedError as err:
+        logging.error("the server refused this client: %s", err)
+        raise SystemExit(1) from None
 
 
 if __name__ == "__main__":

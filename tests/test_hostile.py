@@ -141,16 +141,25 @@ def test_a_flood_of_registrations_and_takeovers(
     flood = 300
 
     async def attack() -> tuple[int, int]:
+        # Each registration on a connection of its own, as separate clients
+        # have: one connection carries at most 100 calls at once.
+        own = [("grpc.use_local_subchannel_pool", 1)]
+        channels = [
+            grpc.aio.insecure_channel(f"127.0.0.1:{port}", options=own) for _ in range(flood)
+        ]
+        calls = [
+            contact_pb2_grpc.ContactStub(channel).getTask(
+                contact_pb2.Empty(), metadata=((CLIENT_ID_KEY, f"flood-{i}"),)
+            )
+            for i, channel in enumerate(channels)
+        ]
+        echoed = await asyncio.gather(*(call.initial_metadata() for call in calls))
+        registered = sum(md.get(CLIENT_ID_KEY, "").startswith("flood-") for md in echoed)
+        for call in calls:
+            call.cancel()
+        await asyncio.gather(*(channel.close() for channel in channels))
         async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
             stub = contact_pb2_grpc.ContactStub(channel)
-            calls = [
-                stub.getTask(contact_pb2.Empty(), metadata=((CLIENT_ID_KEY, f"flood-{i}"),))
-                for i in range(flood)
-            ]
-            echoed = await asyncio.gather(*(call.initial_metadata() for call in calls))
-            registered = sum(md.get(CLIENT_ID_KEY, "").startswith("flood-") for md in echoed)
-            for call in calls:
-                call.cancel()
             twins = []
             for _ in range(50):  # each registration under one name replaces the last
                 twin = stub.getTask(contact_pb2.Empty(), metadata=((CLIENT_ID_KEY, "twin"),))

@@ -6,7 +6,8 @@ from __future__ import annotations
 
 import asyncio
 import re
-from collections.abc import Callable
+import time
+from collections.abc import AsyncIterator, Callable
 
 import grpc
 import pytest
@@ -14,6 +15,7 @@ import pytest
 from contact import CLIENT_ID_KEY, MAX_IN_FLIGHT_KEY, contact_pb2, contact_pb2_grpc
 from contact_server import ContactServer, TaskFailedError
 from tests.processes import Process, start_server
+from tests.proxy import Proxy
 from tests.test_window import logged_at
 
 
@@ -89,3 +91,80 @@ def test_whatever_the_handler_does_the_task_gets_an_error_answer_and_the_next_is
         job = srv.wait_for(rf"task (\S+) queued for any client: '{text}'$").group(1)
         srv.wait_for(rf"task {re.escape(job)} result from odd: [\'\"]{error}[\'\"]$")
     assert odd.popen.poll() is None  # still serving
+
+
+def test_a_reconnect_during_a_long_task_does_not_start_it_again(
+    server: tuple[Process, int], processes: list[Process]
+) -> None:
+    srv, port = server
+
+    async def scenario() -> None:
+        async with Proxy(port) as proxy:
+            odd = Process(
+                "odd", "tests/odd_client.py", f"127.0.0.1:{proxy.port}", "odd", "--sleep", "3"
+            )
+            processes.append(odd)
+            await asyncio.to_thread(odd.wait_for, r"registered with .* as odd$")
+            srv.type("long task")
+            job = (await asyncio.to_thread(odd.wait_for, r"started task (\S+)")).group(1)
+            proxy.cut()  # the network drops in the middle of the task
+            await asyncio.to_thread(srv.wait_for, rf"task {job} requeued \(odd left\)")
+            await asyncio.to_thread(odd.wait_for, r"registered with .* as odd$", 10.0, 2)
+            await asyncio.to_thread(srv.wait_for, rf"task {job} sent to odd", 10.0, 2)
+            await asyncio.to_thread(srv.wait_for, rf"task {job} result from odd: 'LONG TASK'$")
+            assert odd.count(rf"started task {job}") == 1  # sent twice, worked on once
+
+    asyncio.run(scenario())
+
+
+class NeverAnswers(contact_pb2_grpc.ContactServicer):  # type: ignore[misc]
+    """A server that accepts getTask calls and then says nothing at all."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    async def getTask(self, request: object, context: object) -> AsyncIterator[object]:
+        self.calls += 1
+        await asyncio.Event().wait()
+        yield contact_pb2.ServerMsg()  # never reached
+
+
+def test_a_client_retries_a_server_that_never_answers_registration(
+    processes: list[Process],
+) -> None:
+    async def scenario() -> None:
+        stuck = NeverAnswers()
+        server = grpc.aio.server()
+        contact_pb2_grpc.add_ContactServicer_to_server(stuck, server)
+        port = server.add_insecure_port("127.0.0.1:0")
+        await server.start()
+        client = Process("client", "contact_client.py", "--server", f"127.0.0.1:{port}")
+        processes.append(client)
+        line = await asyncio.to_thread(client.wait_for, r"unavailable \((.*)\)", 15.0)
+        assert "no answer to getTask in 5 s" in line.group(1)
+        assert stuck.calls >= 1
+        started = time.monotonic()
+        while stuck.calls < 2:  # it tries again, after a backoff of under a second
+            assert time.monotonic() - started < 5
+            await asyncio.sleep(0.05)
+        await server.stop(0)
+
+    asyncio.run(scenario())
+
+
+def test_a_busy_client_that_is_taken_over_stops_within_a_second(
+    server: tuple[Process, int], processes: list[Process], client: Callable[..., Process]
+) -> None:
+    srv, port = server
+    old = Process("old", "tests/odd_client.py", f"127.0.0.1:{port}", "twin", "--sleep", "1")
+    processes.append(old)
+    old.wait_for(r"registered with .* as twin$")
+    srv.type(*(f"busy {i}" for i in range(8)))
+    old.wait_for(r"started task")  # one running, three more waiting at it
+    client("twin", port)  # the new twin takes over
+    taken_over = time.monotonic()
+    assert old.exit_code(3) == 1
+    assert time.monotonic() - taken_over < 1.5
+    old.wait_for(r"refused this client: ABORTED: a newer client registered as twin")
+    assert old.count(r"started task") <= 2  # at most the one that was running, and none after
+    srv.wait_for(r"result from twin: 'BUSY \d'$", count=8, timeout=20)
