@@ -17,6 +17,7 @@ import pytest
 from contact import CLIENT_ID_KEY, MAX_MESSAGE_BYTES, contact_pb2, contact_pb2_grpc
 from tests.calls import GET, STATUS, TELL, send_raw
 from tests.processes import ROOT, Process, start_server
+from tests.test_limits import REPEAT
 
 
 def task_id(server: Process, text: str) -> str:
@@ -101,8 +102,9 @@ def test_the_same_client_process_reconnects_to_a_restarted_server(
     assert worker.count(r"unavailable") == 1  # said once, not once per retry
 
 
+@pytest.mark.parametrize("run", range(REPEAT))
 def test_sigterm_stops_the_server_within_its_grace_period(
-    processes: list[Process], client: Callable[..., Process]
+    processes: list[Process], client: Callable[..., Process], run: int
 ) -> None:
     srv, port = start_server("--grace", "2")
     processes.append(srv)
