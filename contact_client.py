@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import logging
 from collections import deque
 from collections.abc import Callable
@@ -59,6 +60,9 @@ MAX_BACKOFF = 10.0  # the longest wait between retries, seconds
 # one that has not answered in this long is stuck (while gRPC core may still
 # answer its pings): treat it as unavailable, and retry.
 ANSWER_WITHIN_SECONDS = 5.0
+# When a call fails, how long to wait for getTask's own status (which says
+# why: shutdown, takeover) before reporting the failure as it came.
+REGISTRATION_STATUS_SECONDS = 0.25
 
 
 def handle_task(task: contact_pb2.ServerMsg) -> str:
@@ -136,6 +140,7 @@ async def one_connection(
             await results  # returns once the server has read every answer
         except (grpc.aio.AioRpcError, StreamEndedError) as err:
             if not work.done():
+                await why_registration_ended(tasks)  # the authoritative reason, if any
                 raise
             log.warning("the server did not confirm the last answers (%s)", err)
         finally:
@@ -151,6 +156,16 @@ async def confirm_registration(tasks: grpc.aio.UnaryStreamCall, name: str) -> No
     if echoed is None or echoed.get(CLIENT_ID_KEY) != name:
         await tasks.read()  # raises the refusal as AioRpcError
         raise StreamEndedError("the server sent no registration")
+
+
+async def why_registration_ended(tasks: grpc.aio.UnaryStreamCall) -> None:
+    """When one call fails, the others often fail with it (a shutdown, a
+    takeover), each with its own status; getTask's says why. Raise it if
+    getTask ended with an error, giving it a moment to arrive."""
+    with contextlib.suppress(asyncio.TimeoutError):
+        code = await asyncio.wait_for(asyncio.shield(tasks.code()), REGISTRATION_STATUS_SECONDS)
+        if code != grpc.StatusCode.OK:
+            await ended(tasks, "task")
 
 
 async def receive_tasks(tasks: grpc.aio.UnaryStreamCall, work: Work) -> None:
