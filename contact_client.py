@@ -170,7 +170,9 @@ async def why_registration_ended(tasks: grpc.aio.UnaryStreamCall) -> None:
 
 async def receive_tasks(tasks: grpc.aio.UnaryStreamCall, work: Work) -> None:
     """Start work on every task the server pushes, as soon as it arrives."""
-    async for task in tasks:
+    # Each read is shielded: if another call fails first, cancelling this
+    # reader must not cancel getTask, whose own status says why (see above).
+    while (task := await asyncio.shield(tasks.read())) is not grpc.aio.EOF:
         work.start(task)
     await ended(tasks, "task")
 

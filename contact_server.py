@@ -42,7 +42,7 @@ from contact.router import (
 from contact.sessions import end_calls, owned_by, registration
 from contact.signals import stop_event
 from contact.stdin import read_tasks
-from contact.tls import warn_if_exposed
+from contact.tls import listen, warn_if_exposed
 
 log = logging.getLogger("contact.server")
 
@@ -199,14 +199,20 @@ class ContactServer:
 
     def _answered(self, task: Task, name: str, text: str) -> None:
         log.info("task %s result from %s: %s", task.id, name, Quoted(text))
-        answer = self._answers.pop(task.id)
-        if not answer.done():  # the submitter may have stopped waiting
-            answer.set_result(text)
+        self._settle(task, text)
 
     def _failed(self, task: Task, reason: str) -> None:
+        self._settle(task, TaskFailedError(f"task {task.id} failed: {reason}"))
+
+    def _settle(self, task: Task, outcome: str | Exception) -> None:
+        """Hand the submitter of `task` its answer, or why there is none."""
         answer = self._answers.pop(task.id)
-        if not answer.done():
-            answer.set_exception(TaskFailedError(f"task {task.id} failed: {reason}"))
+        if answer.done():  # the submitter stopped waiting
+            return
+        if isinstance(outcome, Exception):
+            answer.set_exception(outcome)
+        else:
+            answer.set_result(outcome)
 
     async def _housekeeping(self) -> None:
         while True:
@@ -218,14 +224,7 @@ class ContactServer:
         self._server = grpc.aio.server(options=SERVER_OPTIONS)  # needs a running loop
         self._servicer = ContactServicer(self._router)
         contact_pb2_grpc.add_ContactServicer_to_server(self._servicer, self._server)
-        address = f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
-        try:
-            if self._credentials is None:
-                self.port = self._server.add_insecure_port(address)
-            else:
-                self.port = self._server.add_secure_port(address, self._credentials)
-        except RuntimeError as err:  # how grpc says a port cannot be bound
-            raise OSError(f"cannot listen on {address}: {err}") from err
+        self.port = listen(self._server, self.host, self.port, self._credentials)
         await self._server.start()
         self._loop = asyncio.get_running_loop()
         self._housekeeper = asyncio.create_task(self._housekeeping())
@@ -247,10 +246,9 @@ class ContactServer:
         await self._server.stop(self.grace)
         unanswered = self._router.unfinished()
         for task in unanswered:
-            answer = self._answers.pop(task.id)
-            if not answer.done():
-                why = f"the server closed before task {task.id} was answered"
-                answer.set_exception(TaskNotAnsweredError(why))
+            self._settle(
+                task, TaskNotAnsweredError(f"the server closed before task {task.id} was answered")
+            )
         log.info("stopped; tasks never answered: %d", len(unanswered))
 
 
