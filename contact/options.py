@@ -28,9 +28,9 @@ grpc.max_concurrent_streams (server): at most MAX_STREAMS_PER_CONNECTION
   calls at once on one connection; the client waits for a free slot before
   it opens more. A real client needs three, and a process that serves many
   names shares one connection between them (gRPC shares a connection between
-  channels to the same address unless told otherwise), so the cap is well
-  above that; but one connection can no longer make the server hold tens of
-  thousands of open calls.
+  channels to the same address unless told otherwise; calls past the cap
+  wait, they do not fail), so the cap is far above that. One connection can
+  no longer make the server hold tens of thousands of open calls.
 grpc.so_reuseport = 0 (server): gRPC sets SO_REUSEPORT by default, so a
   second server on a busy port would start "successfully" and share it;
   fail instead.
@@ -47,7 +47,7 @@ from contact import MAX_MESSAGE_BYTES
 
 KEEPALIVE_TIME_MS = 15_000
 KEEPALIVE_TIMEOUT_MS = 10_000
-MAX_STREAMS_PER_CONNECTION = 100
+MAX_STREAMS_PER_CONNECTION = 1000
 
 _SHARED = [
     ("grpc.keepalive_time_ms", KEEPALIVE_TIME_MS),

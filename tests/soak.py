@@ -190,10 +190,12 @@ async def chaos_client(
             await asyncio.sleep(rng.uniform(0, 0.3))
 
 
-def real_client(name: str, port: int) -> Process:
-    """A real client process; its handler dies of the poison task."""
+def real_client(name: str, port: int, wait: bool = True) -> Process:
+    """A real client process (once registered, if `wait`); its handler dies
+    of the poison task."""
     client = Process(name, "tests/odd_client.py", f"127.0.0.1:{port}", name)
-    client.wait_for(rf"registered with .* as {name}$")
+    if wait:
+        client.wait_for(rf"registered with .* as {name}$")
     return client
 
 
@@ -211,7 +213,7 @@ def restart_the_poisoned(real: list[Process], port: int, report: Report) -> None
         if client.popen.poll() is not None:
             assert client.popen.returncode == 3, client.output  # the poison's exit code
             report.poison_deaths += 1
-            real[index] = real_client(client.label, port)
+            real[index] = real_client(client.label, port, wait=False)  # the round goes on
 
 
 async def drive(
