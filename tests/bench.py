@@ -157,6 +157,7 @@ async def one_client(port: int, name: str) -> None:
         stub = contact_pb2_grpc.ContactStub(channel)
         metadata = ((CLIENT_ID_KEY, name),)
         tasks = stub.getTask(contact_pb2.Empty(), metadata=metadata)
+        await tasks.initial_metadata()  # registered: only now are results accepted
         results = stub.tellResult(metadata=metadata)
         async for task in tasks:
             await results.write(contact_pb2.Result(id=task.id, ret=task.task))

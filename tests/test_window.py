@@ -19,7 +19,12 @@ from tests.processes import Process, start_server
 TASKS = 5
 
 
-def check_held_by_a_raw_client(
+@pytest.mark.parametrize(
+    ("server_max", "asked", "held"),
+    [(32, "2", 2), (3, "1000", 3), (3, None, 3), (32, "99999999999999999999", 5)],
+    ids=["honoured", "capped", "defaulted", "huge-capped"],
+)
+def test_a_client_is_sent_at_most_what_it_asked_for_and_the_server_allows(
     processes: list[Process],
     client: Callable[..., Process],
     server_max: int,
@@ -52,21 +57,6 @@ def check_held_by_a_raw_client(
             call.cancel()  # its tasks go back, and the bystander answers them too
 
     asyncio.run(scenario())
-
-
-@pytest.mark.parametrize(
-    ("server_max", "asked", "held"),
-    [(32, "2", 2), (3, "1000", 3), (3, None, 3), (32, "99999999999999999999", 5)],
-    ids=["honoured", "capped", "defaulted", "huge-capped"],
-)
-def test_a_client_is_sent_at_most_what_it_asked_for_and_the_server_allows(
-    processes: list[Process],
-    client: Callable[..., Process],
-    server_max: int,
-    asked: str | None,
-    held: int,
-) -> None:
-    check_held_by_a_raw_client(processes, client, server_max, asked, held)
 
 
 @pytest.mark.parametrize("value", ["0", "-1", "abc", "1.5", " 2", "9" * 21, "+2", "0x10"])
