@@ -75,7 +75,9 @@ def test_a_flood_of_status_lines_writes_little_to_the_log(
             for number in range(lines):
                 await status.write(contact_pb2.ClientMsg(msg=f"status line {number}"))
                 await status.read()
-            assert time.monotonic() - started < 30
+            took = time.monotonic() - started
+            print(f"{lines} status lines sent (each answered) in {took:.1f} s")
+            assert took < 30
             await status.done_writing()
             registration.cancel()
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 import asyncio
 import re
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 
 import grpc
 import pytest
@@ -117,39 +117,20 @@ def test_a_reconnect_during_a_long_task_does_not_start_it_again(
     asyncio.run(scenario())
 
 
-class NeverAnswers(contact_pb2_grpc.ContactServicer):  # type: ignore[misc]
-    """A server that accepts getTask calls and then says nothing at all."""
-
-    def __init__(self) -> None:
-        self.calls = 0
-
-    async def getTask(self, request: object, context: object) -> AsyncIterator[object]:
-        self.calls += 1
-        await asyncio.Event().wait()
-        yield contact_pb2.ServerMsg()  # never reached
-
-
 def test_a_client_retries_a_server_that_never_answers_registration(
     processes: list[Process],
 ) -> None:
-    async def scenario() -> None:
-        stuck = NeverAnswers()
-        server = grpc.aio.server()
-        contact_pb2_grpc.add_ContactServicer_to_server(stuck, server)
-        port = server.add_insecure_port("127.0.0.1:0")
-        await server.start()
-        client = Process("client", "contact_client.py", "--server", f"127.0.0.1:{port}")
-        processes.append(client)
-        line = await asyncio.to_thread(client.wait_for, r"unavailable \((.*)\)", 15.0)
-        assert "no answer to getTask in 5 s" in line.group(1)
-        assert stuck.calls >= 1
-        started = time.monotonic()
-        while stuck.calls < 2:  # it tries again, after a backoff of under a second
-            assert time.monotonic() - started < 5
-            await asyncio.sleep(0.05)
-        await server.stop(0)
-
-    asyncio.run(scenario())
+    stuck = Process("stuck", "tests/fake_server.py", "never-answers")
+    processes.append(stuck)
+    port = stuck.wait_for(r"listening on 127\.0\.0\.1:(\d+)").group(1)
+    client = Process("client", "contact_client.py", "--server", f"127.0.0.1:{port}")
+    processes.append(client)
+    stuck.wait_for(r"getTask call")
+    first = time.monotonic()
+    line = client.wait_for(r"unavailable \((.*)\)", timeout=15)
+    assert "no answer to getTask in 5 s" in line.group(1)
+    stuck.wait_for(r"getTask call", count=2, timeout=5)  # it tries again, after a short backoff
+    assert time.monotonic() - first < 15
 
 
 def test_a_busy_client_that_is_taken_over_stops_within_a_second(
@@ -164,7 +145,9 @@ def test_a_busy_client_that_is_taken_over_stops_within_a_second(
     client("twin", port)  # the new twin takes over
     taken_over = time.monotonic()
     assert old.exit_code(3) == 1
-    assert time.monotonic() - taken_over < 1.5
+    stopped = time.monotonic() - taken_over
+    print(f"the old client stopped {stopped:.2f} s after the takeover")
+    assert stopped < 1.0
     old.wait_for(r"refused this client: ABORTED: a newer client registered as twin")
     assert old.count(r"started task") <= 2  # at most the one that was running, and none after
     srv.wait_for(r"result from twin: 'BUSY \d'$", count=8, timeout=20)
