@@ -133,6 +133,7 @@ async def one_connection(
             await first_to_finish(
                 receive_tasks(tasks, work),
                 send_answers(results, work),
+                watch_results(results, work),
                 report_status(status, work, status_every),
             )
             # The task limit is reached and every answer written.
@@ -172,9 +173,19 @@ async def receive_tasks(tasks: grpc.aio.UnaryStreamCall, work: Work) -> None:
     """Start work on every task the server pushes, as soon as it arrives."""
     # Each read is shielded: if another call fails first, cancelling this
     # reader must not cancel getTask, whose own status says why (see above).
-    while (task := await asyncio.shield(tasks.read())) is not grpc.aio.EOF:
+    while True:
+        read = asyncio.ensure_future(tasks.read())
+        read.add_done_callback(retrieved)  # if abandoned, its error is already known
+        if (task := await asyncio.shield(read)) is grpc.aio.EOF:
+            break
         work.start(task)
     await ended(tasks, "task")
+
+
+def retrieved(read: asyncio.Future[object]) -> None:
+    """Mark the outcome of a read as seen, so asyncio does not log it."""
+    if not read.cancelled():
+        read.exception()
 
 
 async def send_answers(results: grpc.aio.StreamUnaryCall, work: Work) -> None:
@@ -189,6 +200,14 @@ async def send_answers(results: grpc.aio.StreamUnaryCall, work: Work) -> None:
             await ended(results, "result")
         work.unsent.popleft()  # only once written: a lost connection keeps it
         work.answered += 1
+
+
+async def watch_results(results: grpc.aio.StreamUnaryCall, work: Work) -> None:
+    """Notice at once when the server ends tellResult: a write racing that
+    end can wait for ever (seen with grpcio 1.85), so do not rely on it."""
+    await results.code()
+    if not work.done():
+        await ended(results, "result")
 
 
 async def report_status(status: grpc.aio.StreamStreamCall, work: Work, every: float) -> None:

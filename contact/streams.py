@@ -73,4 +73,6 @@ async def first_to_finish(*coroutines: Coroutine[Any, Any, None]) -> None:
     finally:
         for task in running:
             task.cancel()
-        await asyncio.gather(*running, return_exceptions=True)
+        # Bounded: a coroutine stuck inside a gRPC write may not end when
+        # cancelled; it ends with its call, which the caller is closing.
+        await asyncio.wait(running, timeout=HANG_UP_SECONDS)
