@@ -39,8 +39,9 @@ demo: $(RUNTIME)  ## the whole story in one terminal: a server, two clients, a f
 test: $(DEV)  ## the whole test suite
 	$(PY) -m pytest
 
-soak: $(DEV)  ## the long fault test: 2 x 10,000 tasks under chaos; prints its figures
+soak: $(DEV)  ## the long fault test: 2 x 10,000 tasks under chaos, then again with --journal and server kills
 	$(PY) -m tests.soak
+	$(PY) -m tests.soak --journal
 
 bench: $(DEV)  ## the project against a lean grpcio baseline, in one run; prints a table
 	$(PY) -m tests.bench

@@ -1,7 +1,7 @@
 """The contact server: pushes tasks to the clients that dialled in, and hears
 their answers back.
 
-    python contact_server.py [--host 127.0.0.1] [--port 50051]
+    python contact_server.py [--host 127.0.0.1] [--port 50051] [--journal FILE]
                              [--tls-cert FILE --tls-key FILE [--client-ca FILE]]
 
 Type one task per line: `TEXT` goes to any connected client, `@NAME TEXT`
@@ -19,6 +19,7 @@ import argparse
 import asyncio
 import concurrent.futures
 import logging
+import os
 from collections.abc import AsyncIterator
 from logging import INFO
 from typing import Any
@@ -27,6 +28,7 @@ import grpc
 from google.protobuf.message import DecodeError
 
 from contact import CLIENT_ID_KEY, cli, contact_pb2, contact_pb2_grpc
+from contact.journal import SYNC, SYNC_MODES, Journal, JournalError
 from contact.logtext import REPEATS, Quoted
 from contact.metadata import client_name, refuse_malformed, requested_window
 from contact.options import SERVER_OPTIONS
@@ -144,7 +146,11 @@ class ContactServer:
     gracefully on exit (as Ctrl-C does on the command line).
 
         async with ContactServer(port=0) as server:
-            answer = await server.submit("hello")
+            answer = await server.ask("hello")
+
+    With `journal` (a file name), every unfinished task is kept in that file
+    (contact/journal.py): a server started again on it, after a crash or a
+    clean stop, queues them again.
     """
 
     def __init__(
@@ -157,15 +163,20 @@ class ContactServer:
         max_attempts: int | None = MAX_ATTEMPTS,
         grace: float = GRACE_SECONDS,
         credentials: grpc.ServerCredentials | None = None,
+        journal: str | os.PathLike[str] | None = None,
+        journal_sync: str = SYNC,
     ) -> None:
         self.host, self.port, self.grace = host, port, grace
         self._credentials = credentials
+        self._journal_file, self._journal_sync = journal, journal_sync
+        self._journal: Journal | None = None  # open while the server runs
         self._router = Router(
             max_in_flight,
             self._answered,
             task_timeout=task_timeout,
             max_attempts=max_attempts,
             on_failed=self._failed,
+            on_requeued=self._requeued,
         )
         self._answers: dict[str, asyncio.Future[str]] = {}
         self._loop: asyncio.AbstractEventLoop | None = None  # the loop it runs on, once started
@@ -175,15 +186,34 @@ class ContactServer:
         """Whether the server has begun shutting down (it takes no more tasks)."""
         return self._router.closed
 
-    def submit(self, text: str, target: str | None = None, **fields: Any) -> asyncio.Future[str]:
-        """Queue a task now (for `target` only, if given; `fields` fill more
+    async def submit(
+        self, text: str, target: str | None = None, **fields: Any
+    ) -> asyncio.Future[str]:
+        """Queue a task (for `target` only, if given; `fields` fill more
         ServerMsg fields) and return a future of the first accepted answer's
-        text. It raises TaskNotAnsweredError if the server closes first."""
+        text, which raises TaskNotAnsweredError if the server closes first.
+
+        It returns once the task is queued: with a journal, once it is
+        committed there, so that no crash from then on loses it (it raises
+        JournalError if that failed). Tasks submitted together share one
+        commit, so submit many at once with asyncio.gather."""
+        if {"task", "id"} & fields.keys():
+            raise ValueError("the fields task and id are the server's to fill")
         contact_pb2.ServerMsg(**fields)  # a field the proto lacks: fail here, not at sending
-        task = self._router.submit(text, target, **fields)
+        task = self._router.new_task(text, target, **fields)
+        if self._journal is not None:
+            await self._journal.added(task)
         answer = asyncio.get_running_loop().create_future()
-        self._answers[task.id] = answer
+        if self._router.closed:  # it closed while the task was being written
+            answer.set_exception(self._not_answered(task))
+        else:
+            self._answers[task.id] = answer
+            self._router.queue(task)
         return answer
+
+    async def ask(self, text: str, target: str | None = None, **fields: Any) -> str:
+        """`submit` a task and wait for its answer."""
+        return await (await self.submit(text, target, **fields))
 
     def submit_threadsafe(
         self, text: str, target: str | None = None, **fields: Any
@@ -191,23 +221,31 @@ class ContactServer:
         """`submit`, from any thread other than the server's event loop's."""
         if self._loop is None:
             raise RuntimeError("the server is not running")
-
-        async def answer() -> str:
-            return await self.submit(text, target, **fields)
-
-        return asyncio.run_coroutine_threadsafe(answer(), self._loop)
+        return asyncio.run_coroutine_threadsafe(self.ask(text, target, **fields), self._loop)
 
     def _answered(self, task: Task, name: str, text: str) -> None:
         log.info("task %s result from %s: %s", task.id, name, Quoted(text))
         self._settle(task, text)
+        if self._journal is not None:  # only now: a crash before this repeats the task
+            self._journal.answered(task)
 
     def _failed(self, task: Task, reason: str) -> None:
         self._settle(task, TaskFailedError(f"task {task.id} failed: {reason}"))
+        if self._journal is not None:
+            self._journal.failed(task, reason)
+
+    def _requeued(self, task: Task) -> None:
+        if self._journal is not None:
+            self._journal.requeued(task)  # its attempts count survives a restart
+
+    def _not_answered(self, task: Task) -> TaskNotAnsweredError:
+        kept = "" if self._journal is None else " (it stays in the journal for the next start)"
+        return TaskNotAnsweredError(f"the server closed before task {task.id} was answered{kept}")
 
     def _settle(self, task: Task, outcome: str | Exception) -> None:
         """Hand the submitter of `task` its answer, or why there is none."""
-        answer = self._answers.pop(task.id)
-        if answer.done():  # the submitter stopped waiting
+        answer = self._answers.pop(task.id, None)
+        if answer is None or answer.done():  # recovered from a journal, or nobody waits
             return
         if isinstance(outcome, Exception):
             answer.set_exception(outcome)
@@ -221,10 +259,16 @@ class ContactServer:
             REPEATS.flush(log)
 
     async def __aenter__(self) -> ContactServer:
+        if self._journal_file is not None:
+            self._resume_from_journal()  # before any client is served
         self._server = grpc.aio.server(options=SERVER_OPTIONS)  # needs a running loop
         self._servicer = ContactServicer(self._router)
         contact_pb2_grpc.add_ContactServicer_to_server(self._servicer, self._server)
-        self.port = listen(self._server, self.host, self.port, self._credentials)
+        try:
+            self.port = listen(self._server, self.host, self.port, self._credentials)
+        except OSError:
+            await self._close_journal()
+            raise
         await self._server.start()
         self._loop = asyncio.get_running_loop()
         self._housekeeper = asyncio.create_task(self._housekeeping())
@@ -232,6 +276,20 @@ class ContactServer:
         tls = "" if self._credentials is None else " with TLS"
         log.info("listening on %s:%d%s", self.host, self.port, tls)
         return self
+
+    def _resume_from_journal(self) -> None:
+        """Open the journal (JournalError if it cannot be used) and queue again
+        every task it holds unfinished."""
+        assert self._journal_file is not None
+        journal = Journal(self._journal_file, self._journal_sync)
+        log.info("journal %s: %d unfinished tasks recovered", journal.path, len(journal.recovered))
+        self._router.resume(journal.run, journal.earlier_runs, journal.recovered)
+        self._journal = journal
+
+    async def _close_journal(self) -> None:
+        if self._journal is not None:
+            await self._journal.close()  # commits what is pending: answers that just came
+            self._journal = None
 
     async def __aexit__(self, *exc_info: object) -> None:
         log.info(
@@ -246,10 +304,10 @@ class ContactServer:
         await self._server.stop(self.grace)
         unanswered = self._router.unfinished()
         for task in unanswered:
-            self._settle(
-                task, TaskNotAnsweredError(f"the server closed before task {task.id} was answered")
-            )
-        log.info("stopped; tasks never answered: %d", len(unanswered))
+            self._settle(task, self._not_answered(task))
+        kept = " (kept in the journal for the next start)" if self._journal and unanswered else ""
+        await self._close_journal()
+        log.info("stopped; tasks never answered: %d%s", len(unanswered), kept)
 
 
 # --- The command line: tasks typed on standard input ---------------------------
@@ -266,24 +324,38 @@ async def serve(args: argparse.Namespace, credentials: grpc.ServerCredentials | 
         max_attempts=args.max_attempts,
         grace=args.grace,
         credentials=credentials,
+        journal=args.journal,
+        journal_sync=args.journal_sync,
     )
+    typed: set[asyncio.Task[None]] = set()  # lines being queued (a reference keeps each alive)
 
     def submit(text: str, target: str | None) -> None:
-        if server.closed:
-            log.warning("ignored input line: the server is shutting down")
-            return
-        # The answer is logged; nobody here waits for it.
-        server.submit(text, target).add_done_callback(lambda answer: answer.exception())
+        queuing = asyncio.ensure_future(queue_line(server, text, target))
+        typed.add(queuing)
+        queuing.add_done_callback(typed.discard)
 
     try:
         async with server:
             log.info("type a task per line (TEXT or @NAME TEXT)")
             read_tasks(asyncio.get_running_loop(), submit)
             await stop.wait()
-    except OSError as err:
+    except (OSError, JournalError) as err:
         log.error("%s", err)
         return 1
     return 0
+
+
+async def queue_line(server: ContactServer, text: str, target: str | None) -> None:
+    """Submit a typed task. Its answer is logged when it comes; nobody here waits for it."""
+    if server.closed:
+        log.warning("ignored input line: the server is shutting down")
+        return
+    try:
+        answer = await server.submit(text, target)
+    except JournalError as err:
+        log.error("task not queued: %s", err)
+        return
+    answer.add_done_callback(lambda answer: answer.exception())
 
 
 def main() -> int:
@@ -295,6 +367,8 @@ def main() -> int:
     option("--task-timeout", type=cli.seconds, default=TASK_TIMEOUT_SECONDS, help="0: none")
     option("--max-attempts", type=cli.positive_int, default=MAX_ATTEMPTS, help="sends per task")
     option("--grace", type=cli.positive_float, default=GRACE_SECONDS, metavar="SECONDS")
+    option("--journal", metavar="FILE", help="keep unfinished tasks in this SQLite file")
+    option("--journal-sync", choices=SYNC_MODES, default=SYNC, help="full: survive power loss")
     cli.add_common_arguments(parser, server=True)
     args = parser.parse_args()
     credentials = cli.server_tls(parser, args)

@@ -2,9 +2,11 @@
 few rules both sides must agree on that a .proto file cannot express.
 
 The other modules of this package are the machinery the two scripts import,
-one job each: `router` (the queue, no gRPC), `metadata` (what a call must
-carry), `options` (gRPC settings), `tls`, `stdin`, `logtext`, `streams`,
-`retry`, `signals`, `cli` and `handler`. None of them imports a script.
+one job each: `router` (the queue, no gRPC), `journal` (unfinished tasks
+on disk, for --journal), `sessions` (calls bound to a registration),
+`metadata` (what a call must carry), `options` (gRPC settings), `tls`,
+`stdin`, `logtext`, `streams`, `retry`, `signals`, `cli` and `handler`.
+None of them imports a script.
 
 Regenerate the stubs with `make proto`; never edit contact_pb2*.py by hand.
 """

@@ -13,7 +13,7 @@ import logging
 import secrets
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -46,6 +46,9 @@ class Task:
     # that merely waited beside it are then not charged for its attempts.
     suspect: bool = False
     lease_ends: float = 0.0  # while in flight: when it is taken back unanswered
+    # Read back from a journal at start: before the restart it may have been
+    # sent to any client, so a result for it is accepted from any client.
+    recovered: bool = False
 
 
 class Session:
@@ -122,11 +125,13 @@ class Router:
       (None: for ever): `expire_leases` takes back those that ran out, as if
       their holder had left, and the holder gets no more work until it
       answers again. A task sent `max_attempts` times and taken back each
-      time fails: `on_failed(task, reason)` is called and it is dropped.
+      time fails: `on_failed(task, reason)` is called and it is dropped;
+      one taken back with attempts left calls `on_requeued(task)`.
 
     Everything lives in memory: delivery is at-least-once while the process
-    runs. All methods are synchronous and must be called from one thread
-    (the event loop's); `Session.next_task` is the only one that waits.
+    runs (and across restarts, with a journal: contact/journal.py). All
+    methods are synchronous and must be called from one thread (the event
+    loop's); `Session.next_task` is the only one that waits.
     """
 
     def __init__(
@@ -137,6 +142,7 @@ class Router:
         task_timeout: float | None = TASK_TIMEOUT_SECONDS,
         max_attempts: int | None = MAX_ATTEMPTS,
         on_failed: Callable[[Task, str], None] | None = None,
+        on_requeued: Callable[[Task], None] | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         if max_in_flight < 1:
@@ -149,8 +155,10 @@ class Router:
         self.task_timeout, self.max_attempts = task_timeout, max_attempts
         self.closed = False
         self._on_answer, self._on_failed, self._clock = on_answer, on_failed, clock
+        self._on_requeued = on_requeued
         self._leases: dict[str, Task] = {}  # tasks in flight, the soonest to run out first
         self._run = secrets.token_hex(3)  # keeps ids unique across restarts
+        self._earlier_runs: set[str] = set()  # runs whose tasks `resume` took over
         self._issued = 0
         self._tasks: dict[str, Task] = {}  # every unfinished task, by id
         self._queue: deque[Task] = deque()  # tasks for any client, waiting
@@ -166,20 +174,44 @@ class Router:
 
     def submit(self, text: str, target: str | None = None, **fields: Any) -> Task:
         """Add a task; it is sent at once if a client has room."""
+        task = self.new_task(text, target, **fields)
+        self.queue(task)
+        return task
+
+    def new_task(self, text: str, target: str | None = None, **fields: Any) -> Task:
+        """A task with a new id, not queued yet (`queue` does that, once it
+        is safe elsewhere: in a journal, say)."""
         if self.closed:
             raise RuntimeError("the router is closed")
         self._issued += 1
-        task = Task(id=f"{self._run}-{self._issued}", text=text, target=target, fields=fields)
+        return Task(id=f"{self._run}-{self._issued}", text=text, target=target, fields=fields)
+
+    def resume(self, run: str, earlier_runs: Iterable[str], tasks: Iterable[Task]) -> None:
+        """Take over from earlier runs of the server (read back from a
+        journal), before anything else: new ids start with `run`, results
+        for the ids of `earlier_runs` are known to be late, and `tasks` are
+        queued again, in their order."""
+        if self._issued or self._tasks:
+            raise RuntimeError("resume before any task is submitted")
+        self._run, self._earlier_runs = run, set(earlier_runs)
+        for task in tasks:
+            self.queue(task)
+
+    def queue(self, task: Task) -> None:
+        """Queue a task from `new_task` (or `resume`); it is sent at once if a client has room."""
+        if self.closed:
+            raise RuntimeError("the router is closed")
         self._tasks[task.id] = task
-        log.info("task %s queued for %s: %s", task.id, target or "any client", Quoted(text))
-        if target is None:
+        how = "recovered" if task.recovered else "queued"
+        target = task.target or "any client"
+        log.info("task %s %s for %s: %s", task.id, how, target, Quoted(task.text))
+        if task.target is None:
             self._queue.append(task)
             self._spread()
         else:
-            self._waiting.setdefault(target, deque()).append(task)
-            if target in self._sessions:
-                self._fill(self._sessions[target])
-        return task
+            self._waiting.setdefault(task.target, deque()).append(task)
+            if task.target in self._sessions:
+                self._fill(self._sessions[task.target])
 
     def connect(self, name: str, window: int | None = None) -> Session:
         """Register a client that wants up to `window` tasks at once (None or
@@ -258,7 +290,7 @@ class Router:
             if outcome is Outcome.DUPLICATE:
                 self._answers_again(name)  # late, but it is not hung
             return outcome
-        if name not in task.given_to:
+        if name not in task.given_to and not task.recovered:
             log.warning("result for task %s refused: %s was never given it", task_id, name)
             return Outcome.NOT_GIVEN
         del self._tasks[task_id]
@@ -370,10 +402,13 @@ class Router:
             log.error("task %s failed: %s: %s", task.id, reason, Quoted(task.text))
             if self._on_failed is not None:
                 self._on_failed(task, reason)
-        elif task.target is None:
+            return
+        if task.target is None:
             self._queue.appendleft(task)
         else:
             self._waiting.setdefault(task.target, deque()).appendleft(task)
+        if may_fail and self._on_requeued is not None:
+            self._on_requeued(task)
 
     def _fill(self, session: Session) -> None:
         """Give `session` work up to its window: its own waiting tasks first."""
@@ -404,10 +439,8 @@ class Router:
 
     def _was_issued(self, task_id: str) -> bool:
         run, _, number = task_id.rpartition("-")
-        return (
-            run == self._run
-            and number.isascii()
-            and number.isdigit()
-            and len(number) <= 20  # int() refuses strings of thousands of digits
-            and 0 < int(number) <= self._issued
-        )
+        if not (number.isascii() and number.isdigit() and len(number) <= 20):
+            return False  # (int() refuses strings of thousands of digits)
+        if run in self._earlier_runs:
+            return int(number) > 0
+        return run == self._run and 0 < int(number) <= self._issued

@@ -8,6 +8,10 @@ WARNING), and `baseline` is the leanest getTask/tellResult echo written here
 each task at once with its own text. Each figure is the median of --repeats
 runs, and each row shows project, baseline and their ratio.
 
+The journal rows compare ContactServer as shipped (tasks submitted with
+`ask`, answers awaited) with --journal in a temporary folder against the
+same server without one: what keeping tasks on disk costs.
+
     python -m tests.bench [--repeats 5] [--tasks 20000] [--latency-tasks 2000] [--scale 1000]
 """
 
@@ -21,6 +25,7 @@ import os
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -32,7 +37,7 @@ import contact_client
 from contact import CLIENT_ID_KEY, contact_pb2, contact_pb2_grpc
 from contact.options import SERVER_OPTIONS
 from contact.router import Outcome, Router
-from contact_server import ContactServicer
+from contact_server import ContactServer, ContactServicer
 from tests.measure import own_peak_rss_mb
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -114,15 +119,42 @@ class Baseline(contact_pb2_grpc.ContactServicer):  # type: ignore[misc]
         return contact_pb2.Empty()
 
 
-async def serve_one_measurement(impl: str, mode: str, clients: int, tasks: int) -> None:
+class Served:
+    """ContactServer as your code uses it: `ask` per task, with --journal
+    FILE (`sync` its --journal-sync) or, with `sync` None, without one."""
+
+    def __init__(self, sync: str | None, folder: str) -> None:
+        journal = None if sync is None else Path(folder, "bench.journal")
+        self.server = ContactServer(port=0, journal=journal, journal_sync=sync or "full")
+        self.answers: list[asyncio.Future[str]] = []
+
+    def clients(self) -> int:
+        return len(self.server._router._sessions)
+
+    def submit(self, count: int) -> None:
+        self.answers += [asyncio.ensure_future(self.server.ask(f"task {n}")) for n in range(count)]
+
+    async def wait_finished(self, total: int) -> None:
+        await asyncio.gather(*self.answers[:total])
+
+
+async def serve_one_measurement(
+    impl: str, mode: str, clients: int, tasks: int, folder: str
+) -> None:
     """Run one server, wait for `clients`, measure, print the figures as JSON."""
     # "project-info" is the project with its tutorial logging: a line per event.
     logging.basicConfig(level=logging.INFO if impl == "project-info" else logging.WARNING)
-    target: Project | Baseline = Baseline() if impl == "baseline" else Project()
-    server = grpc.aio.server(options=None if impl == "baseline" else SERVER_OPTIONS)
-    contact_pb2_grpc.add_ContactServicer_to_server(target.servicer, server)
-    port = server.add_insecure_port("127.0.0.1:0")
-    await server.start()
+    target: Project | Baseline | Served
+    if impl.startswith("server"):  # "server", "server-journal-full", "server-journal-normal"
+        target = Served(impl.rpartition("-")[2] if "journal" in impl else None, folder)
+        await target.server.__aenter__()
+        port = target.server.port
+    else:
+        target = Baseline() if impl == "baseline" else Project()
+        server = grpc.aio.server(options=None if impl == "baseline" else SERVER_OPTIONS)
+        contact_pb2_grpc.add_ContactServicer_to_server(target.servicer, server)
+        port = server.add_insecure_port("127.0.0.1:0")
+        await server.start()
     print(json.dumps({"port": port}), flush=True)
     while target.clients() < clients:
         await asyncio.sleep(0.01)
@@ -181,8 +213,9 @@ async def run_shipped_client(port: int, name: str, prefetch: int) -> None:
 def measure(impl: str, mode: str, clients: int, tasks: int) -> dict[str, float]:
     """One measurement: a server process, client processes, the figures."""
     command = [sys.executable, "-m", "tests.bench"]
+    folder = tempfile.TemporaryDirectory(prefix="contact-bench-")  # on this machine's disk
     server = subprocess.Popen(
-        [*command, "serve", impl, mode, str(clients), str(tasks)],
+        [*command, "serve", impl, mode, str(clients), str(tasks), folder.name],
         cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
     )  # fmt: skip
     assert server.stdout is not None
@@ -208,6 +241,7 @@ def measure(impl: str, mode: str, clients: int, tasks: int) -> dict[str, float]:
             if process.poll() is None:
                 process.kill()
             process.wait(10)
+        folder.cleanup()
 
 
 ROWS = [
@@ -227,7 +261,15 @@ ROWS = [
     ("latency p99, 1 task in flight (ms)", "latency", 1, "p99_ms", False, None),
     ("{scale} clients, 1 task each (ms)", "scale", 0, "ms", False, 1.5),
     ("{scale} clients: server peak RSS (MB)", "scale", 0, "peak_rss_mb", False, None),
+    # The "project" is ContactServer as shipped; the "baseline" is the same
+    # server without a journal, except in the first of these rows.
+    ("ContactServer, ask per task, 1 client (tasks/s)", "served", 1, "tasks_per_s", True, None),
+    ("  with --journal, 1 client (tasks/s)", "journal-full", 1, "tasks_per_s", True, 0.67),
+    ("  with --journal, 4 clients (tasks/s)", "journal-full", 4, "tasks_per_s", True, 0.67),
+    ("  --journal-sync normal, 1 client", "journal-normal", 1, "tasks_per_s", True, 0.67),
+    ("  --journal-sync normal, 4 clients", "journal-normal", 4, "tasks_per_s", True, 0.67),
 ]
+JOURNAL_IMPLS = ["server", "server-journal-full", "server-journal-normal"]
 
 
 def shown(value: float) -> str:
@@ -237,7 +279,7 @@ def shown(value: float) -> str:
 def main() -> int:
     if len(sys.argv) > 1 and sys.argv[1] == "serve":
         impl, mode, clients, tasks = sys.argv[2], sys.argv[3], int(sys.argv[4]), int(sys.argv[5])
-        asyncio.run(serve_one_measurement(impl, mode, clients, tasks))
+        asyncio.run(serve_one_measurement(impl, mode, clients, tasks, sys.argv[6]))
         return 0
     if len(sys.argv) > 1 and sys.argv[1] == "clients":
         port, count, prefix = int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
@@ -271,6 +313,7 @@ def main() -> int:
                 if mode == "throughput" and clients == 1
                 else []
             )
+            impls += JOURNAL_IMPLS if mode == "throughput" else []
             for impl in impls:  # interleaved, so drift hits both alike
                 print(f"repeat {repeat + 1}/{args.repeats}: {impl} {mode} x{clients}", flush=True)
                 runs.setdefault((impl, mode, clients), []).append(
@@ -280,6 +323,14 @@ def main() -> int:
     runs[("baseline", "throughput-info", 1)] = runs[("baseline", "throughput", 1)]
     runs[("project", "throughput-shipped", 1)] = runs[("project-shipped", "throughput", 1)]
     runs[("baseline", "throughput-shipped", 1)] = runs[("baseline", "throughput", 1)]
+    runs[("project", "served", 1)] = runs[("server", "throughput", 1)]
+    runs[("baseline", "served", 1)] = runs[("baseline", "throughput", 1)]
+    for clients in (1, 4):
+        for sync in ("full", "normal"):
+            runs[("project", f"journal-{sync}", clients)] = runs[
+                (f"server-journal-{sync}", "throughput", clients)
+            ]
+            runs[("baseline", f"journal-{sync}", clients)] = runs[("server", "throughput", clients)]
 
     print(f"\nmachine: {os.cpu_count()} cores, Python {sys.version.split()[0]}, "
           f"grpcio {grpc.__version__}; project logging at WARNING unless said; "

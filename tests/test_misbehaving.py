@@ -57,8 +57,8 @@ def test_a_task_that_kills_every_client_fails_and_the_rest_are_answered(
 ) -> None:
     async def scenario() -> None:
         async with ContactServer(port=0, max_attempts=3, grace=1) as server:
-            poison = server.submit("poison")
-            healthy = [server.submit(f"healthy {i}") for i in range(6)]
+            poison = await server.submit("poison")
+            healthy = [await server.submit(f"healthy {i}") for i in range(6)]
             for number in range(4):  # each dies of the poison it is sent, but the last
                 name = f"victim-{number}"
                 odd = Process(name, "tests/odd_client.py", f"127.0.0.1:{server.port}", name)

@@ -6,7 +6,7 @@ import asyncio
 
 import pytest
 
-from contact.router import REPLACED, SHUTDOWN, Outcome, Router, Session
+from contact.router import REPLACED, SHUTDOWN, Outcome, Router, Session, Task
 
 
 def assigned(session: Session) -> list[str]:
@@ -351,3 +351,42 @@ def test_tasks_that_waited_beside_a_poison_task_are_not_failed_with_it() -> None
     while router.in_flight():
         answer_all(router, third)
     assert failed == ["poison"] and router.queued() == 0
+
+
+def test_resume_requeues_recovered_tasks_first_and_any_client_may_answer_them() -> None:
+    router = Router()
+    recovered = [
+        Task(id="old.1-7", text="seven", attempts=2, suspect=True, recovered=True),
+        Task(id="old.1-9", text="nine", recovered=True),
+    ]
+    router.resume("old.2", ["old.1"], recovered)
+    fresh = router.submit("new")
+    assert fresh.id == "old.2-1"
+    assert router.queued() == 3
+    alice = router.connect("alice")
+    assert assigned(alice) == ["seven"]  # a suspect task travels alone
+    # Before the restart "nine" may have been sent to anyone: bob's answer counts.
+    assert router.complete("bob", "old.1-9", "NINE") is Outcome.ACCEPTED
+    assert router.complete("bob", fresh.id, "NEW") is Outcome.NOT_GIVEN  # as ever
+    # A late answer for a task an earlier run finished is a duplicate, not unknown.
+    assert router.complete("alice", "old.1-3", "THREE") is Outcome.DUPLICATE
+    assert router.complete("alice", "gone.1-3", "THREE") is Outcome.UNKNOWN
+
+
+def test_resume_comes_before_any_task() -> None:
+    router = Router()
+    router.submit("too soon")
+    with pytest.raises(RuntimeError, match="before any task"):
+        router.resume("run", [], [])
+
+
+def test_on_requeued_hears_each_task_taken_back_with_attempts_left() -> None:
+    requeued: list[tuple[str, int]] = []
+    router = Router(on_requeued=lambda task: requeued.append((task.text, task.attempts)))
+    alice = router.connect("alice")
+    router.submit("one")
+    router.disconnect(alice)
+    assert requeued == [("one", 1)]
+    router.connect("bob")
+    router.close()  # a shutdown is no attempt of the task's
+    assert requeued == [("one", 1)]

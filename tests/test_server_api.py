@@ -14,8 +14,8 @@ from contact_server import ContactServer, TaskNotAnsweredError
 def test_a_task_unanswered_at_shutdown_raises_for_its_submitter() -> None:
     async def scenario() -> None:
         async with ContactServer(port=0, grace=0) as server:
-            answer = server.submit("nobody will answer this")
-            targeted = server.submit("nor this", target="absent")
+            answer = await server.submit("nobody will answer this")
+            targeted = await server.submit("nor this", target="absent")
         with pytest.raises(TaskNotAnsweredError, match="the server closed before task"):
             await answer
         with pytest.raises(TaskNotAnsweredError):
@@ -28,7 +28,9 @@ def test_a_field_the_proto_lacks_is_refused_when_submitted() -> None:
     async def scenario() -> None:
         async with ContactServer(port=0, grace=0) as server:
             with pytest.raises(ValueError, match="no_such_field"):
-                server.submit("text", no_such_field="x")
+                await server.submit("text", no_such_field="x")
+            with pytest.raises(ValueError, match="the server's to fill"):
+                await server.submit("text", id="mine")
             assert server._router.queued() == 0
 
     asyncio.run(scenario())
@@ -43,7 +45,7 @@ def test_submit_after_shutdown_and_threadsafe_submit_before_start_are_refused() 
         async with server:
             pass
         with pytest.raises(RuntimeError, match="closed"):
-            server.submit("too late")
+            await server.submit("too late")
 
     asyncio.run(scenario())
 

@@ -18,3 +18,11 @@ def test_no_task_is_lost_or_answered_twice_under_faults() -> None:
     assert report.chaos_sessions > 8 * 2
     assert report.leases_run_out > 0  # the hung clients' tasks were rescued
     assert len(report.failed) == 2  # one poison task a round
+
+
+def test_with_a_journal_no_task_is_lost_when_the_server_is_killed() -> None:
+    report = soak(parse([*SHORT, "--journal", "--server-kills", "2", "--seconds", "60"]))
+    print("\n".join(report.lines()))
+    assert report.server_kills == 4  # 2 a round, 2 rounds
+    assert report.kills == 6
+    assert len(report.failed) == 2  # the poison tasks still fail, across restarts
