@@ -81,6 +81,26 @@ def test_copy_into_a_project_and_add_a_field(processes: list[Process], tmp_path:
     assert server.exit_code(10) == 0, server.output
     assert worker.exit_code(10) == 0, worker.output
 
+    # Your field is kept in a journal too, and read back after a restart.
+    keep_and_read_back = """
+import asyncio
+from contact.journal import Journal
+from contact.router import Task
+
+async def keep() -> None:
+    journal = Journal("tasks.journal")
+    await journal.added(Task(id="x-1", text="hello", fields={"priority": "high"}))
+    await journal.close()
+
+asyncio.run(keep())
+print(Journal("tasks.journal").recovered[0].fields)
+"""
+    done = subprocess.run(
+        [sys.executable, "-c", keep_and_read_back],
+        cwd=project, env={**env, **alone}, capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert done.stdout == "{'priority': 'high'}\n", done.stdout + done.stderr
+
 
 INLINE_COMMAND = re.compile(r"`((?:make|python|\.venv\S*python|py) [^`]*)`")
 
