@@ -150,7 +150,8 @@ class ContactServer:
 
     With `journal` (a file name), every unfinished task is kept in that file
     (contact/journal.py): a server started again on it, after a crash or a
-    clean stop, queues them again.
+    clean stop, queues them again. Entering raises JournalError if the file
+    cannot be used.
     """
 
     def __init__(
@@ -259,8 +260,9 @@ class ContactServer:
             REPEATS.flush(log)
 
     async def __aenter__(self) -> ContactServer:
-        if self._journal_file is not None:
-            self._resume_from_journal()  # before any client is served
+        if self._journal_file is not None:  # its unfinished tasks go first, before any client
+            journal = self._journal = Journal(self._journal_file, self._journal_sync)
+            self._router.resume(journal.run, journal.earlier_runs, journal.recovered)
         self._server = grpc.aio.server(options=SERVER_OPTIONS)  # needs a running loop
         self._servicer = ContactServicer(self._router)
         contact_pb2_grpc.add_ContactServicer_to_server(self._servicer, self._server)
@@ -276,15 +278,6 @@ class ContactServer:
         tls = "" if self._credentials is None else " with TLS"
         log.info("listening on %s:%d%s", self.host, self.port, tls)
         return self
-
-    def _resume_from_journal(self) -> None:
-        """Open the journal (JournalError if it cannot be used) and queue again
-        every task it holds unfinished."""
-        assert self._journal_file is not None
-        journal = Journal(self._journal_file, self._journal_sync)
-        log.info("journal %s: %d unfinished tasks recovered", journal.path, len(journal.recovered))
-        self._router.resume(journal.run, journal.earlier_runs, journal.recovered)
-        self._journal = journal
 
     async def _close_journal(self) -> None:
         if self._journal is not None:

@@ -106,6 +106,7 @@ class Journal:
         except sqlite3.Error as err:
             self._db.close()
             raise self._error(err) from None
+        log.info("journal %s: %d unfinished tasks recovered", self.path, len(self.recovered))
 
     # -- what the server reports --
 
