@@ -23,11 +23,11 @@ import contextlib
 import logging
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass, field
 
 import grpc
 
 from contact import (
+    ACCEPTS_CANCEL_KEY,
     CLIENT_ID_KEY,
     MAX_IN_FLIGHT_KEY,
     cli,
@@ -36,7 +36,7 @@ from contact import (
     default_client_name,
 )
 from contact.handler import Handler, HandlerPool
-from contact.logtext import Quoted
+from contact.logtext import Quoted, counted
 from contact.options import client_channel
 from contact.retry import FINAL_CODES, backoff
 from contact.signals import on_stop_signal
@@ -66,8 +66,9 @@ REGISTRATION_STATUS_SECONDS = 0.25
 
 
 def handle_task(task: contact_pb2.ServerMsg) -> str:
-    """The work for one task: return the answer. Pass your own to `run`; it
-    runs in a worker thread, so it may block or take long."""
+    """The work for one task: return the answer, or raise to fail the task.
+    Pass your own to `run`: a plain function runs in a worker thread, so it
+    may block or take long; an `async def` runs on the event loop."""
     return task.task.upper()
 
 
@@ -75,33 +76,54 @@ class RefusedError(Exception):
     """The server refused this client for good (a bad name, a takeover, ...)."""
 
 
-@dataclass
 class Work:
-    """The client's work, across reconnections: the handler's threads, the
-    tasks they are on, and answers not yet sent."""
+    """The client's work, across reconnections: the handlers, the tasks they
+    are on, and answers not yet sent."""
 
-    handlers: HandlerPool
-    running: set[str] = field(default_factory=set)  # ids of the tasks being worked on
-    unsent: deque[contact_pb2.Result] = field(default_factory=deque)
-    answer_ready: asyncio.Event = field(default_factory=asyncio.Event)
-    answered: int = 0
-    max_tasks: int | None = None  # return once this many are answered; None: never
+    def __init__(self, handler: Handler, concurrency: int, max_tasks: int | None) -> None:
+        self.handlers = HandlerPool(handler, concurrency, self._finished)
+        self.running: set[str] = set()  # ids of the tasks being worked on
+        self.withdrawn: set[str] = set()  # of those, the ones whose answer is not wanted
+        self.unsent: deque[contact_pb2.Result] = deque()
+        self.answer_ready = asyncio.Event()
+        self.answered = 0  # answers and failures sent
+        self.max_tasks = max_tasks  # return once this many are answered; None: never
 
     def done(self) -> bool:
         """Whether the task limit is reached: every answer it asks for is written."""
         return self.max_tasks is not None and self.answered >= self.max_tasks
 
-    def start(self, task: contact_pb2.ServerMsg) -> None:
-        """Work on `task` unless it is already running (the server sent it
-        again after a reconnect); its answer joins `unsent` when done."""
-        if task.id not in self.running:
-            self.running.add(task.id)
-            self.handlers.submit(task, self._finished)
+    def start(self, message: contact_pb2.ServerMsg) -> None:
+        """Work on a task unless it is already running (the server sent it
+        again after a reconnect), or stop one the server withdrew."""
+        if message.cancelled:
+            self.withdraw(message.id)
+        elif message.id not in self.running:
+            self.running.add(message.id)
+            self.handlers.submit(message)
 
-    def _finished(self, task: contact_pb2.ServerMsg, answer: str) -> None:
-        log.info("task %s: %s -> %s", task.id, Quoted(task.task), Quoted(answer))
+    def withdraw(self, task_id: str) -> None:
+        """The server no longer wants an answer to `task_id`: stop it if we can."""
+        if task_id not in self.running:
+            return  # answered already; the server ignores that answer
+        how = self.handlers.withdraw(task_id)
+        if how is None:  # a plain handler runs it to the end
+            self.withdrawn.add(task_id)
+            how = "its answer will be dropped"
+        else:
+            self.running.discard(task_id)
+        log.info("task %s withdrawn by the server: %s", task_id, how)
+
+    def _finished(self, task: contact_pb2.ServerMsg, result: contact_pb2.Result) -> None:
         self.running.discard(task.id)
-        self.unsent.append(contact_pb2.Result(id=task.id, ret=answer))
+        if task.id in self.withdrawn:
+            self.withdrawn.discard(task.id)
+            return
+        if result.error:
+            log.warning("task %s: %s failed: %s", task.id, Quoted(task.task), Quoted(result.error))
+        else:
+            log.info("task %s: %s -> %s", task.id, Quoted(task.task), Quoted(result.ret))
+        self.unsent.append(result)
         self.answer_ready.set()
 
 
@@ -122,7 +144,8 @@ async def one_connection(
     metadata = ((CLIENT_ID_KEY, name),)
     # getTask: register, and ask for up to `window` tasks at a time.
     tasks = stub.getTask(
-        contact_pb2.Empty(), metadata=(*metadata, (MAX_IN_FLIGHT_KEY, str(window)))
+        contact_pb2.Empty(),
+        metadata=(*metadata, (MAX_IN_FLIGHT_KEY, str(window)), (ACCEPTS_CANCEL_KEY, "1")),
     )
     try:
         await confirm_registration(tasks, name)
@@ -213,7 +236,7 @@ async def watch_results(results: grpc.aio.StreamUnaryCall, work: Work) -> None:
 async def report_status(status: grpc.aio.StreamStreamCall, work: Work, every: float) -> None:
     """Send a status line every `every` seconds and log each answer."""
     while True:
-        line = contact_pb2.ClientMsg(msg=f"alive, {work.answered} tasks answered")
+        line = contact_pb2.ClientMsg(msg=f"alive, {counted(work.answered, 'task')} answered")
         try:
             await status.write(line)
         except asyncio.InvalidStateError:  # the server has ended the stream
@@ -221,7 +244,7 @@ async def report_status(status: grpc.aio.StreamStreamCall, work: Work, every: fl
         ack = await answered_within(status.read(), ANSWER_WITHIN_SECONDS, "a status line")
         if ack is grpc.aio.EOF:
             await ended(status, "status")
-        log.info("server acknowledged status: %s", ack.ret)
+        log.debug("server acknowledged status: %s", ack.ret)
         await asyncio.sleep(every)
 
 
@@ -242,9 +265,15 @@ async def run(
 ) -> None:
     """Answer the tasks of `server` with `handler`, reconnecting whenever the
     connection is lost, until `max_tasks` are answered (or forever). Raise
-    RefusedError if the server refuses this client for good."""
+    RefusedError if the server refuses this client for good.
+
+    `handler(task)` gets the whole ServerMsg (`task.attempt` says which
+    delivery this is) and returns the answer; a plain function runs in one of
+    `concurrency` threads, an `async def` on the loop. If it raises, the task
+    fails: its submitter gets TaskError with the message. Each run() has a
+    connection of its own, so many can run in one process."""
     name = name or default_client_name()
-    work = Work(HandlerPool(handler, concurrency), max_tasks=max_tasks)
+    work = Work(handler, concurrency, max_tasks)
     delays, outage = backoff(max_backoff), False  # an outage is said once, not per retry
 
     def registered() -> None:
@@ -259,7 +288,7 @@ async def run(
                 async with client_channel(server, credentials) as channel:
                     window = concurrency + prefetch
                     await one_connection(channel, name, window, work, status_every, registered)
-                log.info("answered %d tasks; exiting", work.answered)
+                log.info("answered %s; exiting", counted(work.answered, "task"))
                 return
             except grpc.aio.AioRpcError as err:
                 if err.code() in FINAL_CODES:
@@ -305,14 +334,34 @@ async def run_until_signal(
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=cli.HelpFormatter
+    )
     option = parser.add_argument
     option("--server", default=SERVER, help="the server's host:port")
-    option("--name", type=cli.client_name, default=default_client_name(), help="default: HOST-PID")
-    option("--concurrency", type=cli.positive_int, default=CONCURRENCY, help="tasks at once")
-    option("--max-tasks", type=cli.positive_int, help="exit after this many answers")
-    option("--status-every", type=cli.positive_float, default=STATUS_EVERY, metavar="SECONDS")
-    option("--max-backoff", type=cli.positive_float, default=MAX_BACKOFF, metavar="SECONDS")
+    option("--name", type=cli.client_name, help="the name to register as (default: HOST-PID)")
+    option(
+        "--concurrency",
+        type=cli.positive_int,
+        default=CONCURRENCY,
+        metavar="N",
+        help="tasks worked on at once",
+    )
+    option("--max-tasks", type=cli.positive_int, metavar="N", help="exit after this many answers")
+    option(
+        "--status-every",
+        type=cli.positive_float,
+        default=STATUS_EVERY,
+        metavar="SECONDS",
+        help="send a status line this often",
+    )
+    option(
+        "--max-backoff",
+        type=cli.positive_float,
+        default=MAX_BACKOFF,
+        metavar="SECONDS",
+        help="the longest wait between retries while the server is away",
+    )
     cli.add_common_arguments(parser, server=False)
     args = parser.parse_args()
     credentials = cli.client_tls(parser, args)

@@ -17,20 +17,32 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import concurrent.futures
 import logging
 import os
-from collections.abc import AsyncIterator
-from logging import INFO
+from collections.abc import AsyncIterator, Callable
+from logging import DEBUG
 from typing import Any
 
 import grpc
 from google.protobuf.message import DecodeError
 
-from contact import CLIENT_ID_KEY, cli, contact_pb2, contact_pb2_grpc
+from contact import (
+    CLIENT_ID_KEY,
+    cli,
+    contact_pb2,
+    contact_pb2_grpc,
+    one_line_error,
+    text_problem,
+)
 from contact.journal import SYNC, SYNC_MODES, Journal, JournalError
 from contact.logtext import REPEATS, Quoted
-from contact.metadata import client_name, refuse_malformed, requested_window
+from contact.metadata import (
+    accepts_cancel,
+    client_name,
+    refuse,
+    refuse_malformed,
+    requested_window,
+)
 from contact.options import SERVER_OPTIONS
 from contact.router import (
     MAX_ATTEMPTS,
@@ -44,7 +56,30 @@ from contact.router import (
 from contact.sessions import end_calls, owned_by, registration
 from contact.signals import stop_event
 from contact.stdin import read_tasks
+from contact.tasks import (
+    Answer,
+    TaskCancelledError,
+    TaskError,
+    TaskFailedError,
+    TaskHandle,
+    TaskNotAnsweredError,
+    ThreadsafeHandle,
+    check_task,
+    on_loop,
+    retrieved,
+)
 from contact.tls import listen, warn_if_exposed
+
+__all__ = [  # what code that uses the server imports from here
+    "Answer",
+    "ContactServer",
+    "TaskCancelledError",
+    "TaskError",
+    "TaskFailedError",
+    "TaskHandle",
+    "TaskNotAnsweredError",
+    "ThreadsafeHandle",
+]
 
 log = logging.getLogger("contact.server")
 
@@ -70,14 +105,20 @@ class ContactServicer(contact_pb2_grpc.ContactServicer):
         window = await requested_window(context)
         if self._router.closed:
             await context.abort(grpc.StatusCode.UNAVAILABLE, "the server is shutting down")
-        session = self._router.connect(name, window)
+        session = self._router.connect(name, window, accepts_cancel=accepts_cancel(context))
         log.info("client %s connected from %s", name, context.peer())
         try:
             # Echoing the name tells the client its registration was accepted.
             await context.send_initial_metadata(((CLIENT_ID_KEY, name),))
             while (task := await session.next_task()) is not None:
-                yield contact_pb2.ServerMsg(task=task.text, id=task.id, **task.fields)
+                if task.cancelled:  # a task it holds was withdrawn
+                    log.info("task %s withdrawn from %s", task.id, name)
+                    yield contact_pb2.ServerMsg(id=task.id, cancelled=True)
+                    continue
                 log.info("task %s sent to %s", task.id, name)
+                yield contact_pb2.ServerMsg(
+                    task=task.text, id=task.id, attempt=task.attempts, **task.fields
+                )
         finally:
             # Reached however the stream ends: client exit or crash, keepalive
             # timeout, takeover or shutdown. Unanswered tasks go back.
@@ -101,7 +142,15 @@ class ContactServicer(contact_pb2_grpc.ContactServicer):
         try:
             async with owned_by(session, context, self.calls):  # ends with its registration
                 async for result in request_iterator:
-                    if self._router.complete(name, result.id, result.ret) is Outcome.NOT_GIVEN:
+                    if problem := text_problem(result.ret):
+                        await refuse(
+                            context,
+                            grpc.StatusCode.INVALID_ARGUMENT,
+                            f"the answer to task {Quoted(result.id)} from {name}: {problem}",
+                        )
+                    error = one_line_error(result.error)
+                    outcome = self._router.complete(name, result.id, result.ret, error)
+                    if outcome is Outcome.NOT_GIVEN:
                         await context.abort(
                             grpc.StatusCode.PERMISSION_DENIED,
                             f"task {result.id} was never given to {name}",
@@ -121,24 +170,15 @@ class ContactServicer(contact_pb2_grpc.ContactServicer):
         try:
             async with owned_by(session, context, self.calls):  # ends with its registration
                 async for status in request_iterator:
-                    REPEATS.log(
-                        log, INFO, "status", name, "status from %s: %s", name, Quoted(status.msg)
-                    )
+                    if log.isEnabledFor(DEBUG):  # not at INFO: idle clients would fill the terminal
+                        line = Quoted(status.msg)
+                        REPEATS.log(log, DEBUG, "status", name, "status from %s: %s", name, line)
                     yield contact_pb2.Result(
                         ret=f"{len(session.in_flight)} of your tasks in flight, "
                         f"{self._router.queued()} queued"
                     )
         except DecodeError as err:
             await refuse_malformed(context, name, err)
-
-
-class TaskNotAnsweredError(Exception):
-    """The task will never be answered; the message says why."""
-
-
-class TaskFailedError(TaskNotAnsweredError):
-    """The task was sent too many times without an answer (it may be what
-    kills the clients that take it)."""
 
 
 class ContactServer:
@@ -151,7 +191,8 @@ class ContactServer:
     With `journal` (a file name), every unfinished task is kept in that file
     (contact/journal.py): a server started again on it, after a crash or a
     clean stop, queues them again. Entering raises JournalError if the file
-    cannot be used.
+    cannot be used. `on_answer(Answer)` is called on the server's loop for
+    every answer and every failure, those to recovered tasks included.
     """
 
     def __init__(
@@ -166,11 +207,13 @@ class ContactServer:
         credentials: grpc.ServerCredentials | None = None,
         journal: str | os.PathLike[str] | None = None,
         journal_sync: str = SYNC,
+        on_answer: Callable[[Answer], object] | None = None,
     ) -> None:
         self.host, self.port, self.grace = host, port, grace
         self._credentials = credentials
         self._journal_file, self._journal_sync = journal, journal_sync
         self._journal: Journal | None = None  # open while the server runs
+        self._on_answer = on_answer
         self._router = Router(
             max_in_flight,
             self._answered,
@@ -178,8 +221,9 @@ class ContactServer:
             max_attempts=max_attempts,
             on_failed=self._failed,
             on_requeued=self._requeued,
+            on_error=self._errored,
         )
-        self._answers: dict[str, asyncio.Future[str]] = {}
+        self._answers: dict[str, asyncio.Future[str]] = {}  # by task id, while awaited
         self._loop: asyncio.AbstractEventLoop | None = None  # the loop it runs on, once started
 
     @property
@@ -187,51 +231,97 @@ class ContactServer:
         """Whether the server has begun shutting down (it takes no more tasks)."""
         return self._router.closed
 
-    async def submit(
-        self, text: str, target: str | None = None, **fields: Any
-    ) -> asyncio.Future[str]:
-        """Queue a task (for `target` only, if given; `fields` fill more
-        ServerMsg fields) and return a future of the first accepted answer's
-        text, which raises TaskNotAnsweredError if the server closes first.
+    async def submit(self, text: str, target: str | None = None, **fields: Any) -> TaskHandle:
+        """Queue a task (for the client named `target` only, if given;
+        `fields` fill more ServerMsg fields) and return its handle.
 
         It returns once the task is queued: with a journal, once it is
         committed there, so that no crash from then on loses it (it raises
         JournalError if that failed). Tasks submitted together share one
-        commit, so submit many at once with asyncio.gather."""
-        if {"task", "id"} & fields.keys():
-            raise ValueError("the fields task and id are the server's to fill")
-        contact_pb2.ServerMsg(**fields)  # a field the proto lacks: fail here, not at sending
+        commit, so submit many at once with asyncio.gather. It raises
+        ValueError at once for a task that could never be sent."""
+        check_task(text, target, fields)
         task = self._router.new_task(text, target, **fields)
         if self._journal is not None:
             await self._journal.added(task)
         answer = asyncio.get_running_loop().create_future()
+        answer.add_done_callback(retrieved)  # a handle nobody awaits is no error
         if self._router.closed:  # it closed while the task was being written
             answer.set_exception(self._not_answered(task))
         else:
             self._answers[task.id] = answer
             self._router.queue(task)
-        return answer
+        return TaskHandle(task.id, answer, lambda: self.cancel(task.id))
 
-    async def ask(self, text: str, target: str | None = None, **fields: Any) -> str:
-        """`submit` a task and wait for its answer."""
-        return await (await self.submit(text, target, **fields))
+    async def ask(
+        self, text: str, target: str | None = None, *, timeout: float | None = None, **fields: Any
+    ) -> str:
+        """`submit` a task and wait for its answer, at most `timeout` seconds
+        (then raise asyncio.TimeoutError). A task it gives up on, or whose
+        caller is cancelled, is withdrawn."""
+        handle = await self.submit(text, target, **fields)
+        try:
+            return await handle.result(timeout)
+        except (asyncio.TimeoutError, asyncio.CancelledError):
+            handle.cancel()
+            raise
 
     def submit_threadsafe(
         self, text: str, target: str | None = None, **fields: Any
-    ) -> concurrent.futures.Future[str]:
-        """`submit`, from any thread other than the server's event loop's."""
-        if self._loop is None:
-            raise RuntimeError("the server is not running")
-        return asyncio.run_coroutine_threadsafe(self.ask(text, target, **fields), self._loop)
+    ) -> ThreadsafeHandle:
+        """`submit`, from any thread other than the server's event loop's: it
+        returns once the task is queued, with a concurrent.futures.Future of
+        its answer that carries its `id`, and whose `cancel` withdraws it."""
+        loop = self._loop
+        if loop is None or on_loop(loop):
+            raise RuntimeError("the server is not running, or this is its loop: await submit")
+
+        async def submit() -> ThreadsafeHandle:
+            return ThreadsafeHandle(await self.submit(text, target, **fields), loop)
+
+        return asyncio.run_coroutine_threadsafe(submit(), loop).result()
+
+    def cancel(self, task_id: str) -> bool:
+        """Withdraw the task `task_id` (see TaskHandle.cancel); False if it
+        has its outcome already or is no task of this server."""
+        task = self._router.cancel(task_id)
+        if task is None:
+            return False
+        log.info("task %s cancelled", task.id)
+        self._settle(task, TaskCancelledError(f"task {task.id} was cancelled"))
+        if self._journal is not None:
+            self._journal.finished(task)
+        return True
+
+    async def serve_until_stopped(self) -> None:
+        """Serve until SIGINT or SIGTERM arrives (Ctrl-C, or what kill,
+        systemd and Kubernetes send), then return: leaving `async with`
+        then shuts down gracefully, as the command line does."""
+        stop = stop_event()
+        log.info("serving until Ctrl-C or SIGTERM")
+        await stop.wait()
+
+    # -- how each task ends --
 
     def _answered(self, task: Task, name: str, text: str) -> None:
         log.info("task %s result from %s: %s", task.id, name, Quoted(text))
         self._settle(task, text)
+        self._tell_hook(Answer(task.id, task.text, name, text, None, task.recovered))
         if self._journal is not None:  # only now: a crash before this repeats the task
-            self._journal.answered(task)
+            self._journal.finished(task)
+
+    def _errored(self, task: Task, name: str, error: str) -> None:
+        log.warning("task %s failed at %s: %s", task.id, name, Quoted(error))
+        failure = TaskError(f"task {task.id} failed at {name}: {error}", name, error)
+        self._settle(task, failure)
+        self._tell_hook(Answer(task.id, task.text, name, None, failure, task.recovered))
+        if self._journal is not None:
+            self._journal.failed(task, f"failed at {name}: {error}")
 
     def _failed(self, task: Task, reason: str) -> None:
-        self._settle(task, TaskFailedError(f"task {task.id} failed: {reason}"))
+        failure = TaskFailedError(f"task {task.id} failed: {reason}")
+        self._settle(task, failure)
+        self._tell_hook(Answer(task.id, task.text, None, None, failure, task.recovered))
         if self._journal is not None:
             self._journal.failed(task, reason)
 
@@ -252,6 +342,13 @@ class ContactServer:
             answer.set_exception(outcome)
         else:
             answer.set_result(outcome)
+
+    def _tell_hook(self, answer: Answer) -> None:
+        if self._on_answer is not None:
+            try:
+                self._on_answer(answer)
+            except Exception:  # the hook is the user's code: it must not break the server
+                log.exception("the on_answer hook failed on task %s", answer.id)
 
     async def _housekeeping(self) -> None:
         while True:
@@ -308,7 +405,6 @@ class ContactServer:
 
 async def serve(args: argparse.Namespace, credentials: grpc.ServerCredentials | None) -> int:
     """Serve until SIGINT or SIGTERM, feeding typed lines in as tasks."""
-    stop = stop_event()
     server = ContactServer(
         args.host,
         args.port,
@@ -331,7 +427,7 @@ async def serve(args: argparse.Namespace, credentials: grpc.ServerCredentials | 
         async with server:
             log.info("type a task per line (TEXT or @NAME TEXT)")
             read_tasks(asyncio.get_running_loop(), submit)
-            await stop.wait()
+            await server.serve_until_stopped()
     except (OSError, JournalError) as err:
         log.error("%s", err)
         return 1
@@ -344,24 +440,55 @@ async def queue_line(server: ContactServer, text: str, target: str | None) -> No
         log.warning("ignored input line: the server is shutting down")
         return
     try:
-        answer = await server.submit(text, target)
+        await server.submit(text, target)
+    except ValueError as err:
+        log.warning("ignored input line: %s", err)
     except JournalError as err:
         log.error("task not queued: %s", err)
-        return
-    answer.add_done_callback(lambda answer: answer.exception())
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=cli.HelpFormatter
+    )
     option = parser.add_argument
     option("--host", default="127.0.0.1", help="address to listen on")
     option("--port", type=int, default=PORT, help="port (0: any free port)")
-    option("--max-in-flight", type=cli.positive_int, default=MAX_IN_FLIGHT, metavar="TASKS")
-    option("--task-timeout", type=cli.seconds, default=TASK_TIMEOUT_SECONDS, help="0: none")
-    option("--max-attempts", type=cli.positive_int, default=MAX_ATTEMPTS, help="sends per task")
-    option("--grace", type=cli.positive_float, default=GRACE_SECONDS, metavar="SECONDS")
+    option(
+        "--max-in-flight",
+        type=cli.positive_int,
+        default=MAX_IN_FLIGHT,
+        metavar="TASKS",
+        help="most unanswered tasks at one client",
+    )
+    option(
+        "--task-timeout",
+        type=cli.seconds,
+        default=TASK_TIMEOUT_SECONDS,
+        metavar="SECONDS",
+        help="take a task back from a client that holds it this long (0: never)",
+    )
+    option(
+        "--max-attempts",
+        type=cli.positive_int,
+        default=MAX_ATTEMPTS,
+        metavar="N",
+        help="sends of a task without an answer before it fails",
+    )
+    option(
+        "--grace",
+        type=cli.positive_float,
+        default=GRACE_SECONDS,
+        metavar="SECONDS",
+        help="at shutdown, how long open calls get to finish",
+    )
     option("--journal", metavar="FILE", help="keep unfinished tasks in this SQLite file")
-    option("--journal-sync", choices=SYNC_MODES, default=SYNC, help="full: survive power loss")
+    option(
+        "--journal-sync",
+        choices=SYNC_MODES,
+        default=SYNC,
+        help="full: a queued task survives power loss; normal: only a crash of the server",
+    )
     cli.add_common_arguments(parser, server=True)
     args = parser.parse_args()
     credentials = cli.server_tls(parser, args)

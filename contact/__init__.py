@@ -4,7 +4,8 @@ few rules both sides must agree on that a .proto file cannot express.
 The other modules of this package are the machinery the two scripts import,
 one job each: `router` (the queue, no gRPC), `journal` (unfinished tasks
 on disk, for --journal), `sessions` (calls bound to a registration),
-`metadata` (what a call must carry), `options` (gRPC settings), `tls`,
+`metadata` (what a call must carry), `options` (gRPC settings), `tasks`
+(task handles, outcomes and errors for code that submits), `tls`,
 `stdin`, `logtext`, `streams`, `retry`, `signals`, `cli` and `handler`.
 None of them imports a script.
 
@@ -22,6 +23,10 @@ CLIENT_ID_KEY = "client-id"
 # decimal integer of 1 or more; the server sends the smaller of that and its
 # own --max-in-flight, and its own when the key is absent.
 MAX_IN_FLIGHT_KEY = "max-in-flight"
+
+# getTask carries `accepts-cancel: 1` from a client that understands a
+# ServerMsg with `cancelled` set (a task withdrawn while it holds it).
+ACCEPTS_CANCEL_KEY = "accepts-cancel"
 
 # A name: what `@NAME task` addresses on the server. Printable ASCII without
 # spaces, so that it survives metadata, log lines and the `@NAME` syntax.
@@ -43,3 +48,26 @@ def default_client_name() -> str:
 # their task.
 MAX_MESSAGE_BYTES = 1024 * 1024
 MAX_TEXT_BYTES = MAX_MESSAGE_BYTES // 2
+# A client's reason for failing a task is a line of explanation, not data:
+# longer ones are cut (the client's own log keeps the traceback).
+MAX_ERROR_BYTES = 4096
+
+
+def text_problem(text: str) -> str | None:
+    """Why `text` cannot travel as a task or an answer, or None if it can:
+    the one check of every path (typed, submitted, answered, received)."""
+    if len(text) > MAX_TEXT_BYTES:  # every character is at least one byte
+        return f"it is over the limit of {MAX_TEXT_BYTES} bytes"
+    try:
+        size = len(text.encode())
+    except UnicodeEncodeError as err:
+        return f"it is not valid text ({err.reason}, at character {err.start})"
+    if size > MAX_TEXT_BYTES:
+        return f"it is {size} bytes, over the limit of {MAX_TEXT_BYTES}"
+    return None
+
+
+def one_line_error(text: str) -> str:
+    """`text` made fit to send as a Result's error: valid UTF-8, at most MAX_ERROR_BYTES."""
+    data = text.encode("utf-8", "backslashreplace")[:MAX_ERROR_BYTES]
+    return data.decode("utf-8", "ignore")  # a character cut in two is dropped

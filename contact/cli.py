@@ -15,6 +15,15 @@ from contact.tls import channel_credentials, server_credentials
 LOG_FORMAT = "%(asctime)s %(levelname)s %(message)s"
 
 
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """--help with each option's default, where it has one."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        if action.default in (None, False, argparse.SUPPRESS):
+            return action.help
+        return super()._get_help_string(action)
+
+
 def positive_int(text: str) -> int:
     """An argparse type: a whole number of 1 or more."""
     value = int(text)
@@ -48,17 +57,33 @@ def client_name(text: str) -> str:
 
 def add_common_arguments(parser: argparse.ArgumentParser, *, server: bool) -> None:
     """--log-level, and the TLS flags of a server or of a client."""
-    parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING"])
+    parser.add_argument(
+        "--log-level",
+        default="INFO",
+        choices=["DEBUG", "INFO", "WARNING"],
+        help="DEBUG adds the status lines and their answers",
+    )
     if server:
-        parser.add_argument("--tls-cert", type=Path, help="the server's certificate (PEM): use TLS")
-        parser.add_argument("--tls-key", type=Path, help="the private key of --tls-cert (PEM)")
         parser.add_argument(
-            "--client-ca", type=Path, help="accept only clients certified by this CA"
+            "--tls-cert", type=Path, metavar="FILE", help="the server's certificate (PEM): use TLS"
+        )
+        parser.add_argument(
+            "--tls-key", type=Path, metavar="FILE", help="the private key of --tls-cert (PEM)"
+        )
+        parser.add_argument(
+            "--client-ca",
+            type=Path,
+            metavar="FILE",
+            help="accept only clients certified by this CA",
         )
     else:
-        parser.add_argument("--ca", type=Path, help="use TLS, trusting servers signed by this CA")
-        parser.add_argument("--cert", type=Path, help="this client's certificate, for mutual TLS")
-        parser.add_argument("--key", type=Path, help="the private key of --cert")
+        parser.add_argument(
+            "--ca", type=Path, metavar="FILE", help="use TLS, trusting servers signed by this CA"
+        )
+        parser.add_argument(
+            "--cert", type=Path, metavar="FILE", help="this client's certificate, for mutual TLS"
+        )
+        parser.add_argument("--key", type=Path, metavar="FILE", help="the private key of --cert")
 
 
 def start_logging(args: argparse.Namespace) -> None:

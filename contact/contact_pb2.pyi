@@ -11,21 +11,27 @@ class ClientMsg(_message.Message):
     def __init__(self, msg: _Optional[str] = ...) -> None: ...
 
 class ServerMsg(_message.Message):
-    __slots__ = ("task", "id")
+    __slots__ = ("task", "id", "attempt", "cancelled")
     TASK_FIELD_NUMBER: _ClassVar[int]
     ID_FIELD_NUMBER: _ClassVar[int]
+    ATTEMPT_FIELD_NUMBER: _ClassVar[int]
+    CANCELLED_FIELD_NUMBER: _ClassVar[int]
     task: str
     id: str
-    def __init__(self, task: _Optional[str] = ..., id: _Optional[str] = ...) -> None: ...
+    attempt: int
+    cancelled: bool
+    def __init__(self, task: _Optional[str] = ..., id: _Optional[str] = ..., attempt: _Optional[int] = ..., cancelled: _Optional[bool] = ...) -> None: ...
 
 class Empty(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...
 
 class Result(_message.Message):
-    __slots__ = ("ret", "id")
+    __slots__ = ("ret", "id", "error")
     RET_FIELD_NUMBER: _ClassVar[int]
     ID_FIELD_NUMBER: _ClassVar[int]
+    ERROR_FIELD_NUMBER: _ClassVar[int]
     ret: str
     id: str
-    def __init__(self, ret: _Optional[str] = ..., id: _Optional[str] = ...) -> None: ...
+    error: str
+    def __init__(self, ret: _Optional[str] = ..., id: _Optional[str] = ..., error: _Optional[str] = ...) -> None: ...

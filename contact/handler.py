@@ -1,82 +1,147 @@
-"""Running the client's task handler: a fixed set of daemon threads, so a
-slow handler never blocks the event loop and the client works on at most
-`size` tasks at once, and a guard that turns whatever the handler does
-into an answer.
+"""Running the client's task handler on at most `size` tasks at once, and
+turning whatever it does into a Result: its answer, or why it failed.
 
-Not concurrent.futures.ThreadPoolExecutor: its threads are joined at exit,
-so Ctrl-C would wait for a task that may take hours. Daemon threads end
-with the process. Finished tasks are handed back to the loop in batches:
-one wake-up of the loop per batch, not per task, which is what keeps many
-fast tasks fast.
+A plain function runs in a fixed set of daemon threads, so a slow handler
+never blocks the event loop; an `async def` handler runs on the loop. Not
+concurrent.futures.ThreadPoolExecutor: its threads are joined at exit, so
+Ctrl-C would wait for a task that may take hours; daemon threads end with
+the process. Finished tasks are handed back to the loop in batches: one
+wake-up of the loop per batch, not per task, which keeps many fast tasks
+fast.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import inspect
 import logging
 import queue
 import threading
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
-from contact import MAX_TEXT_BYTES, contact_pb2
+from contact import contact_pb2, one_line_error, text_problem
 
 log = logging.getLogger("contact.handler")
 
-Handler = Callable[[contact_pb2.ServerMsg], str]
-Done = Callable[[contact_pb2.ServerMsg, str], None]
+# The handler: a plain function or an `async def`, given the task, returning the answer.
+Handler = Callable[[contact_pb2.ServerMsg], str] | Callable[[contact_pb2.ServerMsg], Awaitable[str]]
+Done = Callable[[contact_pb2.ServerMsg, contact_pb2.Result], None]
+
+
+def is_async(handler: Handler) -> bool:
+    """Whether `handler` is an `async def` (or an object whose __call__ is)."""
+    call = getattr(handler, "__call__", None)  # noqa: B004 (an object with async __call__)
+    return inspect.iscoroutinefunction(handler) or inspect.iscoroutinefunction(call)
+
+
+def result_of(task: contact_pb2.ServerMsg, answer: object) -> contact_pb2.Result:
+    """The Result for what the handler returned: the answer, or why it cannot be one."""
+    if not isinstance(answer, str):
+        return failure(task, f"the handler returned {type(answer).__name__}, not str")
+    if problem := text_problem(answer):
+        return failure(task, f"the answer cannot be sent: {problem}")
+    return contact_pb2.Result(id=task.id, ret=answer)
+
+
+def failure(task: contact_pb2.ServerMsg, reason: str) -> contact_pb2.Result:
+    return contact_pb2.Result(id=task.id, error=one_line_error(reason))
+
+
+def raised(task: contact_pb2.ServerMsg, err: BaseException) -> contact_pb2.Result:
+    """The Result for a handler that raised: one bad task must not stop the client."""
+    log.error("the handler failed on task %s", task.id, exc_info=err)
+    return failure(task, f"{type(err).__name__}: {err}")
 
 
 class HandlerPool:
-    """`size` daemon threads that run `handler` on one task each at a time."""
+    """Runs `handler` on up to `size` tasks at once; each Result goes to
+    `done(task, result)` on the event loop's thread."""
 
-    def __init__(self, handler: Handler, size: int) -> None:
+    def __init__(self, handler: Handler, size: int, done: Done) -> None:
         if size < 1:
-            raise ValueError("a pool needs at least one thread")
-        self._handler = handler
+            raise ValueError("a pool needs at least one worker")
+        self._handler, self._size, self._done = handler, size, done
+        self._async = is_async(handler)
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._tasks: queue.SimpleQueue[tuple[contact_pb2.ServerMsg, Done] | None]
-        self._tasks = queue.SimpleQueue()  # None: the thread that takes it ends
-        self._finished: deque[tuple[Done, contact_pb2.ServerMsg, str]] = deque()
+        self._waiting: deque[contact_pb2.ServerMsg] = deque()  # for a free worker
+        self._free = size  # workers with no task
+        self._running: dict[str, asyncio.Task[None]] = {}  # async handlers, by task id
+        # Plain handlers: threads take tasks from `_jobs` (None: end) and
+        # leave Results in `_finished` for the loop to collect.
+        self._jobs: queue.SimpleQueue[contact_pb2.ServerMsg | None] = queue.SimpleQueue()
+        self._finished: deque[tuple[contact_pb2.ServerMsg, contact_pb2.Result]] = deque()
         self._delivery_scheduled = False
-        self._size = size
-        for number in range(size):
-            threading.Thread(target=self._work, name=f"handler-{number}", daemon=True).start()
+        if not self._async:
+            for number in range(size):
+                threading.Thread(target=self._work, name=f"handler-{number}", daemon=True).start()
 
-    def submit(self, task: contact_pb2.ServerMsg, done: Done) -> None:
-        """Answer `task` in one of the threads (it waits while all are busy),
-        then call `done(task, answer)` on the event loop's thread."""
+    def submit(self, task: contact_pb2.ServerMsg) -> None:
+        """Work on `task` as soon as a worker is free."""
         self._loop = asyncio.get_running_loop()
-        self._tasks.put((task, done))
+        self._waiting.append(task)
+        self._start_waiting()
 
-    def answer(self, task: contact_pb2.ServerMsg) -> str:
-        """The handler's answer, or `error: ...` whatever goes wrong: one bad
-        task must not stop the client or come back forever."""
-        try:
-            answer = self._handler(task)
-            if not isinstance(answer, str):
-                return f"error: the handler returned {type(answer).__name__}, not str"
-            if len(answer.encode()) > MAX_TEXT_BYTES:  # also raises for lone surrogates
-                return f"error: the answer is longer than {MAX_TEXT_BYTES} bytes"
-            return answer
-        except BaseException as err:  # even SystemExit: it would only end this thread
-            log.exception("the handler failed on task %s", task.id)
-            return f"error: {type(err).__name__}: {err}"
+    def withdraw(self, task_id: str) -> str | None:
+        """Stop `task_id` if it can be: dropped if it waits, cancelled if an
+        async handler runs it. Say which, or None if neither (a plain handler
+        runs it to the end)."""
+        for task in self._waiting:
+            if task.id == task_id:
+                self._waiting.remove(task)
+                return "dropped before it started"
+        running = self._running.get(task_id)
+        if running is not None:
+            running.cancel()
+            return "cancelled while it ran"
+        return None
 
     def close(self) -> None:
-        """Drop the tasks not started yet, and end each thread after its
-        current task (whose answer then goes nowhere)."""
-        with contextlib.suppress(queue.Empty):
-            while True:
-                self._tasks.get_nowait()
-        for _ in range(self._size):
-            self._tasks.put(None)
+        """Drop the tasks not started yet, cancel async handlers, and end each
+        thread after its current task (whose answer then goes nowhere)."""
+        self._waiting.clear()
+        for running in self._running.values():
+            running.cancel()
+        if not self._async:
+            for _ in range(self._size):
+                self._jobs.put(None)
+
+    def _start_waiting(self) -> None:
+        while self._free and self._waiting:
+            self._free -= 1
+            task = self._waiting.popleft()
+            if self._async:
+                self._running[task.id] = asyncio.ensure_future(self._run(task))
+            else:
+                self._jobs.put(task)
+
+    def _finish(self, task: contact_pb2.ServerMsg, result: contact_pb2.Result | None) -> None:
+        """On the loop's thread: a worker is free again; report its Result."""
+        self._free += 1
+        if result is not None:
+            self._done(task, result)
+        self._start_waiting()
+
+    async def _run(self, task: contact_pb2.ServerMsg) -> None:
+        result: contact_pb2.Result | None = None
+        try:
+            result = result_of(task, await self._handler(task))  # type: ignore[misc]
+        except asyncio.CancelledError:
+            pass  # withdrawn, or the client is stopping: nobody takes this answer
+        except Exception as err:
+            result = raised(task, err)
+        finally:
+            del self._running[task.id]
+        self._finish(task, result)
 
     def _work(self) -> None:
-        while (job := self._tasks.get()) is not None:
-            task, done = job
-            self._finished.append((done, task, self.answer(task)))
+        while (task := self._jobs.get()) is not None:
+            try:
+                result = result_of(task, self._handler(task))
+            except BaseException as err:  # even SystemExit: it would only end this thread
+                result = raised(task, err)
+            self._finished.append((task, result))
             if not self._delivery_scheduled:
                 self._delivery_scheduled = True
                 assert self._loop is not None
@@ -84,8 +149,7 @@ class HandlerPool:
                     self._loop.call_soon_threadsafe(self._deliver)
 
     def _deliver(self) -> None:
-        """On the loop's thread: hand every finished task to its `done`."""
+        """On the loop's thread: hand every finished task on."""
         self._delivery_scheduled = False  # first, so a task finishing now schedules anew
         while self._finished:
-            done, task, answer = self._finished.popleft()
-            done(task, answer)
+            self._finish(*self._finished.popleft())

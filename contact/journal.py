@@ -2,8 +2,8 @@
 SQLite file, so that a server killed at any instant loses no task it took,
 and picks them up again when it starts on the same file.
 
-One row per task, from submission until it is answered (the row is then
-deleted) or fails (the row is kept, state 'failed', for inspection, up to
+One row per task, from submission until it is answered or cancelled (the
+row is then deleted) or fails (the row is kept, state 'failed', for inspection, up to
 KEEP_FAILED of them). Writes share transactions, committed one at a time by
 a thread of its own: each takes what came since the last, and under load
 they begin at most every BATCH_SECONDS. A submitter waits for its commit
@@ -27,6 +27,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from contact import contact_pb2
+from contact.logtext import counted
 from contact.router import Task
 
 log = logging.getLogger("contact.journal")
@@ -69,7 +70,7 @@ SCHEMA = (
 )
 INSERT = "INSERT INTO tasks VALUES (NULL, ?, ?, ?, ?, 0, 'unfinished', NULL, NULL)"
 REQUEUED = "UPDATE tasks SET attempts = ? WHERE id = ?"
-ANSWERED = "DELETE FROM tasks WHERE id = ?"
+FINISHED = "DELETE FROM tasks WHERE id = ?"
 FAILED = "UPDATE tasks SET state = 'failed', attempts = ?, reason = ?, failed_at = ? WHERE id = ?"
 PRUNE_FAILED = """DELETE FROM tasks WHERE state = 'failed' AND seq NOT IN
     (SELECT seq FROM tasks WHERE state = 'failed' ORDER BY seq DESC LIMIT ?)"""
@@ -106,7 +107,8 @@ class Journal:
         except sqlite3.Error as err:
             self._db.close()
             raise self._error(err) from None
-        log.info("journal %s: %d unfinished tasks recovered", self.path, len(self.recovered))
+        recovered = counted(len(self.recovered), "unfinished task")
+        log.info("journal %s: %s recovered", self.path, recovered)
 
     # -- what the server reports --
 
@@ -120,11 +122,11 @@ class Journal:
         """A task taken back unanswered (its holder left or hung): keep its attempts."""
         self._write(REQUEUED, task.attempts, task.id)
 
-    def answered(self, task: Task) -> None:
-        """A task has its result: forget it. Call this only once the result is
-        logged or handed on, so that a crash in between repeats the task
-        rather than losing its result."""
-        self._write(ANSWERED, task.id)
+    def finished(self, task: Task) -> None:
+        """A task was answered, or cancelled: forget it. Call this only once
+        an answer is logged and handed on, so that a crash in between repeats
+        the task rather than losing its answer."""
+        self._write(FINISHED, task.id)
 
     def failed(self, task: Task, reason: str) -> None:
         """A task failed for good: keep it, with why, among the newest KEEP_FAILED."""

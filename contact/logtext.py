@@ -28,6 +28,11 @@ class Quoted:
         return repr(self.text)
 
 
+def counted(number: int, noun: str) -> str:
+    """`1 task`, `2 tasks`: a count for a log line."""
+    return f"{number} {noun}{'' if number == 1 else 's'}"
+
+
 # Lines of one kind from one client that are logged in a second; past that
 # they are counted, and one line says how many were left out.
 LINES_PER_SECOND = 5

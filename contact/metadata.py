@@ -12,7 +12,13 @@ from typing import NoReturn
 import grpc
 from google.protobuf.message import DecodeError
 
-from contact import CLIENT_ID_KEY, CLIENT_NAME, CLIENT_NAME_RULE, MAX_IN_FLIGHT_KEY
+from contact import (
+    ACCEPTS_CANCEL_KEY,
+    CLIENT_ID_KEY,
+    CLIENT_NAME,
+    CLIENT_NAME_RULE,
+    MAX_IN_FLIGHT_KEY,
+)
 from contact.logtext import REPEATS
 from contact.tls import certified_name_mismatch
 
@@ -64,6 +70,11 @@ async def requested_window(context: grpc.aio.ServicerContext) -> int | None:
             f"'{MAX_IN_FLIGHT_KEY}' must be one decimal integer of 1 or more",
         )
     return int(windows[0])
+
+
+def accepts_cancel(context: grpc.aio.ServicerContext) -> bool:
+    """Whether the caller said it understands withdrawn tasks (`accepts-cancel: 1`)."""
+    return values(context, ACCEPTS_CANCEL_KEY) == ["1"]
 
 
 def values(context: grpc.aio.ServicerContext, key: str) -> list[str]:

@@ -49,15 +49,19 @@ class Task:
     # Read back from a journal at start: before the restart it may have been
     # sent to any client, so a result for it is accepted from any client.
     recovered: bool = False
+    # Set on the notice that tells a holder the task was withdrawn (a copy
+    # of the task that goes down its stream after the task itself).
+    cancelled: bool = False
 
 
 class Session:
     """One registered client: the tasks in flight at it, oldest first, and the
     part of them still waiting to be written to its stream (the outbox)."""
 
-    def __init__(self, name: str, window: int) -> None:
+    def __init__(self, name: str, window: int, accepts_cancel: bool = False) -> None:
         self.name = name
         self.window = window  # the most tasks it may hold unanswered
+        self.accepts_cancel = accepts_cancel  # told when a task it holds is withdrawn
         # Leases that ran out at this client since it last answered: they
         # count against its window, so a hung client is sent no more work.
         self.stalled = 0
@@ -120,7 +124,12 @@ class Router:
       for, at most `max_in_flight`); the rest wait in order, and tasks taken
       back from a departed client go to the front.
     - A task is finished by the first result from a client it was sent to;
-      `on_answer(task, name, text)` is then called.
+      `on_answer(task, name, text)` is then called, or `on_error(task,
+      name, error)` if the client reports that it could not do the task
+      (which fails it at once: that is the client's verdict, not a hang).
+    - `cancel` withdraws a task: a queued one is never sent, one in flight
+      no longer counts against its holder, which is told if it asked to be,
+      and any answer to it is ignored.
     - A task sent to a client is leased to it for `task_timeout` seconds
       (None: for ever): `expire_leases` takes back those that ran out, as if
       their holder had left, and the holder gets no more work until it
@@ -143,6 +152,7 @@ class Router:
         max_attempts: int | None = MAX_ATTEMPTS,
         on_failed: Callable[[Task, str], None] | None = None,
         on_requeued: Callable[[Task], None] | None = None,
+        on_error: Callable[[Task, str, str], None] | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         if max_in_flight < 1:
@@ -155,7 +165,7 @@ class Router:
         self.task_timeout, self.max_attempts = task_timeout, max_attempts
         self.closed = False
         self._on_answer, self._on_failed, self._clock = on_answer, on_failed, clock
-        self._on_requeued = on_requeued
+        self._on_requeued, self._on_error = on_requeued, on_error
         self._leases: dict[str, Task] = {}  # tasks in flight, the soonest to run out first
         self._run = secrets.token_hex(3)  # keeps ids unique across restarts
         self._earlier_runs: set[str] = set()  # runs whose tasks `resume` took over
@@ -213,10 +223,13 @@ class Router:
             if task.target in self._sessions:
                 self._fill(self._sessions[task.target])
 
-    def connect(self, name: str, window: int | None = None) -> Session:
+    def connect(
+        self, name: str, window: int | None = None, *, accepts_cancel: bool = False
+    ) -> Session:
         """Register a client that wants up to `window` tasks at once (None or
-        more than `max_in_flight`: `max_in_flight`); an older session under
-        the same name is ended (REPLACED) and its unanswered tasks taken back."""
+        more than `max_in_flight`: `max_in_flight`), and is told of withdrawn
+        tasks if it `accepts_cancel`; an older session under the same name is
+        ended (REPLACED) and its unanswered tasks taken back."""
         if self.closed:
             raise RuntimeError("the router is closed")
         if window is not None and window < 1:
@@ -224,7 +237,8 @@ class Router:
         old = self._sessions.get(name)
         if old is not None:
             self.disconnect(old, REPLACED)
-        session = Session(name, min(window or self.max_in_flight, self.max_in_flight))
+        window = min(window or self.max_in_flight, self.max_in_flight)
+        session = Session(name, window, accepts_cancel)
         self._sessions[name] = session
         self._place(session)
         self._fill(session)
@@ -272,8 +286,9 @@ class Router:
             self._fill(holder)  # a suspect task it held no longer closes its window
         self._spread()
 
-    def complete(self, name: str, task_id: str, text: str) -> Outcome:
-        """Record the result `text` that client `name` sent for task `task_id`."""
+    def complete(self, name: str, task_id: str, text: str, error: str = "") -> Outcome:
+        """Record the result `text` that client `name` sent for task `task_id`,
+        or (`error`) why it could not do the task."""
         task = self._tasks.get(task_id)
         if task is None:
             outcome = Outcome.DUPLICATE if self._was_issued(task_id) else Outcome.UNKNOWN
@@ -293,22 +308,26 @@ class Router:
         if name not in task.given_to and not task.recovered:
             log.warning("result for task %s refused: %s was never given it", task_id, name)
             return Outcome.NOT_GIVEN
-        del self._tasks[task_id]
-        self._leases.pop(task_id, None)
-        holder = task.holder
-        if holder is not None:
-            self._release(holder, task)
-            self._fill(holder)
-        else:  # answered from the queue: what stood behind it may move now
-            self._waiting_line(task).remove(task)
-            self._forget_empty_line(task.target)
-            if task.target in self._sessions:
-                self._fill(self._sessions[task.target])
-            self._spread()
+        self._finish(task)
         self._answers_again(name)
-        if self._on_answer is not None:
+        if error and self._on_error is not None:
+            self._on_error(task, name, error)
+        elif not error and self._on_answer is not None:
             self._on_answer(task, name, text)
         return Outcome.ACCEPTED
+
+    def cancel(self, task_id: str) -> Task | None:
+        """Withdraw an unfinished task and return it; None if there is no
+        such task (any more). Its holder, if any, is told when it asked to be."""
+        task = self._tasks.get(task_id)
+        if task is None:
+            return None
+        holder = task.holder
+        written = holder is not None and task not in holder.outbox
+        self._finish(task)
+        if written and holder is not None and holder.accepts_cancel:
+            holder._push(Task(id=task.id, text="", cancelled=True))
+        return task
 
     def close(self) -> None:
         """Refuse new work and end every session (SHUTDOWN), taking back their
@@ -340,6 +359,23 @@ class Router:
         return len(self._tasks) - self.queued()
 
     # -- internals --
+
+    def _finish(self, task: Task) -> None:
+        """Take a task that has its outcome out of the queue, or out of its
+        holder's flight; what waited behind it may move now."""
+        del self._tasks[task.id]
+        self._leases.pop(task.id, None)
+        holder = task.holder
+        if holder is not None:
+            self._release(holder, task)
+            task.holder = None
+            self._fill(holder)
+        else:
+            self._waiting_line(task).remove(task)
+            self._forget_empty_line(task.target)
+            if task.target in self._sessions:
+                self._fill(self._sessions[task.target])
+            self._spread()
 
     def _place(self, session: Session) -> None:
         """Put `session` at the end of the bucket of its load, if it has room."""

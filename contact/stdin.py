@@ -10,7 +10,7 @@ import sys
 import threading
 from collections.abc import Callable, Iterator
 
-from contact import CLIENT_NAME, CLIENT_NAME_RULE, MAX_TEXT_BYTES
+from contact import CLIENT_NAME, CLIENT_NAME_RULE, MAX_TEXT_BYTES, text_problem
 
 log = logging.getLogger("contact.stdin")
 
@@ -29,8 +29,8 @@ def parse_task(line: str) -> tuple[str | None, str]:
             raise ValueError(f"@{target}: a client name is {CLIENT_NAME_RULE}")
         if not line:
             raise ValueError(f"@{target} has no task text; write @NAME TEXT")
-    if len(line.encode()) > MAX_TEXT_BYTES:
-        raise ValueError(f"a task is at most {MAX_TEXT_BYTES} bytes")
+    if problem := text_problem(line):
+        raise ValueError(f"no task: {problem}")
     return target, line
 
 

@@ -55,8 +55,8 @@ class CountingRouter(Router):
         self.finished = 0
         self.changed = asyncio.Event()
 
-    def complete(self, name: str, task_id: str, text: str) -> Outcome:
-        outcome = super().complete(name, task_id, text)
+    def complete(self, name: str, task_id: str, text: str, error: str = "") -> Outcome:
+        outcome = super().complete(name, task_id, text, error)
         if outcome is Outcome.ACCEPTED:
             self.finished += 1
             self.changed.set()

@@ -1,10 +1,11 @@
 """A contact client whose handler misbehaves on cue, for the tests:
 
-    python tests/odd_client.py SERVER NAME [--sleep SECONDS] [--concurrency N]
+    python tests/odd_client.py SERVER NAME [--sleep SECONDS] [--concurrency N] [--async]
 
 Every task takes --sleep seconds, then its text upper-cased, except:
 `none` returns None, `exit` raises SystemExit, `surrogate` returns a string
-that cannot be encoded, and `poison` kills the whole process at once.
+that cannot be encoded, and `poison` kills the whole process at once. With
+--async the handler is an `async def` that sleeps on the event loop.
 It is what a user's project does: import `run` and pass its own handler.
 """
 
@@ -27,11 +28,20 @@ def main() -> None:
     parser.add_argument("name")
     parser.add_argument("--sleep", type=float, default=0.0)
     parser.add_argument("--concurrency", type=int, default=1)
+    parser.add_argument("--async", dest="is_async", action="store_true")
     args = parser.parse_args()
 
     def odd(task: contact_pb2.ServerMsg) -> str:
-        logging.info("started task %s", task.id)
+        logging.info("started task %s (attempt %d)", task.id, task.attempt)
         time.sleep(args.sleep)
+        return answer(task)
+
+    async def odd_async(task: contact_pb2.ServerMsg) -> str:
+        logging.info("started task %s (attempt %d)", task.id, task.attempt)
+        await asyncio.sleep(args.sleep)
+        return answer(task)
+
+    def answer(task: contact_pb2.ServerMsg) -> str:
         if task.task == "poison":
             os._exit(3)  # as a crash would: no clean-up, no answer
         if task.task == "exit":
@@ -41,7 +51,8 @@ def main() -> None:
 
     logging.basicConfig(level=logging.INFO, format=LOG_FORMAT)
     try:
-        asyncio.run(run(odd, args.server, args.name, concurrency=args.concurrency))
+        handler = odd_async if args.is_async else odd
+        asyncio.run(run(handler, args.server, args.name, concurrency=args.concurrency))
     except RefusedError as err:
         logging.error("the server refused this client: %s", err)
         raise SystemExit(1) from None

@@ -40,10 +40,11 @@ def assert_clean_exit(process: Process, code: int = 0, within: float = 10.0) -> 
 
 
 def test_typed_tasks_reach_a_client_and_results_reach_the_server_log(
-    server: tuple[Process, int], client: Callable[..., Process]
+    processes: list[Process], client: Callable[..., Process]
 ) -> None:
-    srv, port = server
-    worker = client("worker", port, "--max-tasks", "2")
+    srv, port = start_server("--log-level", "DEBUG")  # with the status lines
+    processes.append(srv)
+    worker = client("worker", port, "--max-tasks", "2", "--log-level", "DEBUG")
     worker.wait_for(r"server acknowledged status: ")  # the first is sent at registration
     srv.type("hello world", "", "second task")
     srv.wait_for(r"result from worker: 'HELLO WORLD'$")

@@ -217,7 +217,7 @@ def test_a_reopened_journal_gives_back_what_was_unfinished_in_order(tmp_path: Pa
         tasks = [Task(id=f"{journal.run}-{n}", text=f"t{n}") for n in range(1, 5)]
         tasks[1].target = "bob"
         await asyncio.gather(*(journal.added(task) for task in tasks))
-        journal.answered(tasks[0])
+        journal.finished(tasks[0])
         tasks[1].attempts = 2
         journal.requeued(tasks[1])
         tasks[3].attempts = 5
@@ -313,7 +313,7 @@ def test_submit_returns_once_committed_and_a_result_is_logged_before_its_removal
         async with ContactServer(port=0, grace=0, journal=tmp_path / "tasks.journal") as server:
             journal = server._journal
             assert journal is not None
-            commit, answered = journal._commit, journal.answered
+            commit, finished = journal._commit, journal.finished
 
             def noted(ops: list[tuple[str, tuple[object, ...]]]) -> None:
                 commit(ops)
@@ -324,9 +324,9 @@ def test_submit_returns_once_committed_and_a_result_is_logged_before_its_removal
             def removal(task: Task) -> None:
                 logged = "result from alice: 'HELLO'" in caplog.text
                 events.append(f"removal written (result logged: {logged}, handed: {answer.done()})")
-                answered(task)
+                finished(task)
 
-            journal.answered = removal  # type: ignore[method-assign]
+            journal.finished = removal  # type: ignore[method-assign]
             answer = await server.submit("hello")
             events.append("submit returned")
             alice = server._router.connect("alice")

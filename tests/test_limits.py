@@ -59,9 +59,10 @@ def test_twenty_thousand_status_streams_on_one_connection_keep_the_server_small(
 
 
 def test_a_flood_of_status_lines_writes_little_to_the_log(
-    server: tuple[Process, int], client: Callable[..., Process]
+    processes: list[Process], client: Callable[..., Process]
 ) -> None:
-    srv, port = server
+    srv, port = start_server("--log-level", "DEBUG")  # status lines are logged at DEBUG
+    processes.append(srv)
     lines = 50_000
 
     async def flood() -> None:
@@ -121,7 +122,7 @@ def open_streams_and_stay(port: int, name: str) -> Callable[[], None]:
 def test_shutdown_with_clients_that_keep_their_streams_open_is_clean(
     processes: list[Process], run: int
 ) -> None:
-    srv, port = start_server("--grace", "1")
+    srv, port = start_server("--grace", "1", "--log-level", "DEBUG")
     processes.append(srv)
     stayers = [open_streams_and_stay(port, f"stayer-{i}") for i in range(2)]
     srv.wait_for(r"status from stayer-1")

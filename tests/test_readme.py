@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import re
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -36,14 +37,42 @@ def serve_one_answer(processes: list[Process], folder: Path, script: str, expect
     assert "Traceback" not in server.output + worker.output
 
 
-def test_submit_returns_the_answer(processes: list[Process], tmp_path: Path) -> None:
-    serve_one_answer(processes, tmp_path, "submit_one.py", "HELLO")
+def test_embedded_server_handles_cancel_failures_hook_and_sigterm(
+    processes: list[Process], tmp_path: Path
+) -> None:
+    """The README's embed.py with its worker.py: a handle's id is the id the
+    server logs, a handler that raises is a TaskError, a cancelled or timed
+    out task never reaches anyone, and SIGTERM is a clean stop."""
+    server = run_script(processes, tmp_path, "embed.py", PYTHONPATH=str(ROOT))
+    port = server.wait_for(r"listening on port (\d+)").group(1)
+    worker = run_script(processes, tmp_path, "worker.py", f"127.0.0.1:{port}", PYTHONPATH=str(ROOT))
+    hello = server.wait_for(r"^(\S+) answered HELLO$", timeout=20).group(1)
+    server.wait_for(rf"INFO task {re.escape(hello)} queued for any client: 'hello'$")
+    server.wait_for(rf"INFO task {re.escape(hello)} result from worker: 'HELLO'$")
+    server.wait_for(rf"^on_answer: {re.escape(hello)} HELLO$")
+    failed = server.wait_for(
+        r"^TaskError: task (\S+) failed at worker: ValueError: cannot do !fail$"
+    )
+    server.wait_for(rf"^on_answer: {re.escape(failed.group(1))} task \S+ failed at worker")
+    server.wait_for(r"^task \S+ was cancelled$")
+    server.wait_for(r"^carol did not answer within 1 s$", timeout=5)
+    server.wait_for(r"INFO task \S+ queued for dave: 'for dave'$")
+    server.wait_for(r"INFO serving until Ctrl-C or SIGTERM$")
+    server.send(signal.SIGTERM)
+    assert server.exit_code(10) == 0, server.output
+    server.wait_for(r"INFO shutting down: tasks queued: 1, in flight: 0")
+    server.wait_for(r"INFO stopped; tasks never answered: 1$")
+    assert server.count(r"on_answer") == 2  # answers and failures; not cancellations
+    assert server.count(r"sent to") == 2  # neither bob's nor carol's task went anywhere
+    assert worker.count(r"for bob|for carol") == 0
+    assert "Traceback" not in server.output, server.output
 
 
 def test_submit_threadsafe_returns_the_answer_to_plain_code(
     processes: list[Process], tmp_path: Path
 ) -> None:
     serve_one_answer(processes, tmp_path, "from_a_thread.py", "FROM A THREAD")
+    assert re.search(r"^queued as \S+-1$", processes[0].output, re.MULTILINE)
 
 
 def test_copy_into_a_project_and_add_a_field(processes: list[Process], tmp_path: Path) -> None:

@@ -390,3 +390,56 @@ def test_on_requeued_hears_each_task_taken_back_with_attempts_left() -> None:
     router.connect("bob")
     router.close()  # a shutdown is no attempt of the task's
     assert requeued == [("one", 1)]
+
+
+def test_a_reported_failure_finishes_the_task_through_on_error_not_on_answer() -> None:
+    answers: list[str] = []
+    errors: list[tuple[str, str, str]] = []
+    router = Router(
+        on_answer=lambda task, name, text: answers.append(text),
+        on_error=lambda task, name, error: errors.append((task.text, name, error)),
+    )
+    alice = router.connect("alice", window=1)
+    broken, after = router.submit("broken"), router.submit("after")
+    assert router.complete("alice", broken.id, "", "ValueError: no") is Outcome.ACCEPTED
+    assert errors == [("broken", "alice", "ValueError: no")] and answers == []
+    assert assigned(alice) == ["after"]  # its slot is free again; not sent again
+    assert router.complete("alice", broken.id, "late") is Outcome.DUPLICATE
+    assert after.attempts == 1 and broken.attempts == 1
+
+
+def test_cancel_withdraws_a_queued_task_and_what_waited_behind_it_moves() -> None:
+    router = Router()
+    waiting = router.submit("for bob", target="bob")
+    behind = router.submit("also for bob", target="bob")
+    assert router.cancel(waiting.id) is waiting
+    assert router.cancel(waiting.id) is None  # once only
+    assert router.queued() == 1
+    bob = router.connect("bob")
+    assert assigned(bob) == ["also for bob"]
+    assert router.complete("bob", waiting.id, "late") is Outcome.DUPLICATE
+    assert behind.id in bob.in_flight
+
+
+def test_cancel_of_a_task_in_flight_frees_its_slot_and_tells_a_client_that_listens() -> None:
+    router = Router()
+    for accepts_cancel in (True, False):
+        name = f"listens-{accepts_cancel}"
+        client = router.connect(name, window=1, accepts_cancel=accepts_cancel)
+        held = router.submit(f"held by {name}", target=name)
+        nxt = router.submit(f"next for {name}", target=name)
+        assert client.outbox.popleft() is held  # written to its stream
+        assert router.cancel(held.id) is held
+        assert assigned(client) == [f"next for {name}"]  # the slot went to the next task
+        notices = [t.id for t in client.outbox if t.cancelled]
+        assert notices == ([held.id] if accepts_cancel else [])
+        assert router.complete(name, held.id, "late") is Outcome.DUPLICATE  # ignored
+        assert router.complete(name, nxt.id, "ok") is Outcome.ACCEPTED
+
+
+def test_cancel_of_a_task_not_yet_written_sends_nothing() -> None:
+    router = Router()
+    alice = router.connect("alice", accepts_cancel=True)
+    task = router.submit("job")
+    assert router.cancel(task.id) is task
+    assert list(alice.outbox) == [] and alice.in_flight == {}

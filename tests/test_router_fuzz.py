@@ -1,5 +1,6 @@
-"""Random sequences of connect / disconnect / submit / result / takeover
-against the Router, with its invariants checked after every step."""
+"""Random sequences of connect / disconnect / submit / result / failure /
+cancel / takeover against the Router, with its invariants checked after
+every step."""
 
 from __future__ import annotations
 
@@ -34,10 +35,10 @@ class RouterMachine(RuleBasedStateMachine):
         self.router.expire_leases()
         assert all(task.lease_ends > self.now for task in self.router._leases.values())
 
-    @rule(name=NAMES, window=st.none() | st.integers(1, 4))
-    def connect(self, name: str, window: int | None) -> None:  # a takeover when connected
-        old = self.router._sessions.get(name)
-        self.router.connect(name, window)
+    @rule(name=NAMES, window=st.none() | st.integers(1, 4), accepts_cancel=st.booleans())
+    def connect(self, name: str, window: int | None, accepts_cancel: bool) -> None:
+        old = self.router._sessions.get(name)  # a takeover when connected
+        self.router.connect(name, window, accepts_cancel=accepts_cancel)
         assert old is None or old.ended == "replaced"
 
     @rule(name=NAMES)
@@ -50,13 +51,13 @@ class RouterMachine(RuleBasedStateMachine):
     def submit(self, text: str, for_name: str | None) -> None:
         self.tasks.append(self.router.submit(text, for_name))
 
-    @rule(name=NAMES, pick=st.integers(0, 10**6))
-    def result(self, name: str, pick: int) -> None:
+    @rule(name=NAMES, pick=st.integers(0, 10**6), error=st.sampled_from(["", "it broke"]))
+    def result(self, name: str, pick: int, error: str) -> None:
         if not self.tasks:
             return
         task = self.tasks[pick % len(self.tasks)]
         was_given = name in task.given_to
-        outcome = self.router.complete(name, task.id, "done")
+        outcome = self.router.complete(name, task.id, "done", error)
         if task.id in self.finished or task.id in self.failed:
             assert outcome is Outcome.DUPLICATE
         elif was_given:
@@ -64,6 +65,19 @@ class RouterMachine(RuleBasedStateMachine):
             self.finished.add(task.id)
         else:
             assert outcome is Outcome.NOT_GIVEN
+
+    @rule(pick=st.integers(0, 10**6))
+    def cancel(self, pick: int) -> None:
+        if not self.tasks:
+            return
+        task = self.tasks[pick % len(self.tasks)]
+        withdrawn = self.router.cancel(task.id)
+        if task.id in self.finished or task.id in self.failed:
+            assert withdrawn is None
+        else:
+            assert withdrawn is task
+            self.finished.add(task.id)
+        assert self.router.cancel(task.id) is None  # once only
 
     @rule(bogus=st.text(max_size=12))
     def unknown_result(self, bogus: str) -> None:
@@ -99,7 +113,11 @@ class RouterMachine(RuleBasedStateMachine):
         for session in router._sessions.values():
             assert session.window <= router.max_in_flight
             assert len(session.in_flight) + session.stalled <= session.window
-            assert set(t.id for t in session.outbox) <= set(session.in_flight)
+            tasks = [t for t in session.outbox if not t.cancelled]
+            notices = [t for t in session.outbox if t.cancelled]
+            assert set(t.id for t in tasks) <= set(session.in_flight)
+            assert not notices or session.accepts_cancel  # only told if it listens
+            assert not {t.id for t in notices} & set(session.in_flight)
             assert session.suspects == sum(t.suspect for t in session.in_flight.values())
             if session.suspects:
                 assert len(session.in_flight) == 1  # a suspect task travels alone

@@ -1,0 +1,236 @@
+"""ContactServer used from code, with real client processes: task handles,
+cancel (queued and in flight), ask's timeout, failures that raise, the
+on_answer hook across a restart, and what submit refuses at the door."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from contact.journal import Journal
+from contact_server import (
+    Answer,
+    ContactServer,
+    TaskCancelledError,
+    TaskError,
+    TaskHandle,
+)
+from tests.processes import Process, start_client
+
+
+async def wait_for(process: Process, pattern: str, timeout: float = 10.0) -> re.Match[str]:
+    """Process.wait_for without blocking the server's loop, which runs in this thread."""
+    return await asyncio.to_thread(process.wait_for, pattern, timeout)
+
+
+async def started(processes: list[Process], start: Callable[..., Process], *args: Any) -> Process:
+    """A client process, once registered (started off the loop, which must keep serving)."""
+    process = await asyncio.to_thread(start, *args)
+    processes.append(process)
+    return process
+
+
+def odd_client(port: int, name: str, *args: str) -> Process:
+    odd = Process(name, "tests/odd_client.py", f"127.0.0.1:{port}", name, *args)
+    odd.wait_for(rf"registered with .* as {name}$")
+    return odd
+
+
+def test_a_cancelled_queued_task_never_reaches_its_client(processes: list[Process]) -> None:
+    async def scenario() -> None:
+        async with ContactServer(port=0, grace=0) as server:
+            handle = await server.submit("never sent", target="bob")
+            assert handle.cancel() is True
+            assert handle.cancel() is False  # already withdrawn
+            with pytest.raises(TaskCancelledError, match=f"task {re.escape(handle.id)} was"):
+                await handle
+            after = await server.submit("after", target="bob")
+            bob = await started(processes, start_client, "bob", server.port)
+            assert await after.result(timeout=20) == "AFTER"
+            assert not server._router.unfinished()
+        assert bob.count(r"task \S+: ") == 1, bob.output  # only "after"
+        assert "never sent" not in bob.output
+
+    asyncio.run(scenario())
+
+
+@pytest.mark.parametrize("handler", ["plain", "async"])
+def test_a_task_cancelled_in_flight_has_its_answer_ignored(
+    processes: list[Process], caplog: pytest.LogCaptureFixture, handler: str
+) -> None:
+    how = "its answer will be dropped" if handler == "plain" else "cancelled while it ran"
+
+    async def scenario() -> None:
+        async with ContactServer(port=0, grace=0) as server:
+            flags = ["--sleep", "2"] + (["--async"] if handler == "async" else [])
+            odd = await started(processes, odd_client, server.port, "odd", *flags)
+            slow = await server.submit("slow")
+            await wait_for(odd, rf"started task {re.escape(slow.id)} \(attempt 1\)")
+            assert slow.cancel() is True
+            with pytest.raises(TaskCancelledError):
+                await slow
+            await wait_for(odd, rf"task {re.escape(slow.id)} withdrawn by the server: {how}")
+            # The next task waits for the one thread (or runs at once, async),
+            # and is answered; the withdrawn one's answer never comes.
+            assert await server.ask("next", timeout=20) == "NEXT"
+            assert "'SLOW'" not in odd.output, odd.output
+        assert f"task {slow.id} withdrawn from odd" in caplog.text
+        assert f"result for task '{slow.id}'" not in caplog.text  # no late answer came
+
+    with caplog.at_level(logging.INFO):
+        asyncio.run(scenario())
+
+
+def test_ask_with_a_timeout_gives_up_within_it_and_withdraws_the_task(
+    processes: list[Process],
+) -> None:
+    async def scenario() -> None:
+        async with ContactServer(port=0, grace=0) as server:
+            began = time.monotonic()
+            with pytest.raises(asyncio.TimeoutError):
+                await server.ask("nobody answers this", timeout=1)
+            waited = time.monotonic() - began
+            print(f"ask(timeout=1) raised after {waited:.2f} s")
+            assert waited < 2
+            assert not server._router.unfinished()  # gone, not queued
+            # A caller cancelled while it waits withdraws its task too.
+            asking = asyncio.ensure_future(server.ask("nor this", target="late"))
+            while not server._router.unfinished():
+                await asyncio.sleep(0)
+            asking.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await asking
+            assert not server._router.unfinished()
+            late = await started(processes, start_client, "late", server.port)
+            assert await server.ask("after", target="late", timeout=20) == "AFTER"
+        assert late.count(r"task \S+: ") == 1, late.output
+
+    asyncio.run(scenario())
+
+
+def test_a_handler_that_raises_makes_ask_raise_task_error_and_is_not_sent_again(
+    processes: list[Process],
+) -> None:
+    async def scenario() -> None:
+        async with ContactServer(port=0, grace=0) as server:
+            odd = await started(processes, odd_client, server.port, "odd")
+            with pytest.raises(TaskError, match=r"failed at odd: SystemExit: 2$") as failure:
+                await server.ask("exit", timeout=20)
+            assert (failure.value.client, failure.value.error) == ("odd", "SystemExit: 2")
+            assert await server.ask("after", timeout=20) == "AFTER"
+            assert odd.count(r"started task") == 2  # the failed one once, then "after"
+
+    asyncio.run(scenario())
+
+
+def test_answers_to_recovered_tasks_reach_the_hook_after_a_restart(
+    processes: list[Process], tmp_path: Path
+) -> None:
+    path = tmp_path / "tasks.journal"
+
+    async def first_run() -> list[str]:
+        async with ContactServer(port=0, grace=0, journal=path) as server:
+            handles = [await server.submit(text) for text in ("one", "exit", "two")]
+        return [handle.id for handle in handles]
+
+    async def second_run() -> list[Answer]:
+        heard: list[Answer] = []
+        all_heard = asyncio.Event()
+
+        def on_answer(answer: Answer) -> None:
+            heard.append(answer)
+            if len(heard) == 3:
+                all_heard.set()
+
+        async with ContactServer(port=0, grace=0, journal=path, on_answer=on_answer) as server:
+            await started(processes, odd_client, server.port, "odd")
+            await asyncio.wait_for(all_heard.wait(), 20)
+        return heard
+
+    ids = asyncio.run(first_run())
+    heard = asyncio.run(second_run())
+    assert [answer.id for answer in heard] == ids
+    assert all(answer.recovered and answer.client == "odd" for answer in heard)
+    assert [answer.text for answer in heard] == ["ONE", None, "TWO"]
+    assert isinstance(heard[1].error, TaskError)
+    with pytest.raises(TaskError, match="SystemExit: 2"):
+        heard[1].result()
+    reopened = Journal(path)
+    assert reopened.recovered == []  # answered and failed: nothing left to do
+    asyncio.run(reopened.close())
+
+
+BAD_TASKS: list[tuple[str, dict[str, Any], str]] = [
+    ("x" * (2 * 1024 * 1024), {}, "over the limit of 524288 bytes"),
+    ("\ud800", {}, "not valid text"),
+    ("fine", {"target": "no spaces allowed"}, "no client name"),
+    ("fine", {"no_such_field": "x"}, "no_such_field"),
+    ("fine", {"attempt": 3}, "the server's to fill"),
+]
+
+
+def test_submit_refuses_what_could_never_be_sent_and_nobody_sees_it(
+    processes: list[Process], caplog: pytest.LogCaptureFixture
+) -> None:
+    async def scenario() -> None:
+        async with ContactServer(port=0, grace=0) as server:
+            worker = await started(processes, start_client, "worker", server.port)
+            for text, kwargs, complaint in BAD_TASKS:
+                with pytest.raises(ValueError, match=complaint):
+                    await server.submit(text, **kwargs)
+            assert await server.ask("fine", timeout=20) == "FINE"
+        assert worker.count(r"task \S+: ") == 1, worker.output
+        assert caplog.text.count(" queued for ") == 1, caplog.text
+        assert "Traceback" not in caplog.text + worker.output
+
+    with caplog.at_level(logging.INFO):
+        asyncio.run(scenario())
+
+
+def test_one_bad_task_in_a_journal_batch_does_not_fail_the_others(tmp_path: Path) -> None:
+    path = tmp_path / "tasks.journal"
+
+    async def scenario() -> None:
+        async with ContactServer(port=0, grace=0, journal=path) as server:
+            submitted = await asyncio.gather(
+                server.submit("first"),
+                server.submit("\ud800"),
+                server.submit("third"),
+                return_exceptions=True,
+            )
+            assert isinstance(submitted[0], TaskHandle) and isinstance(submitted[2], TaskHandle)
+            assert isinstance(submitted[1], ValueError)
+
+    asyncio.run(scenario())
+    reopened = Journal(path)
+    assert [task.text for task in reopened.recovered] == ["first", "third"]
+    asyncio.run(reopened.close())
+
+
+def test_submit_threadsafe_gives_an_id_and_cancels_from_the_thread() -> None:
+    async def scenario() -> None:
+        async with ContactServer(port=0, grace=0) as server:
+
+            def plain_code() -> None:
+                answer = server.submit_threadsafe("for nobody", target="nobody")
+                assert answer.id in {task.id for task in server._router.unfinished()}
+                assert answer.cancel() is True
+                with pytest.raises(TaskCancelledError):
+                    answer.result(timeout=5)
+                assert answer.cancel() is False
+                with pytest.raises(ValueError, match="not valid text"):
+                    server.submit_threadsafe("\ud800")
+
+            await asyncio.to_thread(plain_code)
+            assert not server._router.unfinished()
+            with pytest.raises(RuntimeError, match="this is its loop"):
+                server.submit_threadsafe("from the loop itself")
+
+    asyncio.run(scenario())
