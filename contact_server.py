@@ -9,8 +9,9 @@ only to the client registered as NAME. Ctrl-C (or SIGTERM) stops it.
 
 Read it top-down: `ContactServicer` is the article's three rpcs, each a thin
 translation to the gRPC-free `Router` (contact/router.py); `ContactServer`
-is the server you can use from your own code (submit a task, await its
-answer); `main` is the command line, feeding it typed lines.
+is the server you can use from your own code (submit a task, get a handle
+to await its answer or cancel it); `main` is the command line, feeding it
+typed lines.
 """
 
 from __future__ import annotations
@@ -111,14 +112,8 @@ class ContactServicer(contact_pb2_grpc.ContactServicer):
             # Echoing the name tells the client its registration was accepted.
             await context.send_initial_metadata(((CLIENT_ID_KEY, name),))
             while (task := await session.next_task()) is not None:
-                if task.cancelled:  # a task it holds was withdrawn
-                    log.info("task %s withdrawn from %s", task.id, name)
-                    yield contact_pb2.ServerMsg(id=task.id, cancelled=True)
-                    continue
-                log.info("task %s sent to %s", task.id, name)
-                yield contact_pb2.ServerMsg(
-                    task=task.text, id=task.id, attempt=task.attempts, **task.fields
-                )
+                log.info("task %s %s %s", task.id, WITHDRAWN if task.cancelled else SENT, name)
+                yield message_for(task)
         finally:
             # Reached however the stream ends: client exit or crash, keepalive
             # timeout, takeover or shutdown. Unanswered tasks go back.
@@ -179,6 +174,16 @@ class ContactServicer(contact_pb2_grpc.ContactServicer):
                     )
         except DecodeError as err:
             await refuse_malformed(context, name, err)
+
+
+SENT, WITHDRAWN = "sent to", "withdrawn from"
+
+
+def message_for(task: Task) -> contact_pb2.ServerMsg:
+    """What getTask writes for `task`: the task, or the notice that it was withdrawn."""
+    if task.cancelled:
+        return contact_pb2.ServerMsg(id=task.id, cancelled=True)
+    return contact_pb2.ServerMsg(task=task.text, id=task.id, attempt=task.attempts, **task.fields)
 
 
 class ContactServer:
