@@ -65,12 +65,18 @@ class HandlerPool:
         self._handler, self._size, self._done = handler, size, done
         self._async = is_async(handler)
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._waiting: deque[contact_pb2.ServerMsg] = deque()  # for a free worker
-        self._free = size  # workers with no task
-        self._running: dict[str, asyncio.Task[None]] = {}  # async handlers, by task id
-        # Plain handlers: threads take tasks from `_jobs` (None: end) and
-        # leave Results in `_finished` for the loop to collect.
+        # Async handlers: tasks wait here for one of `size` free workers.
+        self._waiting: deque[contact_pb2.ServerMsg] = deque()
+        self._free = size
+        self._running: dict[str, asyncio.Task[None]] = {}  # by task id
+        # Plain handlers: threads take tasks from `_jobs` themselves (None:
+        # end), so a thread that finishes a task starts the next without
+        # waiting for the loop. Under `_lock`: the ids a thread has taken and
+        # not yet handed back, and those withdrawn before a thread took them.
         self._jobs: queue.SimpleQueue[contact_pb2.ServerMsg | None] = queue.SimpleQueue()
+        self._lock = threading.Lock()
+        self._taken: set[str] = set()
+        self._dropped: set[str] = set()
         self._finished: deque[tuple[contact_pb2.ServerMsg, contact_pb2.Result]] = deque()
         self._delivery_scheduled = False
         if not self._async:
@@ -80,22 +86,28 @@ class HandlerPool:
     def submit(self, task: contact_pb2.ServerMsg) -> None:
         """Work on `task` as soon as a worker is free."""
         self._loop = asyncio.get_running_loop()
-        self._waiting.append(task)
-        self._start_waiting()
+        if self._async:
+            self._waiting.append(task)
+            self._start_waiting()
+        else:
+            self._jobs.put(task)
 
     def withdraw(self, task_id: str) -> str | None:
-        """Stop `task_id` if it can be: dropped if it waits, cancelled if an
-        async handler runs it. Say which, or None if neither (a plain handler
-        runs it to the end)."""
+        """Stop `task_id`, a task submitted and not yet done, if it can be:
+        dropped if it waits, cancelled if an async handler runs it. Say which,
+        or None if neither (a plain handler runs it to the end)."""
+        if not self._async:
+            with self._lock:
+                if task_id in self._taken:
+                    return None
+                self._dropped.add(task_id)  # the thread that takes it skips it
+            return "dropped before it started"
         for task in self._waiting:
             if task.id == task_id:
                 self._waiting.remove(task)
                 return "dropped before it started"
-        running = self._running.get(task_id)
-        if running is not None:
-            running.cancel()
-            return "cancelled while it ran"
-        return None
+        self._running[task_id].cancel()
+        return "cancelled while it ran"
 
     def close(self) -> None:
         """Drop the tasks not started yet, cancel async handlers, and end each
@@ -104,24 +116,19 @@ class HandlerPool:
         for running in self._running.values():
             running.cancel()
         if not self._async:
+            with contextlib.suppress(queue.Empty):
+                while True:
+                    self._jobs.get_nowait()
             for _ in range(self._size):
                 self._jobs.put(None)
+
+    # -- async handlers, on the loop --
 
     def _start_waiting(self) -> None:
         while self._free and self._waiting:
             self._free -= 1
             task = self._waiting.popleft()
-            if self._async:
-                self._running[task.id] = asyncio.ensure_future(self._run(task))
-            else:
-                self._jobs.put(task)
-
-    def _finish(self, task: contact_pb2.ServerMsg, result: contact_pb2.Result | None) -> None:
-        """On the loop's thread: a worker is free again; report its Result."""
-        self._free += 1
-        if result is not None:
-            self._done(task, result)
-        self._start_waiting()
+            self._running[task.id] = asyncio.ensure_future(self._run(task))
 
     async def _run(self, task: contact_pb2.ServerMsg) -> None:
         result: contact_pb2.Result | None = None
@@ -133,10 +140,20 @@ class HandlerPool:
             result = raised(task, err)
         finally:
             del self._running[task.id]
-        self._finish(task, result)
+            self._free += 1
+        if result is not None:
+            self._done(task, result)
+        self._start_waiting()
+
+    # -- plain handlers, in threads --
 
     def _work(self) -> None:
         while (task := self._jobs.get()) is not None:
+            with self._lock:
+                if task.id in self._dropped:
+                    self._dropped.discard(task.id)
+                    continue
+                self._taken.add(task.id)
             try:
                 result = result_of(task, self._handler(task))
             except BaseException as err:  # even SystemExit: it would only end this thread
@@ -152,4 +169,7 @@ class HandlerPool:
         """On the loop's thread: hand every finished task on."""
         self._delivery_scheduled = False  # first, so a task finishing now schedules anew
         while self._finished:
-            self._finish(*self._finished.popleft())
+            task, result = self._finished.popleft()
+            with self._lock:  # only now: until it is handed on, withdraw() must wait it out
+                self._taken.discard(task.id)
+            self._done(task, result)
