@@ -35,7 +35,7 @@ from contact import (
     contact_pb2_grpc,
     default_client_name,
 )
-from contact.handler import Handler, HandlerPool
+from contact.handler import Handler, handler_pool
 from contact.logtext import Quoted, counted
 from contact.options import client_channel
 from contact.retry import FINAL_CODES, backoff
@@ -47,6 +47,7 @@ from contact.streams import (
     first_to_finish,
     hang_up,
 )
+from contact.tasks import retrieved
 
 log = logging.getLogger("contact.client")
 
@@ -72,6 +73,11 @@ def handle_task(task: contact_pb2.ServerMsg) -> str:
     return task.task.upper()
 
 
+# What the client sends for a task the server withdrew and it stopped: the
+# server ignores it, but for freeing the task's place in the window.
+WITHDRAWN = "withdrawn by the server"
+
+
 class RefusedError(Exception):
     """The server refused this client for good (a bad name, a takeover, ...)."""
 
@@ -81,9 +87,8 @@ class Work:
     are on, and answers not yet sent."""
 
     def __init__(self, handler: Handler, concurrency: int, max_tasks: int | None) -> None:
-        self.handlers = HandlerPool(handler, concurrency, self._finished)
+        self.handlers = handler_pool(handler, concurrency, self._finished)
         self.running: set[str] = set()  # ids of the tasks being worked on
-        self.withdrawn: set[str] = set()  # of those, the ones whose answer is not wanted
         self.unsent: deque[contact_pb2.Result] = deque()
         self.answer_ready = asyncio.Event()
         self.answered = 0  # answers and failures sent
@@ -103,26 +108,28 @@ class Work:
             self.handlers.submit(message)
 
     def withdraw(self, task_id: str) -> None:
-        """The server no longer wants an answer to `task_id`: stop it if we can."""
+        """The server no longer wants an answer to `task_id`: stop it if we
+        can. Either way a Result for it goes back, which the server ignores
+        but for freeing the task's place in our window."""
         if task_id not in self.running:
-            return  # answered already; the server ignores that answer
+            return  # answered already
         how = self.handlers.withdraw(task_id)
-        if how is None:  # a plain handler runs it to the end
-            self.withdrawn.add(task_id)
-            how = "its answer will be dropped"
+        if how is None:
+            how = "it runs to the end (a thread cannot be stopped); the server ignores its answer"
         else:
             self.running.discard(task_id)
+            self._send(contact_pb2.Result(id=task_id, error=WITHDRAWN))
         log.info("task %s withdrawn by the server: %s", task_id, how)
 
     def _finished(self, task: contact_pb2.ServerMsg, result: contact_pb2.Result) -> None:
         self.running.discard(task.id)
-        if task.id in self.withdrawn:
-            self.withdrawn.discard(task.id)
-            return
         if result.error:
             log.warning("task %s: %s failed: %s", task.id, Quoted(task.task), Quoted(result.error))
         else:
             log.info("task %s: %s -> %s", task.id, Quoted(task.task), Quoted(result.ret))
+        self._send(result)
+
+    def _send(self, result: contact_pb2.Result) -> None:
         self.unsent.append(result)
         self.answer_ready.set()
 
@@ -205,12 +212,6 @@ async def receive_tasks(tasks: grpc.aio.UnaryStreamCall, work: Work) -> None:
     await ended(tasks, "task")
 
 
-def retrieved(read: asyncio.Future[object]) -> None:
-    """Mark the outcome of a read as seen, so asyncio does not log it."""
-    if not read.cancelled():
-        read.exception()
-
-
 async def send_answers(results: grpc.aio.StreamUnaryCall, work: Work) -> None:
     """Send each answer as it is ready; return once the task limit is reached."""
     while not work.done():
@@ -221,8 +222,8 @@ async def send_answers(results: grpc.aio.StreamUnaryCall, work: Work) -> None:
             await results.write(work.unsent[0])
         except asyncio.InvalidStateError:  # the server has ended the stream
             await ended(results, "result")
-        work.unsent.popleft()  # only once written: a lost connection keeps it
-        work.answered += 1
+        sent = work.unsent.popleft()  # only once written: a lost connection keeps it
+        work.answered += sent.error != WITHDRAWN  # a withdrawal is no answer
 
 
 async def watch_results(results: grpc.aio.StreamUnaryCall, work: Work) -> None:

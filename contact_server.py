@@ -55,9 +55,10 @@ from contact.router import (
     Task,
 )
 from contact.sessions import end_calls, owned_by, registration
-from contact.signals import stop_event
+from contact.signals import on_stop_signal
 from contact.stdin import read_tasks
 from contact.tasks import (
+    LOOP_REPLY_SECONDS,
     Answer,
     TaskCancelledError,
     TaskError,
@@ -229,6 +230,7 @@ class ContactServer:
             on_error=self._errored,
         )
         self._answers: dict[str, asyncio.Future[str]] = {}  # by task id, while awaited
+        self._signals_back: Callable[[], None] | None = None  # ends serve_until_stopped's hold
         self._loop: asyncio.AbstractEventLoop | None = None  # the loop it runs on, once started
 
     @property
@@ -246,9 +248,11 @@ class ContactServer:
         commit, so submit many at once with asyncio.gather. It raises
         ValueError at once for a task that could never be sent."""
         check_task(text, target, fields)
+        if self.closed:
+            raise RuntimeError("the server is closed: it takes no more tasks")
         task = self._router.new_task(text, target, **fields)
         if self._journal is not None:
-            await self._journal.added(task)
+            await self._committed(task)
         answer = asyncio.get_running_loop().create_future()
         answer.add_done_callback(retrieved)  # a handle nobody awaits is no error
         if self._router.closed:  # it closed while the task was being written
@@ -267,8 +271,23 @@ class ContactServer:
         handle = await self.submit(text, target, **fields)
         try:
             return await handle.result(timeout)
-        except (asyncio.TimeoutError, asyncio.CancelledError):
+        except asyncio.TimeoutError:
+            if handle.cancel():
+                raise
+            return await handle  # its outcome came as the time ran out
+        except asyncio.CancelledError:
             handle.cancel()
+            raise
+
+    async def _committed(self, task: Task) -> None:
+        """Wait until `task` is in the journal. Its commit is shared with
+        other tasks, so a cancelled caller must not cancel it: the task is
+        written, then removed again."""
+        assert self._journal is not None
+        try:
+            await asyncio.shield(self._journal.added(task))
+        except asyncio.CancelledError:
+            self._journal.finished(task)
             raise
 
     def submit_threadsafe(
@@ -284,12 +303,13 @@ class ContactServer:
         async def submit() -> ThreadsafeHandle:
             return ThreadsafeHandle(await self.submit(text, target, **fields), loop)
 
-        return asyncio.run_coroutine_threadsafe(submit(), loop).result()
+        return asyncio.run_coroutine_threadsafe(submit(), loop).result(LOOP_REPLY_SECONDS)
 
     def cancel(self, task_id: str) -> bool:
         """Withdraw the task `task_id` (see TaskHandle.cancel); False if it
-        has its outcome already or is no task of this server."""
-        task = self._router.cancel(task_id)
+        has its outcome already, is no task of this server, or the server
+        has begun shutting down (the task then stays in the journal, if any)."""
+        task = None if self.closed else self._router.cancel(task_id)
         if task is None:
             return False
         log.info("task %s cancelled", task.id)
@@ -301,8 +321,12 @@ class ContactServer:
     async def serve_until_stopped(self) -> None:
         """Serve until SIGINT or SIGTERM arrives (Ctrl-C, or what kill,
         systemd and Kubernetes send), then return: leaving `async with`
-        then shuts down gracefully, as the command line does."""
-        stop = stop_event()
+        then shuts down gracefully, as the command line does. The signals
+        are handled so until the shutdown is over; then as before."""
+        if self._loop is None or self.closed:
+            raise RuntimeError("serve_until_stopped: enter `async with server` first")
+        stop = asyncio.Event()
+        self._signals_back = on_stop_signal(stop.set)
         log.info("serving until Ctrl-C or SIGTERM")
         await stop.wait()
 
@@ -310,24 +334,41 @@ class ContactServer:
 
     def _answered(self, task: Task, name: str, text: str) -> None:
         log.info("task %s result from %s: %s", task.id, name, Quoted(text))
-        self._settle(task, text)
-        self._tell_hook(Answer(task.id, task.text, name, text, None, task.recovered))
-        if self._journal is not None:  # only now: a crash before this repeats the task
-            self._journal.finished(task)
+        self._conclude(task, text, name)
 
     def _errored(self, task: Task, name: str, error: str) -> None:
         log.warning("task %s failed at %s: %s", task.id, name, Quoted(error))
-        failure = TaskError(f"task {task.id} failed at {name}: {error}", name, error)
-        self._settle(task, failure)
-        self._tell_hook(Answer(task.id, task.text, name, None, failure, task.recovered))
-        if self._journal is not None:
-            self._journal.failed(task, f"failed at {name}: {error}")
+        reason = f"failed at {name}: {error}"
+        self._conclude(task, TaskError(f"task {task.id} {reason}", name, error), name, reason)
 
     def _failed(self, task: Task, reason: str) -> None:
-        failure = TaskFailedError(f"task {task.id} failed: {reason}")
-        self._settle(task, failure)
-        self._tell_hook(Answer(task.id, task.text, None, None, failure, task.recovered))
-        if self._journal is not None:
+        self._conclude(task, TaskFailedError(f"task {task.id} failed: {reason}"), "", reason)
+
+    def _conclude(
+        self, task: Task, outcome: str | TaskNotAnsweredError, name: str, reason: str = ""
+    ) -> None:
+        """A task has its answer, or failed (`reason`): hand it to its
+        submitter now; tell the hook and the journal on the loop's next turn,
+        once the Router is done with this change (the hook may cancel tasks)."""
+        self._settle(task, outcome)
+        asyncio.get_running_loop().call_soon(self._record, task, outcome, name, reason)
+
+    def _record(
+        self, task: Task, outcome: str | TaskNotAnsweredError, name: str, reason: str
+    ) -> None:
+        failure = outcome if isinstance(outcome, TaskNotAnsweredError) else None
+        text = None if failure else str(outcome)
+        if self._on_answer is not None:
+            answer = Answer(task.id, task.text, name or None, text, failure, task.recovered)
+            try:
+                self._on_answer(answer)
+            except Exception:  # the hook is the user's code: it must not break the server
+                log.exception("the on_answer hook failed on task %s", task.id)
+        if self._journal is None:
+            return
+        if failure is None:  # only now: a crash before this repeats the task
+            self._journal.finished(task)
+        else:
             self._journal.failed(task, reason)
 
     def _requeued(self, task: Task) -> None:
@@ -347,13 +388,6 @@ class ContactServer:
             answer.set_exception(outcome)
         else:
             answer.set_result(outcome)
-
-    def _tell_hook(self, answer: Answer) -> None:
-        if self._on_answer is not None:
-            try:
-                self._on_answer(answer)
-            except Exception:  # the hook is the user's code: it must not break the server
-                log.exception("the on_answer hook failed on task %s", answer.id)
 
     async def _housekeeping(self) -> None:
         while True:
@@ -403,6 +437,8 @@ class ContactServer:
         kept = " (kept in the journal for the next start)" if self._journal and unanswered else ""
         await self._close_journal()
         log.info("stopped; tasks never answered: %d%s", len(unanswered), kept)
+        if self._signals_back is not None:  # a signal now is the program's again
+            self._signals_back()
 
 
 # --- The command line: tasks typed on standard input ---------------------------

@@ -14,12 +14,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import inspect
 import logging
 import queue
 import threading
 from collections import deque
 from collections.abc import Awaitable, Callable
+from typing import Any, Protocol
 
 from contact import contact_pb2, one_line_error, text_problem
 
@@ -55,97 +57,69 @@ def raised(task: contact_pb2.ServerMsg, err: BaseException) -> contact_pb2.Resul
     return failure(task, f"{type(err).__name__}: {err}")
 
 
-class HandlerPool:
-    """Runs `handler` on up to `size` tasks at once; each Result goes to
+class HandlerPool(Protocol):
+    """Runs the handler on up to `size` tasks at once; each Result goes to
     `done(task, result)` on the event loop's thread."""
 
-    def __init__(self, handler: Handler, size: int, done: Done) -> None:
-        if size < 1:
-            raise ValueError("a pool needs at least one worker")
+    def submit(self, task: contact_pb2.ServerMsg) -> None:
+        """Work on `task` as soon as a worker is free."""
+
+    def withdraw(self, task_id: str) -> str | None:
+        """Stop `task_id` (submitted, not yet done) if it can be, and say how;
+        None if it runs to the end (its Result then comes as usual)."""
+
+    def close(self) -> None:
+        """Drop the tasks not started yet, and stop or abandon the rest:
+        their answers go nowhere."""
+
+
+def handler_pool(handler: Handler, size: int, done: Done) -> HandlerPool:
+    """The pool for `handler`: threads for a plain function, the loop for an `async def`."""
+    if size < 1:
+        raise ValueError("a pool needs at least one worker")
+    if is_async(handler):
+        return AsyncHandlers(handler, size, done)  # type: ignore[arg-type]
+    return ThreadHandlers(handler, size, done)  # type: ignore[arg-type]
+
+
+class ThreadHandlers:
+    """A plain handler in `size` daemon threads. They take tasks from a queue
+    themselves, so one that finishes a task starts the next without waiting
+    for the loop."""
+
+    def __init__(
+        self, handler: Callable[[contact_pb2.ServerMsg], str], size: int, done: Done
+    ) -> None:
         self._handler, self._size, self._done = handler, size, done
-        self._async = is_async(handler)
         self._loop: asyncio.AbstractEventLoop | None = None
-        # Async handlers: tasks wait here for one of `size` free workers.
-        self._waiting: deque[contact_pb2.ServerMsg] = deque()
-        self._free = size
-        self._running: dict[str, asyncio.Task[None]] = {}  # by task id
-        # Plain handlers: threads take tasks from `_jobs` themselves (None:
-        # end), so a thread that finishes a task starts the next without
-        # waiting for the loop. Under `_lock`: the ids a thread has taken and
-        # not yet handed back, and those withdrawn before a thread took them.
         self._jobs: queue.SimpleQueue[contact_pb2.ServerMsg | None] = queue.SimpleQueue()
+        # Under `_lock`: the ids a thread has taken and not yet handed back,
+        # and those withdrawn before a thread took them (it skips them).
         self._lock = threading.Lock()
         self._taken: set[str] = set()
         self._dropped: set[str] = set()
         self._finished: deque[tuple[contact_pb2.ServerMsg, contact_pb2.Result]] = deque()
         self._delivery_scheduled = False
-        if not self._async:
-            for number in range(size):
-                threading.Thread(target=self._work, name=f"handler-{number}", daemon=True).start()
+        for number in range(size):
+            threading.Thread(target=self._work, name=f"handler-{number}", daemon=True).start()
 
     def submit(self, task: contact_pb2.ServerMsg) -> None:
-        """Work on `task` as soon as a worker is free."""
         self._loop = asyncio.get_running_loop()
-        if self._async:
-            self._waiting.append(task)
-            self._start_waiting()
-        else:
-            self._jobs.put(task)
+        self._jobs.put(task)
 
     def withdraw(self, task_id: str) -> str | None:
-        """Stop `task_id`, a task submitted and not yet done, if it can be:
-        dropped if it waits, cancelled if an async handler runs it. Say which,
-        or None if neither (a plain handler runs it to the end)."""
-        if not self._async:
-            with self._lock:
-                if task_id in self._taken:
-                    return None
-                self._dropped.add(task_id)  # the thread that takes it skips it
-            return "dropped before it started"
-        for task in self._waiting:
-            if task.id == task_id:
-                self._waiting.remove(task)
-                return "dropped before it started"
-        self._running[task_id].cancel()
-        return "cancelled while it ran"
+        with self._lock:
+            if task_id in self._taken:
+                return None  # a thread cannot be stopped
+            self._dropped.add(task_id)
+        return "dropped before it started"
 
     def close(self) -> None:
-        """Drop the tasks not started yet, cancel async handlers, and end each
-        thread after its current task (whose answer then goes nowhere)."""
-        self._waiting.clear()
-        for running in self._running.values():
-            running.cancel()
-        if not self._async:
-            with contextlib.suppress(queue.Empty):
-                while True:
-                    self._jobs.get_nowait()
-            for _ in range(self._size):
-                self._jobs.put(None)
-
-    # -- async handlers, on the loop --
-
-    def _start_waiting(self) -> None:
-        while self._free and self._waiting:
-            self._free -= 1
-            task = self._waiting.popleft()
-            self._running[task.id] = asyncio.ensure_future(self._run(task))
-
-    async def _run(self, task: contact_pb2.ServerMsg) -> None:
-        result: contact_pb2.Result | None = None
-        try:
-            result = result_of(task, await self._handler(task))  # type: ignore[misc]
-        except asyncio.CancelledError:
-            pass  # withdrawn, or the client is stopping: nobody takes this answer
-        except Exception as err:
-            result = raised(task, err)
-        finally:
-            del self._running[task.id]
-            self._free += 1
-        if result is not None:
-            self._done(task, result)
-        self._start_waiting()
-
-    # -- plain handlers, in threads --
+        with contextlib.suppress(queue.Empty):
+            while True:
+                self._jobs.get_nowait()
+        for _ in range(self._size):
+            self._jobs.put(None)  # each thread ends after its current task
 
     def _work(self) -> None:
         while (task := self._jobs.get()) is not None:
@@ -173,3 +147,70 @@ class HandlerPool:
             with self._lock:  # only now: until it is handed on, withdraw() must wait it out
                 self._taken.discard(task.id)
             self._done(task, result)
+
+
+class AsyncHandlers:
+    """An `async def` handler as asyncio tasks on the loop, `size` at most at once."""
+
+    def __init__(
+        self,
+        handler: Callable[[contact_pb2.ServerMsg], Awaitable[str]],
+        size: int,
+        done: Done,
+    ) -> None:
+        self._handler, self._free, self._done = handler, size, done
+        self._waiting: deque[contact_pb2.ServerMsg] = deque()  # for a free worker
+        self._running: dict[str, asyncio.Task[contact_pb2.Result]] = {}  # by task id
+        self._stopped: set[str] = set()  # running ids withdrawn: no Result for them
+        self._closed = False
+
+    def submit(self, task: contact_pb2.ServerMsg) -> None:
+        self._waiting.append(task)
+        self._start_waiting()
+
+    def withdraw(self, task_id: str) -> str | None:
+        for task in self._waiting:
+            if task.id == task_id:
+                self._waiting.remove(task)
+                return "dropped before it started"
+        running = self._running.get(task_id)
+        if running is None:  # done, and its Result on its way
+            return None
+        running.cancel()
+        self._stopped.add(task_id)
+        return "cancelled while it ran"
+
+    def close(self) -> None:
+        self._closed = True
+        self._waiting.clear()
+        for running in self._running.values():
+            running.cancel()
+
+    def _start_waiting(self) -> None:
+        while self._free and self._waiting:
+            self._free -= 1
+            task = self._waiting.popleft()
+            running = asyncio.ensure_future(self._answer(task))
+            self._running[task.id] = running
+            # Bookkeeping in a done callback: it runs even for a task
+            # cancelled before its first step, which its own code never sees.
+            running.add_done_callback(functools.partial(self._finished, task))
+
+    async def _answer(self, task: contact_pb2.ServerMsg) -> contact_pb2.Result:
+        try:
+            return result_of(task, await self._handler(task))
+        except asyncio.CancelledError as err:
+            if task.id in self._stopped or self._closed:
+                raise  # our own doing: no Result
+            return raised(task, err)  # the handler's own: a failure, like any other
+        except BaseException as err:  # even SystemExit: one bad task must not stop the client
+            return raised(task, err)
+
+    def _finished(self, task: contact_pb2.ServerMsg, running: asyncio.Task[Any]) -> None:
+        del self._running[task.id]
+        self._free += 1
+        stopped = task.id in self._stopped
+        self._stopped.discard(task.id)
+        if not (stopped or self._closed or running.cancelled()):
+            self._done(task, running.result())
+        self._start_waiting()

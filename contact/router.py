@@ -67,6 +67,10 @@ class Session:
         self.stalled = 0
         self.suspects = 0  # suspect tasks in flight here (at most one, then alone)
         self.in_flight: dict[str, Task] = {}
+        # Tasks withdrawn while this client held them: it may still be
+        # working on them, so each keeps its place in the window taken until
+        # the client sends a result for it (which is then ignored).
+        self.withdrawn: set[str] = set()
         self.outbox: deque[Task] = deque()
         self.ended: str | None = None  # why the session ended, once it has
         self._wakeup = asyncio.Event()
@@ -82,7 +86,8 @@ class Session:
         return None
 
     def has_room(self) -> bool:
-        return len(self.in_flight) + self.stalled < self.window and not self.suspects
+        held = len(self.in_flight) + len(self.withdrawn) + self.stalled
+        return held < self.window and not self.suspects
 
     def can_take(self, task: Task) -> bool:
         return self.has_room() and not (task.suspect and self.in_flight)
@@ -290,6 +295,8 @@ class Router:
         """Record the result `text` that client `name` sent for task `task_id`,
         or (`error`) why it could not do the task."""
         task = self._tasks.get(task_id)
+        if task is None and self._acknowledged_withdrawal(name, task_id):
+            return Outcome.DUPLICATE
         if task is None:
             outcome = Outcome.DUPLICATE if self._was_issued(task_id) else Outcome.UNKNOWN
             REPEATS.log(
@@ -323,9 +330,10 @@ class Router:
         if task is None:
             return None
         holder = task.holder
-        written = holder is not None and task not in holder.outbox
+        if holder is not None and task not in holder.outbox:  # written: it may be working on it
+            holder.withdrawn.add(task.id)
         self._finish(task)
-        if written and holder is not None and holder.accepts_cancel:
+        if holder is not None and task.id in holder.withdrawn and holder.accepts_cancel:
             holder._push(Task(id=task.id, text="", cancelled=True))
         return task
 
@@ -414,6 +422,19 @@ class Router:
         self._place(session)
         if task in session.outbox:  # never written to it: no longer worth writing
             session.outbox.remove(task)
+
+    def _acknowledged_withdrawal(self, name: str, task_id: str) -> bool:
+        """If `task_id` was withdrawn from client `name` while it held it, its
+        result frees its place in the window; say whether it was."""
+        session = self._sessions.get(name)
+        if session is None or task_id not in session.withdrawn:
+            return False
+        log.debug("result for withdrawn task %s from %s ignored", Quoted(task_id), name)
+        self._unplace(session)
+        session.withdrawn.discard(task_id)
+        self._place(session)
+        self._fill(session)
+        return True
 
     def _answers_again(self, name: str) -> None:
         """A client whose leases ran out answered after all: it is slow, not

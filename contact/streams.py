@@ -10,6 +10,8 @@ from typing import Any, NoReturn, TypeVar
 
 import grpc
 
+from contact.tasks import retrieved
+
 # How long the server gets to acknowledge our half-close before we cancel:
 # cancelling a call the server has not finished makes grpc.aio log a
 # traceback there, but we never wait longer than this to leave.
@@ -65,6 +67,8 @@ async def first_to_finish(*coroutines: Coroutine[Any, Any, None]) -> None:
     """Run the coroutines together until one returns or raises; cancel the
     rest. If one returned and another raised in the same instant, return."""
     running = [asyncio.ensure_future(coroutine) for coroutine in coroutines]
+    for task in running:  # one that fails while the others are cancelled is no news
+        task.add_done_callback(retrieved)
     try:
         done, _ = await asyncio.wait(running, return_when=asyncio.FIRST_COMPLETED)
         failures = [error for finished in done if (error := finished.exception())]

@@ -12,6 +12,11 @@ from typing import Any
 
 from contact import CLIENT_NAME, MAX_MESSAGE_BYTES, contact_pb2, text_problem
 
+# How long plain code in another thread waits for the server's loop to do
+# what it asked (take a task, withdraw one): a journal commit takes
+# milliseconds, a slow disk's a few seconds; a loop that has not answered in
+# this long is stuck, and the call raises TimeoutError.
+LOOP_REPLY_SECONDS = 30.0
 # ServerMsg fields the server fills itself: `submit` refuses them as fields.
 SERVER_FIELDS = ("task", "id", "attempt", "cancelled")
 # A task's message, its own fields included, leaves this much of the message
@@ -128,7 +133,9 @@ class TaskHandle:
 class ThreadsafeHandle(concurrent.futures.Future[str]):
     """A TaskHandle for plain code in another thread: a concurrent.futures
     Future of the answer, with the task's `id`, whose `cancel` withdraws
-    the task (`result` then raises TaskCancelledError)."""
+    the task. A withdrawn task's `result` raises TaskCancelledError, like an
+    awaited handle's; `cancelled()` stays False (the Future itself is not
+    cancelled: its outcome is that error)."""
 
     def __init__(self, handle: TaskHandle, loop: asyncio.AbstractEventLoop) -> None:
         """Made on `loop`'s thread, where `handle` lives."""
@@ -153,7 +160,7 @@ class ThreadsafeHandle(concurrent.futures.Future[str]):
         async def withdraw() -> bool:
             return self._handle.cancel()
 
-        return asyncio.run_coroutine_threadsafe(withdraw(), self._loop).result()
+        return asyncio.run_coroutine_threadsafe(withdraw(), self._loop).result(LOOP_REPLY_SECONDS)
 
 
 def on_loop(loop: asyncio.AbstractEventLoop) -> bool:

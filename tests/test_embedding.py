@@ -32,8 +32,8 @@ def test_a_thousand_run_clients_in_one_process_all_register_and_answer(
     done = many.wait_for(r"(\d+) clients answered in (\S+) s", timeout=45)
     print(done.group(0))
     assert many.exit_code(30) == 0, many.output
-    assert srv.count(r"client many-\d+ connected from") == CLIENTS_IN_ONE_PROCESS
-    assert srv.count(r"result from many-\d+: 'TASK \d+'$") == CLIENTS_IN_ONE_PROCESS
+    srv.wait_for(r"client many-\d+ connected from", count=CLIENTS_IN_ONE_PROCESS)
+    srv.wait_for(r"result from many-\d+: 'TASK \d+'$", count=CLIENTS_IN_ONE_PROCESS)
     peers = {line.rsplit(":", 1)[1] for line in srv.lines if "connected from" in line}
     assert len(peers) == CLIENTS_IN_ONE_PROCESS  # a connection (a port) of its own each
     assert "WARNING" not in many.output and "Traceback" not in many.output, many.output

@@ -421,7 +421,9 @@ def test_cancel_withdraws_a_queued_task_and_what_waited_behind_it_moves() -> Non
     assert behind.id in bob.in_flight
 
 
-def test_cancel_of_a_task_in_flight_frees_its_slot_and_tells_a_client_that_listens() -> None:
+def test_cancel_of_a_task_in_flight_tells_a_client_that_listens_and_keeps_its_slot() -> None:
+    """The client may still be working on it: its place in the window is
+    free again only once the client sends a result for it, which is ignored."""
     router = Router()
     for accepts_cancel in (True, False):
         name = f"listens-{accepts_cancel}"
@@ -430,10 +432,11 @@ def test_cancel_of_a_task_in_flight_frees_its_slot_and_tells_a_client_that_liste
         nxt = router.submit(f"next for {name}", target=name)
         assert client.outbox.popleft() is held  # written to its stream
         assert router.cancel(held.id) is held
-        assert assigned(client) == [f"next for {name}"]  # the slot went to the next task
         notices = [t.id for t in client.outbox if t.cancelled]
         assert notices == ([held.id] if accepts_cancel else [])
-        assert router.complete(name, held.id, "late") is Outcome.DUPLICATE  # ignored
+        assert assigned(client) == [] and router.queued() == 1  # its slot is still taken
+        assert router.complete(name, held.id, "late") is Outcome.DUPLICATE  # ignored...
+        assert assigned(client) == [f"next for {name}"]  # ...and the slot is free
         assert router.complete(name, nxt.id, "ok") is Outcome.ACCEPTED
 
 

@@ -79,6 +79,21 @@ class RouterMachine(RuleBasedStateMachine):
             self.finished.add(task.id)
         assert self.router.cancel(task.id) is None  # once only
 
+    @rule(name=NAMES)
+    def write(self, name: str) -> None:
+        """getTask writes what waits for client `name` (a task or a notice)."""
+        session = self.router._sessions.get(name)
+        if session is not None and session.outbox:
+            session.outbox.popleft()
+
+    @rule(name=NAMES, pick=st.integers(0, 10**6))
+    def result_for_a_withdrawn_task(self, name: str, pick: int) -> None:
+        session = self.router._sessions.get(name)
+        if session is not None and session.withdrawn:
+            withdrawn = sorted(session.withdrawn)[pick % len(session.withdrawn)]
+            assert self.router.complete(name, withdrawn, "late") is Outcome.DUPLICATE
+            assert withdrawn not in session.withdrawn  # its place in the window is free
+
     @rule(bogus=st.text(max_size=12))
     def unknown_result(self, bogus: str) -> None:
         if bogus not in {task.id for task in self.tasks}:
@@ -112,12 +127,14 @@ class RouterMachine(RuleBasedStateMachine):
         router = self.router
         for session in router._sessions.values():
             assert session.window <= router.max_in_flight
-            assert len(session.in_flight) + session.stalled <= session.window
+            held = len(session.in_flight) + len(session.withdrawn) + session.stalled
+            assert held <= session.window
             tasks = [t for t in session.outbox if not t.cancelled]
             notices = [t for t in session.outbox if t.cancelled]
             assert set(t.id for t in tasks) <= set(session.in_flight)
             assert not notices or session.accepts_cancel  # only told if it listens
             assert not {t.id for t in notices} & set(session.in_flight)
+            assert not session.withdrawn & set(session.in_flight)
             assert session.suspects == sum(t.suspect for t in session.in_flight.values())
             if session.suspects:
                 assert len(session.in_flight) == 1  # a suspect task travels alone

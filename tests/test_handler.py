@@ -1,0 +1,103 @@
+"""Unit tests of the client's handler pools (contact/handler.py): what a
+handler does becomes a Result, and withdrawn tasks free their worker."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+
+import pytest
+
+from contact import contact_pb2
+from contact.handler import handler_pool
+
+
+def task(text: str, task_id: str) -> contact_pb2.ServerMsg:
+    return contact_pb2.ServerMsg(task=text, id=task_id)
+
+
+class Results:
+    """The `done` of a pool: every Result, and a wait for the next few."""
+
+    def __init__(self) -> None:
+        self.results: list[contact_pb2.Result] = []
+        self._changed = asyncio.Event()
+
+    def __call__(self, task: contact_pb2.ServerMsg, result: contact_pb2.Result) -> None:
+        self.results.append(result)
+        self._changed.set()
+
+    async def at_least(self, count: int) -> list[contact_pb2.Result]:
+        while len(self.results) < count:  # each Result sets the event: at most `count` waits
+            self._changed.clear()
+            await asyncio.wait_for(self._changed.wait(), 5)
+        return self.results
+
+
+def test_an_async_task_withdrawn_before_its_first_step_frees_its_worker() -> None:
+    async def upper(task: contact_pb2.ServerMsg) -> str:
+        return task.task.upper()
+
+    async def scenario() -> None:
+        done = Results()
+        pool = handler_pool(upper, 1, done)
+        pool.submit(task("a", "1"))  # started, but its first step has not run
+        assert pool.withdraw("1") == "cancelled while it ran"
+        pool.submit(task("b", "2"))
+        assert [(r.id, r.ret) for r in await done.at_least(1)] == [("2", "B")]
+
+    asyncio.run(scenario())
+
+
+@pytest.mark.parametrize(
+    ("raises", "error"),
+    [
+        (asyncio.CancelledError, "CancelledError"),
+        (SystemExit, "SystemExit"),
+        (ValueError, "ValueError"),
+    ],
+)
+def test_whatever_an_async_handler_raises_is_a_failure_and_the_next_runs(
+    raises: type[BaseException], error: str
+) -> None:
+    async def odd(task: contact_pb2.ServerMsg) -> str:
+        if task.task == "raise":
+            raise raises("on purpose")
+        return task.task.upper()
+
+    async def scenario() -> None:
+        done = Results()
+        pool = handler_pool(odd, 1, done)
+        pool.submit(task("raise", "1"))
+        pool.submit(task("next", "2"))
+        first, second = await done.at_least(2)
+        assert first.id == "1" and first.error.startswith(error) and not first.ret
+        assert (second.id, second.ret) == ("2", "NEXT")
+
+    asyncio.run(scenario())
+
+
+def test_a_thread_skips_a_task_withdrawn_before_it_started_and_finishes_a_running_one() -> None:
+    started, release = threading.Event(), threading.Event()
+
+    def blocking(task: contact_pb2.ServerMsg) -> str:
+        if task.task == "block":
+            started.set()
+            release.wait(5)
+        return task.task.upper()
+
+    async def scenario() -> None:
+        done = Results()
+        pool = handler_pool(blocking, 1, done)
+        pool.submit(task("block", "1"))
+        pool.submit(task("waiting", "2"))
+        pool.submit(task("last", "3"))
+        assert await asyncio.to_thread(started.wait, 5)
+        assert pool.withdraw("1") is None  # running in a thread: it runs to the end
+        assert pool.withdraw("2") == "dropped before it started"
+        release.set()
+        results = await done.at_least(2)
+        assert [(r.id, r.ret) for r in results] == [("1", "BLOCK"), ("3", "LAST")]
+        pool.close()
+
+    asyncio.run(scenario())
