@@ -39,9 +39,10 @@ demo: $(RUNTIME)  ## the whole story in one terminal: a server, two clients, a f
 test: $(DEV)  ## the whole test suite
 	$(PY) -m pytest
 
-soak: $(DEV)  ## the long fault test: 2 x 10,000 tasks under chaos, then again with --journal and server kills
+soak: $(DEV)  ## the long fault tests: 2 x 10,000 tasks under chaos, again with --journal and server kills, and 200,000 piped lines
 	$(PY) -m tests.soak
 	$(PY) -m tests.soak --journal
+	CONTACT_BURST_LINES=200000 $(PY) -m pytest -q -s tests/test_bounded.py
 
 bench: $(DEV)  ## the project against a lean grpcio baseline, in one run; prints a table
 	$(PY) -m tests.bench

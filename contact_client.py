@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import logging
 from collections import deque
 from collections.abc import Callable
@@ -44,6 +43,7 @@ from contact.streams import (
     StreamEndedError,
     answered_within,
     ended,
+    failure_of,
     first_to_finish,
     hang_up,
 )
@@ -86,8 +86,11 @@ class Work:
     """The client's work, across reconnections: the handlers, the tasks they
     are on, and answers not yet sent."""
 
-    def __init__(self, handler: Handler, concurrency: int, max_tasks: int | None) -> None:
+    def __init__(
+        self, handler: Handler, concurrency: int, window: int, max_tasks: int | None
+    ) -> None:
         self.handlers = handler_pool(handler, concurrency, self._finished)
+        self.window = window  # the most tasks we ask the server for at once
         self.running: set[str] = set()  # ids of the tasks being worked on
         self.unsent: deque[contact_pb2.Result] = deque()
         self.answer_ready = asyncio.Event()
@@ -104,6 +107,8 @@ class Work:
         if message.cancelled:
             self.withdraw(message.id)
         elif message.id not in self.running:
+            if len(self.running) >= self.window:  # memory is ours to protect
+                raise StreamEndedError(f"the server sent more than the {self.window} tasks asked")
             self.running.add(message.id)
             self.handlers.submit(message)
 
@@ -128,6 +133,13 @@ class Work:
         else:
             log.info("task %s: %s -> %s", task.id, Quoted(task.task), Quoted(result.ret))
         self._send(result)
+
+    def written(self, writing: asyncio.Future[None]) -> None:
+        """The first unsent answer's write has ended: forget it if it went
+        out (a lost connection keeps it, to send on the next)."""
+        if not writing.cancelled() and writing.exception() is None:
+            sent = self.unsent.popleft()
+            self.answered += sent.error != WITHDRAWN  # a withdrawal is no answer
 
     def _send(self, result: contact_pb2.Result) -> None:
         self.unsent.append(result)
@@ -168,11 +180,13 @@ async def one_connection(
             )
             # The task limit is reached and every answer written.
             await results.done_writing()
-            await results  # returns once the server has read every answer
+            # Returns once the server has read every answer; one that never
+            # says so is not waited for long.
+            await answered_within(results, ANSWER_WITHIN_SECONDS, "the last answers")
         except (grpc.aio.AioRpcError, StreamEndedError) as err:
-            if not work.done():
-                await why_registration_ended(tasks)  # the authoritative reason, if any
-                raise
+            reason = None if work.done() else await registration_failure(tasks)
+            if not work.done():  # (the last answer's write may have ended meanwhile)
+                raise (reason or err) from None
             log.warning("the server did not confirm the last answers (%s)", err)
         finally:
             await hang_up(results, status)
@@ -185,18 +199,21 @@ async def confirm_registration(tasks: grpc.aio.UnaryStreamCall, name: str) -> No
     echoing our name in the initial metadata; raise its refusal otherwise."""
     echoed = await answered_within(tasks.initial_metadata(), ANSWER_WITHIN_SECONDS, "getTask")
     if echoed is None or echoed.get(CLIENT_ID_KEY) != name:
-        await tasks.read()  # raises the refusal as AioRpcError
+        # A refusal ends the call at once (read raises it as AioRpcError);
+        # anything else is no registration, and is not waited for long.
+        await answered_within(tasks.read(), ANSWER_WITHIN_SECONDS, "getTask")
         raise StreamEndedError("the server sent no registration")
 
 
-async def why_registration_ended(tasks: grpc.aio.UnaryStreamCall) -> None:
+async def registration_failure(tasks: grpc.aio.UnaryStreamCall) -> Exception | None:
     """When one call fails, the others often fail with it (a shutdown, a
-    takeover), each with its own status; getTask's says why. Raise it if
-    getTask ended with an error, giving it a moment to arrive."""
-    with contextlib.suppress(asyncio.TimeoutError):
+    takeover), each with its own status; getTask's says why. Its error, if
+    it ended with one, given a moment to arrive."""
+    try:
         code = await asyncio.wait_for(asyncio.shield(tasks.code()), REGISTRATION_STATUS_SECONDS)
-        if code != grpc.StatusCode.OK:
-            await ended(tasks, "task")
+    except asyncio.TimeoutError:
+        return None
+    return None if code == grpc.StatusCode.OK else await failure_of(tasks, "task")
 
 
 async def receive_tasks(tasks: grpc.aio.UnaryStreamCall, work: Work) -> None:
@@ -218,12 +235,14 @@ async def send_answers(results: grpc.aio.StreamUnaryCall, work: Work) -> None:
         while not work.unsent:
             work.answer_ready.clear()
             await work.answer_ready.wait()
+        # Shielded, its bookkeeping in a callback: a write that completes as
+        # another call's failure cancels this coroutine still counts.
+        writing = asyncio.ensure_future(results.write(work.unsent[0]))
+        writing.add_done_callback(work.written)
         try:
-            await results.write(work.unsent[0])
+            await asyncio.shield(writing)
         except asyncio.InvalidStateError:  # the server has ended the stream
             await ended(results, "result")
-        sent = work.unsent.popleft()  # only once written: a lost connection keeps it
-        work.answered += sent.error != WITHDRAWN  # a withdrawal is no answer
 
 
 async def watch_results(results: grpc.aio.StreamUnaryCall, work: Work) -> None:
@@ -274,7 +293,8 @@ async def run(
     fails: its submitter gets TaskError with the message. Each run() has a
     connection of its own, so many can run in one process."""
     name = name or default_client_name()
-    work = Work(handler, concurrency, max_tasks)
+    window = concurrency + prefetch
+    work = Work(handler, concurrency, window, max_tasks)
     delays, outage = backoff(max_backoff), False  # an outage is said once, not per retry
 
     def registered() -> None:
@@ -287,7 +307,6 @@ async def run(
         while True:
             try:
                 async with client_channel(server, credentials) as channel:
-                    window = concurrency + prefetch
                     await one_connection(channel, name, window, work, status_every, registered)
                 log.info("answered %s; exiting", counted(work.answered, "task"))
                 return

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
 import logging
 import os
 from collections.abc import AsyncIterator, Callable
@@ -376,8 +377,17 @@ class ContactServer:
             self._journal.requeued(task)  # its attempts count survives a restart
 
     def _not_answered(self, task: Task) -> TaskNotAnsweredError:
-        kept = "" if self._journal is None else " (it stays in the journal for the next start)"
-        return TaskNotAnsweredError(f"the server closed before task {task.id} was answered{kept}")
+        return TaskNotAnsweredError(
+            f"the server closed before task {task.id} was answered{self._kept()}"
+        )
+
+    def _kept(self) -> str:
+        """What becomes of unanswered tasks at shutdown, for the log."""
+        if self._journal is None:
+            return ""
+        if (lost := self._journal.check()) is not None:
+            return f" (NOT kept: the journal file was {lost})"
+        return " (kept in the journal for the next start)"
 
     def _settle(self, task: Task, outcome: str | Exception) -> None:
         """Hand the submitter of `task` its answer, or why there is none."""
@@ -434,7 +444,7 @@ class ContactServer:
         unanswered = self._router.unfinished()
         for task in unanswered:
             self._settle(task, self._not_answered(task))
-        kept = " (kept in the journal for the next start)" if self._journal and unanswered else ""
+        kept = self._kept() if unanswered else ""
         await self._close_journal()
         log.info("stopped; tasks never answered: %d%s", len(unanswered), kept)
         if self._signals_back is not None:  # a signal now is the program's again
@@ -457,17 +467,10 @@ async def serve(args: argparse.Namespace, credentials: grpc.ServerCredentials | 
         journal=args.journal,
         journal_sync=args.journal_sync,
     )
-    typed: set[asyncio.Task[None]] = set()  # lines being queued (a reference keeps each alive)
-
-    def submit(text: str, target: str | None) -> None:
-        queuing = asyncio.ensure_future(queue_line(server, text, target))
-        typed.add(queuing)
-        queuing.add_done_callback(typed.discard)
-
     try:
         async with server:
             log.info("type a task per line (TEXT or @NAME TEXT)")
-            read_tasks(asyncio.get_running_loop(), submit)
+            read_tasks(asyncio.get_running_loop(), functools.partial(queue_line, server))
             await server.serve_until_stopped()
     except (OSError, JournalError) as err:
         log.error("%s", err)

@@ -101,6 +101,8 @@ class Journal:
         self._timer: asyncio.TimerHandle | None = None  # when the next commit begins
         self._last_commit = 0.0  # when the last commit began (loop time)
         self._db = self._open(sync)
+        self._file = os.stat(self.path)  # which file it is: one put in its place is another
+        self.lost: str | None = None  # why the file can no longer keep tasks, once it cannot
         try:
             self.run, self.earlier_runs = self._start_run()
             self.recovered = self._read_unfinished()
@@ -190,12 +192,33 @@ class Journal:
 
     def _commit(self, ops: list[tuple[str, tuple[object, ...]]]) -> None:
         """In the writer thread: one transaction of `ops`, in order."""
+        self._check_file()
         try:
             with self._transaction():
                 for sql, group in itertools.groupby(ops, key=lambda op: op[0]):
                     self._db.executemany(sql, [params for _, params in group])
         except sqlite3.Error as err:
             raise self._error(err) from None
+
+    def check(self) -> str | None:
+        """Whether the file is still the journal's: None, or why not (once it
+        was deleted or replaced, what is written there is lost at exit)."""
+        if self.lost is None:
+            try:
+                now = os.stat(self.path)
+                if (now.st_dev, now.st_ino) != (self._file.st_dev, self._file.st_ino):
+                    self.lost = "replaced by another file"
+            except FileNotFoundError:
+                self.lost = "deleted"
+        return self.lost
+
+    def _check_file(self) -> None:
+        """Commit nothing into a file that is no longer the journal's."""
+        if self.check() is not None:
+            raise JournalError(
+                f"journal {self.path} was {self.lost} while the server ran: "
+                "tasks are no longer kept; restart the server to keep them again"
+            )
 
     @contextlib.contextmanager
     def _transaction(self) -> Iterator[None]:

@@ -62,9 +62,10 @@ class Session:
         self.name = name
         self.window = window  # the most tasks it may hold unanswered
         self.accepts_cancel = accepts_cancel  # told when a task it holds is withdrawn
-        # Leases that ran out at this client since it last answered: they
-        # count against its window, so a hung client is sent no more work.
-        self.stalled = 0
+        # A lease ran out at this client since it last answered: it is hung,
+        # or far too slow, so it is sent nothing until it answers, whatever
+        # its window.
+        self.stalled = False
         self.suspects = 0  # suspect tasks in flight here (at most one, then alone)
         self.in_flight: dict[str, Task] = {}
         # Tasks withdrawn while this client held them: it may still be
@@ -86,8 +87,8 @@ class Session:
         return None
 
     def has_room(self) -> bool:
-        held = len(self.in_flight) + len(self.withdrawn) + self.stalled
-        return held < self.window and not self.suspects
+        held = len(self.in_flight) + len(self.withdrawn)
+        return held < self.window and not self.suspects and not self.stalled
 
     def can_take(self, task: Task) -> bool:
         return self.has_room() and not (task.suspect and self.in_flight)
@@ -137,10 +138,13 @@ class Router:
       and any answer to it is ignored.
     - A task sent to a client is leased to it for `task_timeout` seconds
       (None: for ever): `expire_leases` takes back those that ran out, as if
-      their holder had left, and the holder gets no more work until it
-      answers again. A task sent `max_attempts` times and taken back each
-      time fails: `on_failed(task, reason)` is called and it is dropped;
-      one taken back with attempts left calls `on_requeued(task)`.
+      their holder had left, and the holder gets no more work, whatever its
+      window, until it answers again. A send is an attempt when it ends
+      with the task's lease running out or its holder's connection dying
+      (not a takeover of the holder's name, nor a shutdown): a task with
+      `max_attempts` such sends fails, `on_failed(task, reason)` is called
+      and it is dropped; one taken back with attempts left calls
+      `on_requeued(task)`.
 
     Everything lives in memory: delivery is at-least-once while the process
     runs (and across restarts, with a journal: contact/journal.py). All
@@ -178,6 +182,9 @@ class Router:
         self._tasks: dict[str, Task] = {}  # every unfinished task, by id
         self._queue: deque[Task] = deque()  # tasks for any client, waiting
         self._waiting: dict[str, deque[Task]] = {}  # tasks for one client, waiting
+        # How many tasks `_waiting` holds in all, kept rather than added up:
+        # every status answer says it, and there may be many names waiting.
+        self._waiting_count = 0
         self._sessions: dict[str, Session] = {}  # connected clients, by name
         # Connected clients with room, by how many tasks they have in flight
         # (only loads some client has); each bucket keeps the order its
@@ -225,6 +232,7 @@ class Router:
             self._spread()
         else:
             self._waiting.setdefault(task.target, deque()).append(task)
+            self._waiting_count += 1
             if task.target in self._sessions:
                 self._fill(self._sessions[task.target])
 
@@ -260,7 +268,9 @@ class Router:
             self._unplace(session)
         for task in reversed(list(session.in_flight.values())):
             log.info("task %s requeued (%s %s)", task.id, session.name, reason)
-            self._take_back(task, may_fail=reason != SHUTDOWN)
+            # Only a holder that died is evidence against a task; a newer
+            # client under its name, or our own shutdown, is none.
+            self._take_back(task, charged=reason == LEFT)
         session.in_flight.clear()
         session.outbox.clear()
         self._spread()
@@ -286,7 +296,7 @@ class Router:
             self._release(holder, task, stalled=True)
             holders.append(holder)
         for task in reversed(expired):  # back to the front, in their order
-            self._take_back(task, may_fail=True)
+            self._take_back(task, charged=True)
         for holder in dict.fromkeys(holders):
             self._fill(holder)  # a suspect task it held no longer closes its window
         self._spread()
@@ -357,7 +367,7 @@ class Router:
 
     def queued(self) -> int:
         """How many tasks wait for a client."""
-        return len(self._queue) + sum(len(line) for line in self._waiting.values())
+        return len(self._queue) + self._waiting_count
 
     def in_flight(self, name: str | None = None) -> int:
         """How many tasks are sent and unanswered, at `name` or at anyone."""
@@ -380,6 +390,7 @@ class Router:
             self._fill(holder)
         else:
             self._waiting_line(task).remove(task)
+            self._waiting_count -= task.target is not None
             self._forget_empty_line(task.target)
             if task.target in self._sessions:
                 self._fill(self._sessions[task.target])
@@ -418,7 +429,7 @@ class Router:
         self._unplace(session)
         del session.in_flight[task.id]
         session.suspects -= task.suspect
-        session.stalled += stalled
+        session.stalled = session.stalled or stalled
         self._place(session)
         if task in session.outbox:  # never written to it: no longer worth writing
             session.outbox.remove(task)
@@ -442,18 +453,21 @@ class Router:
         session = self._sessions.get(name)
         if session is not None and session.stalled:
             self._unplace(session)
-            session.stalled = 0
+            session.stalled = False
             self._place(session)
             self._fill(session)
             self._spread()
 
-    def _take_back(self, task: Task, may_fail: bool) -> None:
-        """Queue an unanswered task again, at the front, or fail it if it
-        has had all its attempts (and `may_fail`)."""
+    def _take_back(self, task: Task, charged: bool) -> None:
+        """Queue an unanswered task again, at the front. A `charged` send
+        counts as an attempt: the task becomes suspect, and fails once it has
+        had all its attempts; an uncharged one is as if it never happened."""
         task.holder = None
         self._leases.pop(task.id, None)
-        task.suspect = task.suspect or may_fail
-        if may_fail and self.max_attempts is not None and task.attempts >= self.max_attempts:
+        task.suspect = task.suspect or charged
+        if not charged:
+            task.attempts -= 1
+        elif self.max_attempts is not None and task.attempts >= self.max_attempts:
             del self._tasks[task.id]
             reason = f"sent {task.attempts} times without an answer"
             log.error("task %s failed: %s: %s", task.id, reason, Quoted(task.text))
@@ -464,7 +478,8 @@ class Router:
             self._queue.appendleft(task)
         else:
             self._waiting.setdefault(task.target, deque()).appendleft(task)
-        if may_fail and self._on_requeued is not None:
+            self._waiting_count += 1
+        if charged and self._on_requeued is not None:
             self._on_requeued(task)
 
     def _fill(self, session: Session) -> None:
@@ -473,6 +488,7 @@ class Router:
         took_shared = False
         while (line := own or self._queue) and session.can_take(line[0]):
             self._assign(line.popleft(), session)
+            self._waiting_count -= line is own
             took_shared = took_shared or line is self._queue
         self._forget_empty_line(session.name)
         if took_shared:  # a suspect head another client could not take may be gone

@@ -34,15 +34,21 @@ async def answered_within(answer: Awaitable[T], seconds: float, what: str) -> T:
         raise StreamEndedError(f"no answer to {what} in {seconds:.0f} s") from None
 
 
-async def ended(call: grpc.aio.Call, stream: str) -> NoReturn:
-    """Raise why the server has ended `call`: its error as AioRpcError, or
+async def failure_of(call: grpc.aio.Call, stream: str) -> Exception:
+    """Why the server has ended `call`: its error as AioRpcError, or
     StreamEndedError if it ended the `stream` without one."""
     code = await call.code()
     if code == grpc.StatusCode.OK:
-        raise StreamEndedError(f"the server ended the {stream} stream")
-    raise grpc.aio.AioRpcError(
+        return StreamEndedError(f"the server ended the {stream} stream")
+    error: Exception = grpc.aio.AioRpcError(
         code, await call.initial_metadata(), await call.trailing_metadata(), await call.details()
     )
+    return error
+
+
+async def ended(call: grpc.aio.Call, stream: str) -> NoReturn:
+    """Raise why the server has ended `call` (see failure_of)."""
+    raise await failure_of(call, stream)
 
 
 async def hang_up(*calls: grpc.aio.Call) -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from contact import MAX_TEXT_BYTES
-from contact.stdin import parse_task, split_lines
+from contact.stdin import line_batches, parse_task
 
 
 @pytest.mark.parametrize(
@@ -40,14 +40,14 @@ def test_parse_task_refuses_what_is_no_task(line: str, complaint: str) -> None:
         parse_task(line)
 
 
-def test_split_lines_joins_lines_cut_across_chunks() -> None:
+def test_line_batches_join_lines_cut_across_chunks() -> None:
     chunks = [b"fir", b"st\nsec", b"ond\n\nthi", b"rd"]
-    assert list(split_lines(iter(chunks), 100)) == [b"first", b"second", b"", b"third"]
+    assert list(line_batches(iter(chunks), 100)) == [[b"first"], [b"second", b""], [b"third"]]
 
 
-def test_split_lines_yields_a_too_long_line_once_and_cut_short() -> None:
+def test_line_batches_give_a_too_long_line_once_and_cut_short() -> None:
     chunks = [b"ok\n", b"x" * 30, b"x" * 30, b"x" * 30 + b"\nafter\n", b"y" * 50]
-    lines = list(split_lines(iter(chunks), 40))
+    lines = [line for batch in line_batches(iter(chunks), 40) for line in batch]
     assert lines[0] == b"ok"
     assert 40 < len(lines[1]) <= 80  # over the limit, so refused, but bounded
     assert lines[2:] == [b"after", b"y" * 50]

@@ -342,3 +342,21 @@ def test_submit_returns_once_committed_and_a_result_is_logged_before_its_removal
         "removal written (result logged: True, handed: True)",
         "committed",  # at the latest when the server closes
     ]
+
+
+def test_a_journal_deleted_while_the_server_runs_is_said_and_nothing_is_reported_kept(
+    processes: list[Process], tmp_path: Path
+) -> None:
+    path = tmp_path / "tasks.journal"
+    srv, _ = start_server("--journal", str(path))
+    processes.append(srv)
+    srv.type("kept before")
+    srv.wait_for(r"task \S+ queued for any client: 'kept before'$")
+    path.unlink()  # the server holds the file open: its writes would vanish at exit
+    srv.type("typed after")
+    srv.wait_for(r"ERROR journal .*tasks\.journal was deleted while the server ran")
+    srv.wait_for(r"ERROR task not queued: journal .* was deleted")
+    assert srv.count(r"queued for any client: 'typed after'") == 0
+    srv.send(signal.SIGTERM)
+    assert srv.exit_code() == 0, srv.output
+    srv.wait_for(r"stopped; tasks never answered: 1 \(NOT kept: the journal file was deleted\)")

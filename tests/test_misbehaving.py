@@ -15,6 +15,7 @@ import pytest
 
 from contact import CLIENT_ID_KEY, MAX_IN_FLIGHT_KEY, contact_pb2, contact_pb2_grpc
 from contact_server import ContactServer, TaskFailedError
+from tests.measure import rss_mb
 from tests.processes import Process, start_server
 from tests.proxy import Proxy
 from tests.test_window import logged_at
@@ -51,6 +52,66 @@ def test_a_client_that_never_answers_loses_its_tasks_when_their_lease_runs_out(
         answered = srv.wait_for(rf"task {job} result from rescuer")
         assert logged_at(answered.string) - logged_at(sent.string) <= 5.0
     assert srv.count(r"sent to hung") == 2  # nothing beyond its window
+
+
+def test_a_hung_client_with_a_wide_window_gets_nothing_once_a_lease_ran_out(
+    processes: list[Process], client: Callable[..., Process]
+) -> None:
+    """Its window (the server's 32) is no invitation: after one lease ran out
+    it is sent nothing until it answers, and its task goes to the idle client."""
+    srv, port = start_server("--task-timeout", "2")
+    processes.append(srv)
+
+    async def scenario() -> None:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+            call = contact_pb2_grpc.ContactStub(channel).getTask(
+                contact_pb2.Empty(),
+                metadata=((CLIENT_ID_KEY, "hung"),),  # no window: 32
+            )
+            await call.initial_metadata()
+            await asyncio.to_thread(client, "idle", port)  # registered after: ties go to hung
+            srv.type("held")
+            await asyncio.to_thread(srv.wait_for, r"sent to hung")
+            await asyncio.to_thread(srv.wait_for, r"result from idle: 'HELD'$", 10.0)
+            srv.type(*(f"later {i}" for i in range(10)))
+            await asyncio.to_thread(srv.wait_for, r"result from idle: 'LATER \d'$", 10.0, 10)
+            call.cancel()
+
+    asyncio.run(scenario())
+    job = srv.wait_for(r"task (\S+) queued for any client: 'held'$").group(1)
+    expired = srv.wait_for(rf"task {job} taken back from hung: no answer within 2 s")
+    answered = srv.wait_for(rf"task {job} result from idle")
+    assert logged_at(answered.string) - logged_at(expired.string) <= 5.0
+    assert srv.count(r"sent to hung") == 1  # the one task, and nothing after
+
+
+def test_eight_takeovers_in_a_row_fail_none_of_the_tasks_held(
+    processes: list[Process], client: Callable[..., Process]
+) -> None:
+    """A newer client under a name is no evidence against the tasks the older
+    held: 8 takeovers with --max-attempts 3 charge none of them."""
+    srv, port = start_server("--max-attempts", "3")
+    processes.append(srv)
+    srv.type(*(f"@victim task {n}" for n in range(10)))
+    srv.wait_for(r"queued for victim: 'task 9'$")
+
+    async def take_over_eight_times() -> None:
+        metadata = ((CLIENT_ID_KEY, "victim"), (MAX_IN_FLIGHT_KEY, "10"))
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+            stub = contact_pb2_grpc.ContactStub(channel)
+            calls = []
+            for _ in range(8):  # each registration ends the one before (ABORTED)
+                calls.append(stub.getTask(contact_pb2.Empty(), metadata=metadata))
+                await calls[-1].initial_metadata()
+            for call in calls:
+                call.cancel()
+
+    asyncio.run(take_over_eight_times())
+    srv.wait_for(r"client victim disconnected \(left\)")  # the last of the eight
+    client("victim", port)
+    srv.wait_for(r"result from victim: 'TASK \d'$", count=10, timeout=20)
+    assert srv.count(r"failed") == 0, srv.output
+    assert srv.count(r"requeued \(victim replaced\)") == 70  # seven held all ten
 
 
 def test_a_task_that_kills_every_client_fails_and_the_rest_are_answered(
@@ -159,3 +220,54 @@ def test_a_busy_client_that_is_taken_over_stops_within_a_second(
     old.wait_for(r"refused this client: ABORTED: a newer client registered as twin")
     assert old.count(r"started task") <= 2  # at most the one that was running, and none after
     srv.wait_for(r"result from twin: 'BUSY \d'$", count=8, timeout=20)
+
+
+def fake_server(processes: list[Process], kind: str) -> tuple[Process, str]:
+    fake = Process("fake", "tests/fake_server.py", kind)
+    processes.append(fake)
+    return fake, fake.wait_for(r"listening on 127\.0\.0\.1:(\d+)").group(1)
+
+
+def test_a_server_that_pushes_past_the_window_is_dropped_and_memory_stays_small(
+    processes: list[Process],
+) -> None:
+    fake, port = fake_server(processes, "floods")
+    worker = Process("worker", "contact_client.py", "--server", f"127.0.0.1:{port}")
+    processes.append(worker)
+    worker.wait_for(r"unavailable \(the server sent more than the 4 tasks asked\)")
+    peak = 0.0
+    for calls in range(2, 6):  # it calls again, with backoff, and is dropped again
+        fake.wait_for(r"getTask call", count=calls, timeout=15)
+        peak = max(peak, rss_mb(worker.pid))
+    print(f"client memory against a flooding server: {peak:.0f} MB")
+    assert peak < 100
+    assert worker.popen.poll() is None
+
+
+def test_a_server_that_sends_headers_without_the_echo_is_called_again_within_10_s(
+    processes: list[Process],
+) -> None:
+    fake, port = fake_server(processes, "no-echo")
+    worker = Process("worker", "contact_client.py", "--server", f"127.0.0.1:{port}")
+    processes.append(worker)
+    first = time.monotonic()
+    fake.wait_for(r"getTask call")
+    fake.wait_for(r"getTask call", count=2, timeout=10)
+    print(f"getTask called again after {time.monotonic() - first:.1f} s")
+    worker.wait_for(r"unavailable \(no answer to getTask in 5 s\)")
+
+
+def test_a_client_with_a_task_limit_leaves_a_server_that_never_ends_tell_result(
+    processes: list[Process],
+) -> None:
+    fake, port = fake_server(processes, "keeps-results")
+    worker = Process(
+        "worker", "contact_client.py", "--server", f"127.0.0.1:{port}", "--max-tasks", "3"
+    )
+    processes.append(worker)
+    fake.wait_for(r"tellResult closed by the client")
+    closed = time.monotonic()
+    assert worker.exit_code(10) == 0, worker.output
+    print(f"the client left {time.monotonic() - closed:.1f} s after closing tellResult")
+    worker.wait_for(r"the server did not confirm the last answers \(no answer to the last")
+    worker.wait_for(r"answered 3 tasks; exiting")

@@ -139,9 +139,22 @@ def test_a_new_registration_under_a_connected_name_takes_over() -> None:
     new = router.connect("alice")
     assert old.ended == REPLACED
     assert old.in_flight == {}
-    assert assigned(new) == ["two"]  # her own waiting task first, alone: it was taken back
-    answer_all(router, new)
-    assert assigned(new) == ["one"]
+    # Her own waiting task first. A takeover is no evidence against the
+    # tasks the old session held: not suspect, and no attempt charged.
+    assert assigned(new) == ["two", "one"]
+    assert [task.attempts for task in new.in_flight.values()] == [1, 1]
+    assert not any(task.suspect for task in new.in_flight.values())
+
+
+def test_takeovers_in_a_row_charge_no_attempt() -> None:
+    router = Router(max_attempts=2, on_failed=lambda task, why: pytest.fail(why))
+    held = [router.submit(f"t{n}", target="victim") for n in range(10)]
+    for _ in range(8):
+        router.connect("victim", window=10)
+    survivor = router.session("victim")
+    assert survivor is not None and assigned(survivor) == [f"t{n}" for n in range(10)]
+    answer_all(router, survivor)
+    assert all(task.attempts == 1 for task in held)
 
 
 def test_close_ends_every_session_and_keeps_unfinished_tasks_queued() -> None:
@@ -289,14 +302,14 @@ def test_a_lease_that_runs_out_sends_the_task_elsewhere_and_stalls_its_holder() 
     assert assigned(hung) == ["one", "two"]  # not yet
     clock.now = 10.0
     router.expire_leases()
-    assert assigned(hung) == [] and hung.stalled == 2
+    assert assigned(hung) == [] and hung.stalled
     router.submit("three")
     assert assigned(hung) == []  # a hung client gets nothing more
     rescuer = router.connect("rescuer")
     assert assigned(rescuer) == ["one"]  # taken back, it travels alone
     # The slow holder's late answer still counts if it comes first.
     assert router.complete("hung", first.id, "late") is Outcome.ACCEPTED
-    assert hung.stalled == 0  # it answered: it is slow, not hung, and has room again
+    assert not hung.stalled  # it answered: it is slow, not hung, and has room again
     assert assigned(rescuer) == ["two"] and assigned(hung) == ["three"]
     assert router.complete("rescuer", second.id, "ok") is Outcome.ACCEPTED
     assert router.in_flight() == 1 and router.queued() == 0

@@ -127,8 +127,8 @@ class RouterMachine(RuleBasedStateMachine):
         router = self.router
         for session in router._sessions.values():
             assert session.window <= router.max_in_flight
-            held = len(session.in_flight) + len(session.withdrawn) + session.stalled
-            assert held <= session.window
+            assert len(session.in_flight) + len(session.withdrawn) <= session.window
+            assert not (session.stalled and session.has_room())  # a hung client gets nothing
             tasks = [t for t in session.outbox if not t.cancelled]
             notices = [t for t in session.outbox if t.cancelled]
             assert set(t.id for t in tasks) <= set(session.in_flight)
@@ -157,6 +157,8 @@ class RouterMachine(RuleBasedStateMachine):
     def counts_agree(self) -> None:
         unfinished = len(self.tasks) - len(self.finished) - len(self.failed)
         assert self.router.queued() + self.router.in_flight() == unfinished
+        waiting = sum(len(line) for line in self.router._waiting.values())
+        assert self.router.queued() == len(self.router._queue) + waiting  # the kept count
 
 
 RouterMachine.TestCase.settings = settings(max_examples=300, stateful_step_count=60, deadline=None)
