@@ -22,7 +22,7 @@ import functools
 import logging
 import os
 from collections.abc import AsyncIterator, Callable
-from logging import DEBUG
+from logging import DEBUG, INFO
 from typing import Any
 
 import grpc
@@ -37,10 +37,11 @@ from contact import (
     text_problem,
 )
 from contact.journal import SYNC, SYNC_MODES, Journal, JournalError
-from contact.logtext import REPEATS, Quoted
+from contact.logtext import REPEATS, Quoted, summarise_grpc_decode_errors
 from contact.metadata import (
     accepts_cancel,
     client_name,
+    peer_host,
     refuse,
     refuse_malformed,
     requested_window,
@@ -109,7 +110,10 @@ class ContactServicer(contact_pb2_grpc.ContactServicer):
         if self._router.closed:
             await context.abort(grpc.StatusCode.UNAVAILABLE, "the server is shutting down")
         session = self._router.connect(name, window, accepts_cancel=accepts_cancel(context))
-        log.info("client %s connected from %s", name, context.peer())
+        peer = context.peer()  # its lines are limited by host: a reconnect storm is said briefly
+        REPEATS.log(
+            log, INFO, "connect", peer_host(peer), "client %s connected from %s", name, peer
+        )
         try:
             # Echoing the name tells the client its registration was accepted.
             await context.send_initial_metadata(((CLIENT_ID_KEY, name),))
@@ -120,7 +124,8 @@ class ContactServicer(contact_pb2_grpc.ContactServicer):
             # Reached however the stream ends: client exit or crash, keepalive
             # timeout, takeover or shutdown. Unanswered tasks go back.
             self._router.disconnect(session)
-            log.info("client %s disconnected (%s)", name, session.ended)
+            line = "client %s disconnected (%s)"
+            REPEATS.log(log, INFO, "disconnect", peer_host(peer), line, name, session.ended)
         if session.ended == REPLACED:
             await context.abort(
                 grpc.StatusCode.ABORTED, f"a newer client registered as {name} replaced this one"
@@ -409,6 +414,7 @@ class ContactServer:
         if self._journal_file is not None:  # its unfinished tasks go first, before any client
             journal = self._journal = Journal(self._journal_file, self._journal_sync)
             self._router.resume(journal.run, journal.earlier_runs, journal.recovered)
+        summarise_grpc_decode_errors(log)
         self._server = grpc.aio.server(options=SERVER_OPTIONS)  # needs a running loop
         self._servicer = ContactServicer(self._router)
         contact_pb2_grpc.add_ContactServicer_to_server(self._servicer, self._server)

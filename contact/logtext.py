@@ -33,11 +33,12 @@ def counted(number: int, noun: str) -> str:
     return f"{number} {noun}{'' if number == 1 else 's'}"
 
 
-# Lines of one kind from one client that are logged in a second; past that
-# they are counted, and one line says how many were left out.
+# Lines of one kind from one client (or host) that are logged in a second;
+# past that they are counted, and one line says how many were left out.
 LINES_PER_SECOND = 5
 # Clients whose counts are kept at once: an attacker with many names must
-# not grow the limiter without bound (past it, old counts are forgotten).
+# not grow the limiter without bound. Past it, one line says how many lines
+# the counts held, and counting starts again: no count is dropped unsaid.
 MAX_COUNTED = 10_000
 
 
@@ -64,13 +65,23 @@ class Repeats:
             if counts is not None and counts[2]:
                 logger.warning("... and %d more %s lines from %s", counts[2], kind, who)
             if len(self._counts) >= MAX_COUNTED:
-                self._counts.clear()
+                self._say_all_and_forget(logger)
             counts = self._counts[(kind, who)] = [now, 0, 0]
         if counts[1] < self.per_second:
             counts[1] += 1
             logger.log(level, message, *args)
         else:
             counts[2] += 1
+
+    def _say_all_and_forget(self, logger: logging.Logger) -> None:
+        left_out = sum(int(counts[2]) for counts in self._counts.values())
+        if left_out:
+            logger.warning(
+                "... and %d more lines from %d clients or hosts (too many to count apart)",
+                left_out,
+                len(self._counts),
+            )
+        self._counts.clear()
 
     def flush(self, logger: logging.Logger) -> None:
         """Say how many lines were left out in seconds that are over."""
@@ -83,3 +94,40 @@ class Repeats:
 
 
 REPEATS = Repeats()  # one for the process, as its log is
+
+
+class GrpcDecodeErrors(logging.Filter):
+    """grpc logs an error and a traceback for each request it cannot decode
+    (bytes that are no valid message for a call with one request), before
+    our code sees the call, and ends the call with UNKNOWN. Such lines are
+    counted here instead, and said as one line a second at most."""
+
+    def __init__(self, logger: logging.Logger) -> None:
+        super().__init__()
+        self._logger = logger
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not record.getMessage().startswith(UNDECODABLE):
+            return True
+        REPEATS.log(
+            self._logger,
+            logging.WARNING,
+            "undecodable request",
+            "grpc",
+            "refused a request that is no valid message (grpc answers UNKNOWN)",
+        )
+        return False
+
+
+# How grpc.aio's server (logger grpc._cython.cygrpc) starts the line it logs
+# for a request it could not decode, with grpcio 1.85: recheck on upgrades
+# (tests/test_bounded.py fails if it changes).
+UNDECODABLE = "Unexpected [DecodeError] raised by servicer method"
+GRPC_SERVER_LOGGER = "grpc._cython.cygrpc"
+
+
+def summarise_grpc_decode_errors(logger: logging.Logger) -> None:
+    """Put GrpcDecodeErrors on grpc.aio's server logger, once per process."""
+    grpc_logger = logging.getLogger(GRPC_SERVER_LOGGER)
+    if not any(isinstance(f, GrpcDecodeErrors) for f in grpc_logger.filters):
+        grpc_logger.addFilter(GrpcDecodeErrors(logger))

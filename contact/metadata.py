@@ -77,6 +77,13 @@ def accepts_cancel(context: grpc.aio.ServicerContext) -> bool:
     return values(context, ACCEPTS_CANCEL_KEY) == ["1"]
 
 
+def peer_host(peer: str) -> str:
+    """The caller's host, without its port (`ipv4:127.0.0.1:5000` ->
+    `ipv4:127.0.0.1`): what log limits count by, since a new connection
+    is a new port."""
+    return peer.rsplit(":", 1)[0]
+
+
 def values(context: grpc.aio.ServicerContext, key: str) -> list[str]:
     """Every text value the call carries under `key`."""
     return [
@@ -91,7 +98,15 @@ async def refuse(
 ) -> NoReturn:
     """Log why a call is refused, and end it with `code`."""
     peer = context.peer()
-    REPEATS.log(log, logging.WARNING, "refused", peer, "refused a call from %s: %s", peer, problem)
+    REPEATS.log(
+        log,
+        logging.WARNING,
+        "refused",
+        peer_host(peer),
+        "refused a call from %s: %s",
+        peer,
+        problem,
+    )
     await context.abort(code, problem)
     raise AssertionError("context.abort returned")  # it always raises
 

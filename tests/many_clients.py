@@ -3,8 +3,9 @@
     python tests/many_clients.py SERVER COUNT
 
 Client I registers as many-I, answers one task with an async handler and
-returns (max_tasks=1). Prints how many answered, and how long it took, then
-exits 0 once every client has returned.
+returns (max_tasks=1). It logs at INFO (each registration, each answer),
+prints how many answered and how long it took from the start, and exits 0
+once every client has returned.
 """
 
 from __future__ import annotations
@@ -31,5 +32,5 @@ async def main(server: str, count: int) -> None:
 
 
 if __name__ == "__main__":
-    logging.basicConfig(level=logging.WARNING, format=LOG_FORMAT)
+    logging.basicConfig(level=logging.INFO, format=LOG_FORMAT)
     asyncio.run(main(sys.argv[1], int(sys.argv[2])))

@@ -88,6 +88,30 @@ class Process:
                     )
                 self._changed.wait(left)
 
+    def total(self, pattern: str, kind: str) -> int:
+        """How many lines match `pattern`, counting too those the server left
+        out of its log as `... and N more KIND lines from ...`."""
+        summary = re.compile(rf"\.\.\. and (\d+) more {re.escape(kind)} lines from ")
+        with self._changed:
+            lines = list(self.lines)
+        said = self.count(pattern)
+        return said + sum(int(m.group(1)) for line in lines if (m := summary.search(line)))
+
+    def wait_for_total(self, pattern: str, kind: str, count: int, timeout: float = 10.0) -> int:
+        """Wait until `total(pattern, kind)` reaches `count`; fail with the
+        output if it does not within `timeout` seconds."""
+        deadline = time.monotonic() + timeout
+        with self._changed:  # (reentrant: total() takes it too)
+            while (total := self.total(pattern, kind)) < count:
+                left = deadline - time.monotonic()
+                if left <= 0 or self._ended:
+                    raise AssertionError(
+                        f"{self.label}: {total} of {count} {kind} lines within {timeout} s; "
+                        f"output:\n{self.output}"
+                    )
+                self._changed.wait(left)  # for the next line
+        return total
+
     def lines_since(self, index: int) -> list[str]:
         """The output lines from line `index` on (for reading long output as it grows)."""
         with self._changed:

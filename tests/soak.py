@@ -376,7 +376,8 @@ def run_rounds(server: SoakServer, args: argparse.Namespace, report: Report) -> 
     for round_ in range(args.rounds):
         asyncio.run(drive(server, args, report, log, round_))
         process = server.process
-        process.wait_for(r"client \S+ disconnected", count=process.count("connected from"))
+        connects = process.total("connected from", "connect")
+        process.wait_for_total(r"client \S+ disconnected", "disconnect", connects)
         log.update()
         report.rss_after_round_mb.append(rss_mb(process.pid))
         if args.journal:

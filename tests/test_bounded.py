@@ -1,5 +1,6 @@
-"""Floods the server must take without starving its clients: a burst of
-lines piped into it while real clients work.
+"""Floods the server must take without starving its clients or drowning
+its log: a burst of lines piped into it while real clients work, malformed
+calls, and clients that register and leave in a loop.
 
 `make test` pipes CONTACT_BURST_LINES lines (5,000 by default); `make
 soak` pipes 200,000, the size that used to stall the loop for 14.5 s and
@@ -8,12 +9,15 @@ drop every client.
 
 from __future__ import annotations
 
+import asyncio
 import os
 import re
 import time
 
+import grpc
 import pytest
 
+from contact import CLIENT_ID_KEY, contact_pb2, contact_pb2_grpc
 from tests.processes import Process, start_client, start_server
 
 BURST_LINES = int(os.environ.get("CONTACT_BURST_LINES", "5000"))
@@ -50,3 +54,48 @@ def test_a_piped_burst_starves_no_client(processes: list[Process]) -> None:
         assert "unavailable" not in worker.output, worker.output[-2000:]
         assert worker.count(r"registered with") == 1
     assert srv.count(r"requeued|taken back") == 0
+
+
+def test_malformed_get_task_calls_write_a_summary_not_tracebacks(
+    processes: list[Process],
+) -> None:
+    srv, port = start_server()
+    processes.append(srv)
+    calls = 2000
+
+    async def attack() -> None:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+            get_task = channel.unary_stream("/contact.Contact/getTask")
+            for _ in range(calls):  # bytes that are no valid Empty
+                call = get_task(b"\xff\xff\xff", metadata=((CLIENT_ID_KEY, "x"),))
+                assert await call.code() is grpc.StatusCode.UNKNOWN
+
+    before = len(srv.lines)
+    asyncio.run(attack())
+    # Every call is told, the last "... and N more" summary included.
+    srv.wait_for_total(r"refused a request that is no valid message", "undecodable request", calls)
+    log = "\n".join(srv.lines_since(before))
+    print(f"{calls} malformed getTask calls: {len(log.encode())} bytes of log")
+    assert len(log.encode()) < 100_000 and "Traceback" not in log
+
+
+def test_register_and_leave_cycles_write_little(processes: list[Process]) -> None:
+    srv, port = start_server()
+    processes.append(srv)
+    cycles = 5000
+
+    async def attack() -> None:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+            stub = contact_pb2_grpc.ContactStub(channel)
+            for number in range(cycles):
+                call = stub.getTask(contact_pb2.Empty(), metadata=((CLIENT_ID_KEY, f"c{number}"),))
+                await call.initial_metadata()
+                call.cancel()
+
+    before = len(srv.lines)
+    asyncio.run(attack())
+    srv.wait_for_total(r"client c\d+ disconnected", "disconnect", cycles)  # every one is told
+    srv.wait_for_total(r"client c\d+ connected", "connect", cycles)
+    log = "\n".join(srv.lines_since(before))
+    print(f"{cycles} register-and-leave cycles: {len(log.encode())} bytes of log")
+    assert len(log.encode()) < 100_000
