@@ -267,7 +267,10 @@ class Router:
             del self._sessions[session.name]
             self._unplace(session)
         for task in reversed(list(session.in_flight.values())):
-            log.info("task %s requeued (%s %s)", task.id, session.name, reason)
+            line = "task %s requeued (%s %s)"  # a peer can cause many: limited per name
+            REPEATS.log(
+                log, logging.INFO, "requeued", session.name, line, task.id, session.name, reason
+            )
             # Only a holder that died is evidence against a task; a newer
             # client under its name, or our own shutdown, is none.
             self._take_back(task, charged=reason == LEFT)
