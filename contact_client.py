@@ -91,7 +91,8 @@ class Work:
     ) -> None:
         self.handlers = handler_pool(handler, concurrency, self._finished)
         self.window = window  # the most tasks we ask the server for at once
-        self.running: set[str] = set()  # ids of the tasks being worked on
+        self.running: set[str] = set()  # ids of the tasks being worked on, or waiting to be
+        self.held: set[str] = set()  # ids this registration gave us, not yet answered
         self.unsent: deque[contact_pb2.Result] = deque()
         self.answer_ready = asyncio.Event()
         self.answered = 0  # answers and failures sent
@@ -101,16 +102,26 @@ class Work:
         """Whether the task limit is reached: every answer it asks for is written."""
         return self.max_tasks is not None and self.answered >= self.max_tasks
 
+    def connection_ended(self) -> None:
+        """The tasks the connection gave us that have not started are the
+        server's again (it sends them to someone, maybe us, anew), and the
+        next registration's window starts empty."""
+        for task_id in self.handlers.drop_waiting():
+            self.running.discard(task_id)
+        self.held.clear()
+
     def start(self, message: contact_pb2.ServerMsg) -> None:
         """Work on a task unless it is already running (the server sent it
         again after a reconnect), or stop one the server withdrew."""
         if message.cancelled:
             self.withdraw(message.id)
-        elif message.id not in self.running:
-            if len(self.running) >= self.window:  # memory is ours to protect
+        elif message.id not in self.held:
+            if len(self.held) >= self.window:  # memory is ours to protect
                 raise StreamEndedError(f"the server sent more than the {self.window} tasks asked")
-            self.running.add(message.id)
-            self.handlers.submit(message)
+            self.held.add(message.id)
+            if message.id not in self.running:
+                self.running.add(message.id)
+                self.handlers.submit(message)
 
     def withdraw(self, task_id: str) -> None:
         """The server no longer wants an answer to `task_id`: stop it if we
@@ -123,11 +134,13 @@ class Work:
             how = "it runs to the end (a thread cannot be stopped); the server ignores its answer"
         else:
             self.running.discard(task_id)
+            self.held.discard(task_id)
             self._send(contact_pb2.Result(id=task_id, error=WITHDRAWN))
         log.info("task %s withdrawn by the server: %s", task_id, how)
 
     def _finished(self, task: contact_pb2.ServerMsg, result: contact_pb2.Result) -> None:
         self.running.discard(task.id)
+        self.held.discard(task.id)
         if result.error:
             log.warning("task %s: %s failed: %s", task.id, Quoted(task.task), Quoted(result.error))
         else:
@@ -192,6 +205,7 @@ async def one_connection(
             await hang_up(results, status)
     finally:
         tasks.cancel()
+        work.connection_ended()
 
 
 async def confirm_registration(tasks: grpc.aio.UnaryStreamCall, name: str) -> None:

@@ -68,6 +68,9 @@ class HandlerPool(Protocol):
         """Stop `task_id` (submitted, not yet done) if it can be, and say how;
         None if it runs to the end (its Result then comes as usual)."""
 
+    def drop_waiting(self) -> list[str]:
+        """Drop the tasks not started yet; return their ids."""
+
     def close(self) -> None:
         """Drop the tasks not started yet, and stop or abandon the rest:
         their answers go nowhere."""
@@ -114,10 +117,17 @@ class ThreadHandlers:
             self._dropped.add(task_id)
         return "dropped before it started"
 
-    def close(self) -> None:
+    def drop_waiting(self) -> list[str]:
+        dropped = []
         with contextlib.suppress(queue.Empty):
             while True:
-                self._jobs.get_nowait()
+                job = self._jobs.get_nowait()
+                if job is not None:
+                    dropped.append(job.id)
+        return dropped
+
+    def close(self) -> None:
+        self.drop_waiting()
         for _ in range(self._size):
             self._jobs.put(None)  # each thread ends after its current task
 
@@ -179,6 +189,11 @@ class AsyncHandlers:
         running.cancel()
         self._stopped.add(task_id)
         return "cancelled while it ran"
+
+    def drop_waiting(self) -> list[str]:
+        dropped = [task.id for task in self._waiting]
+        self._waiting.clear()
+        return dropped
 
     def close(self) -> None:
         self._closed = True

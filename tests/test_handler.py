@@ -1,5 +1,6 @@
-"""Unit tests of the client's handler pools (contact/handler.py): what a
-handler does becomes a Result, and withdrawn tasks free their worker."""
+"""Unit tests of the client's handler pools (contact/handler.py) and of its
+Work: what a handler does becomes a Result, withdrawn tasks free their
+worker, and the window is enforced per registration."""
 
 from __future__ import annotations
 
@@ -10,6 +11,8 @@ import pytest
 
 from contact import contact_pb2
 from contact.handler import handler_pool
+from contact.streams import StreamEndedError
+from contact_client import Work
 
 
 def task(text: str, task_id: str) -> contact_pb2.ServerMsg:
@@ -99,5 +102,39 @@ def test_a_thread_skips_a_task_withdrawn_before_it_started_and_finishes_a_runnin
         results = await done.at_least(2)
         assert [(r.id, r.ret) for r in results] == [("1", "BLOCK"), ("3", "LAST")]
         pool.close()
+
+    asyncio.run(scenario())
+
+
+def test_a_registration_s_window_counts_its_own_tasks_and_a_lost_one_drops_what_waits() -> None:
+    """The client's side of the window (contact_client.Work): more than the
+    window from one registration is a protocol error; a task still running
+    from the last counts again only if the server sends it again."""
+    started, release = threading.Event(), threading.Event()
+
+    def slow(task: contact_pb2.ServerMsg) -> str:
+        started.set()
+        release.wait(5)
+        return task.task.upper()
+
+    async def scenario() -> None:
+        work = Work(slow, concurrency=1, window=2, max_tasks=None)
+        work.start(task("a", "1"))
+        work.start(task("b", "2"))  # waits for the one thread
+        with pytest.raises(StreamEndedError, match="more than the 2 tasks asked"):
+            work.start(task("c", "3"))
+        assert await asyncio.to_thread(started.wait, 5)
+        work.connection_ended()  # "b" had not started: the server's again
+        assert (work.running, work.held) == ({"1"}, set())
+        work.start(task("a", "1"))  # sent again by the next registration: not started twice
+        work.start(task("d", "4"))
+        with pytest.raises(StreamEndedError):
+            work.start(task("e", "5"))
+        release.set()
+        while len(work.unsent) < 2:  # bounded: each answer sets answer_ready
+            work.answer_ready.clear()
+            await asyncio.wait_for(work.answer_ready.wait(), 5)
+        assert [(r.id, r.ret) for r in work.unsent] == [("1", "A"), ("4", "D")]
+        work.handlers.close()
 
     asyncio.run(scenario())
