@@ -133,9 +133,9 @@ class Router:
       `on_answer(task, name, text)` is then called, or `on_error(task,
       name, error)` if the client reports that it could not do the task
       (which fails it at once: that is the client's verdict, not a hang).
-    - `cancel` withdraws a task: a queued one is never sent, one in flight
-      no longer counts against its holder, which is told if it asked to be,
-      and any answer to it is ignored.
+    - `cancel` withdraws a task: a queued one is never sent; its holder, if
+      any, is told if it asked to be, and keeps the task's place in its
+      window taken until it sends a result for it, which is ignored.
     - A task sent to a client is leased to it for `task_timeout` seconds
       (None: for ever): `expire_leases` takes back those that ran out, as if
       their holder had left, and the holder gets no more work, whatever its

@@ -132,6 +132,7 @@ def test_a_handler_that_raises_makes_ask_raise_task_error_and_is_not_sent_again(
                 await server.ask("exit", timeout=20)
             assert (failure.value.client, failure.value.error) == ("odd", "SystemExit: 2")
             assert await server.ask("after", timeout=20) == "AFTER"
+            await wait_for(odd, r"task \S+: 'after' -> 'AFTER'$")  # its output has caught up
             assert odd.count(r"started task") == 2  # the failed one once, then "after"
 
     asyncio.run(scenario())
@@ -193,6 +194,7 @@ def test_submit_refuses_what_could_never_be_sent_and_nobody_sees_it(
                 with pytest.raises(ValueError, match=complaint):
                     await server.submit(text, **kwargs)
             assert await server.ask("fine", timeout=20) == "FINE"
+            await wait_for(worker, r"task \S+: 'fine' -> 'FINE'$")  # its output has caught up
         assert worker.count(r"task \S+: ") == 1, worker.output
         assert caplog.text.count(" queued for ") == 1, caplog.text
         assert "Traceback" not in caplog.text + worker.output
