@@ -36,8 +36,9 @@ endif
 demo: $(RUNTIME)  ## the whole story in one terminal: a server, two clients, a few tasks
 	$(PY) -m tests.demo
 
-test: $(DEV)  ## the whole test suite
-	$(PY) -m pytest
+test: $(DEV)  ## the whole test suite: most tests four at a time (they mostly wait), then the heavy ones alone
+	$(PY) -m pytest -n 4 -m "not alone"
+	$(PY) -m pytest -m alone
 
 soak: $(DEV)  ## the long fault tests: 2 x 10,000 tasks under chaos, again with --journal and server kills, and 200,000 piped lines
 	$(PY) -m tests.soak

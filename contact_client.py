@@ -29,6 +29,7 @@ from contact import (
     ACCEPTS_CANCEL_KEY,
     CLIENT_ID_KEY,
     MAX_IN_FLIGHT_KEY,
+    REPORTS_START_KEY,
     cli,
     contact_pb2,
     contact_pb2_grpc,
@@ -89,10 +90,14 @@ class Work:
     def __init__(
         self, handler: Handler, concurrency: int, window: int, max_tasks: int | None
     ) -> None:
-        self.handlers = handler_pool(handler, concurrency, self._finished)
+        self.handlers = handler_pool(handler, concurrency, self._finished, self._started)
         self.window = window  # the most tasks we ask the server for at once
         self.running: set[str] = set()  # ids of the tasks being worked on, or waiting to be
         self.held: set[str] = set()  # ids this registration gave us, not yet answered
+        # The server leases each task from when we begin it (it echoed
+        # reports-start): the ids begun, to tell it with the next message.
+        self.reports_start = False
+        self.begun: list[str] = []
         self.unsent: deque[contact_pb2.Result] = deque()
         self.answer_ready = asyncio.Event()
         self.answered = 0  # answers and failures sent
@@ -109,6 +114,7 @@ class Work:
         for task_id in self.handlers.drop_waiting():
             self.running.discard(task_id)
         self.held.clear()
+        self.reports_start, self.begun = False, []
 
     def start(self, message: contact_pb2.ServerMsg) -> None:
         """Work on a task unless it is already running (the server sent it
@@ -122,6 +128,8 @@ class Work:
             if message.id not in self.running:
                 self.running.add(message.id)
                 self.handlers.submit(message)
+            else:  # still running from the last connection: it began long ago
+                self._started(message)
 
     def withdraw(self, task_id: str) -> None:
         """The server no longer wants an answer to `task_id`: stop it if we
@@ -138,6 +146,11 @@ class Work:
             self._send(contact_pb2.Result(id=task_id, error=WITHDRAWN))
         log.info("task %s withdrawn by the server: %s", task_id, how)
 
+    def _started(self, task: contact_pb2.ServerMsg) -> None:
+        if self.reports_start and task.id in self.held:
+            self.begun.append(task.id)
+            self.answer_ready.set()
+
     def _finished(self, task: contact_pb2.ServerMsg, result: contact_pb2.Result) -> None:
         self.running.discard(task.id)
         self.held.discard(task.id)
@@ -147,12 +160,22 @@ class Work:
             log.info("task %s: %s -> %s", task.id, Quoted(task.task), Quoted(result.ret))
         self._send(result)
 
+    def next_message(self) -> contact_pb2.Result:
+        """The first unsent answer, carrying the ids begun since the last
+        message (alone, if no answer is ready): one message for an answer
+        and the start of the next task."""
+        if not self.unsent:
+            self.unsent.append(contact_pb2.Result())
+        self.unsent[0].started.extend(self.begun)
+        self.begun.clear()
+        return self.unsent[0]
+
     def written(self, writing: asyncio.Future[None]) -> None:
-        """The first unsent answer's write has ended: forget it if it went
+        """The first unsent message's write has ended: forget it if it went
         out (a lost connection keeps it, to send on the next)."""
         if not writing.cancelled() and writing.exception() is None:
             sent = self.unsent.popleft()
-            self.answered += sent.error != WITHDRAWN  # a withdrawal is no answer
+            self.answered += bool(sent.id) and sent.error != WITHDRAWN  # answers only
 
     def _send(self, result: contact_pb2.Result) -> None:
         self.unsent.append(result)
@@ -177,10 +200,16 @@ async def one_connection(
     # getTask: register, and ask for up to `window` tasks at a time.
     tasks = stub.getTask(
         contact_pb2.Empty(),
-        metadata=(*metadata, (MAX_IN_FLIGHT_KEY, str(window)), (ACCEPTS_CANCEL_KEY, "1")),
+        metadata=(
+            *metadata,
+            (MAX_IN_FLIGHT_KEY, str(window)),
+            (ACCEPTS_CANCEL_KEY, "1"),
+            (REPORTS_START_KEY, "1"),
+        ),
     )
     try:
-        await confirm_registration(tasks, name)
+        echoed = await confirm_registration(tasks, name)
+        work.reports_start = echoed.get(REPORTS_START_KEY) == "1"  # (older servers do not)
         registered()
         results = stub.tellResult(metadata=metadata)  # tellResult: one stream of answers
         status = stub.sendStatus(metadata=metadata)  # sendStatus: status lines, each answered
@@ -208,15 +237,17 @@ async def one_connection(
         work.connection_ended()
 
 
-async def confirm_registration(tasks: grpc.aio.UnaryStreamCall, name: str) -> None:
+async def confirm_registration(tasks: grpc.aio.UnaryStreamCall, name: str) -> grpc.aio.Metadata:
     """Wait until the server accepts our getTask call, which it shows by
-    echoing our name in the initial metadata; raise its refusal otherwise."""
+    echoing our name in the initial metadata (returned); raise its refusal
+    otherwise."""
     echoed = await answered_within(tasks.initial_metadata(), ANSWER_WITHIN_SECONDS, "getTask")
     if echoed is None or echoed.get(CLIENT_ID_KEY) != name:
         # A refusal ends the call at once (read raises it as AioRpcError);
         # anything else is no registration, and is not waited for long.
         await answered_within(tasks.read(), ANSWER_WITHIN_SECONDS, "getTask")
         raise StreamEndedError("the server sent no registration")
+    return echoed
 
 
 async def registration_failure(tasks: grpc.aio.UnaryStreamCall) -> Exception | None:
@@ -244,14 +275,15 @@ async def receive_tasks(tasks: grpc.aio.UnaryStreamCall, work: Work) -> None:
 
 
 async def send_answers(results: grpc.aio.StreamUnaryCall, work: Work) -> None:
-    """Send each answer as it is ready; return once the task limit is reached."""
+    """Send each answer (and the tasks begun) as it is ready; return once
+    the task limit is reached."""
     while not work.done():
-        while not work.unsent:
+        while not (work.unsent or work.begun):
             work.answer_ready.clear()
             await work.answer_ready.wait()
         # Shielded, its bookkeeping in a callback: a write that completes as
         # another call's failure cancels this coroutine still counts.
-        writing = asyncio.ensure_future(results.write(work.unsent[0]))
+        writing = asyncio.ensure_future(results.write(work.next_message()))
         writing.add_done_callback(work.written)
         try:
             await asyncio.shield(writing)

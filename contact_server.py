@@ -29,7 +29,9 @@ import grpc
 from google.protobuf.message import DecodeError
 
 from contact import (
+    ACCEPTS_CANCEL_KEY,
     CLIENT_ID_KEY,
+    REPORTS_START_KEY,
     cli,
     contact_pb2,
     contact_pb2_grpc,
@@ -39,20 +41,22 @@ from contact import (
 from contact.journal import SYNC, SYNC_MODES, Journal, JournalError
 from contact.logtext import REPEATS, Quoted, summarise_grpc_decode_errors
 from contact.metadata import (
-    accepts_cancel,
     client_name,
     peer_host,
     refuse,
     refuse_malformed,
     requested_window,
+    says_yes,
 )
 from contact.options import SERVER_OPTIONS
 from contact.router import (
     MAX_ATTEMPTS,
+    MAX_QUEUED,
     REPLACED,
     SHUTDOWN,
     TASK_TIMEOUT_SECONDS,
     Outcome,
+    QueueFullError,
     Router,
     Task,
 )
@@ -77,6 +81,7 @@ from contact.tls import listen, warn_if_exposed
 __all__ = [  # what code that uses the server imports from here
     "Answer",
     "ContactServer",
+    "QueueFullError",
     "TaskCancelledError",
     "TaskError",
     "TaskFailedError",
@@ -109,14 +114,23 @@ class ContactServicer(contact_pb2_grpc.ContactServicer):
         window = await requested_window(context)
         if self._router.closed:
             await context.abort(grpc.StatusCode.UNAVAILABLE, "the server is shutting down")
-        session = self._router.connect(name, window, accepts_cancel=accepts_cancel(context))
+        session = self._router.connect(
+            name,
+            window,
+            accepts_cancel=says_yes(context, ACCEPTS_CANCEL_KEY),
+            reports_start=says_yes(context, REPORTS_START_KEY),
+        )
         peer = context.peer()  # its lines are limited by host: a reconnect storm is said briefly
         REPEATS.log(
             log, INFO, "connect", peer_host(peer), "client %s connected from %s", name, peer
         )
         try:
-            # Echoing the name tells the client its registration was accepted.
-            await context.send_initial_metadata(((CLIENT_ID_KEY, name),))
+            # Echoing the name tells the client its registration was accepted;
+            # echoing reports-start, that its reports of starts are heard.
+            echo: tuple[tuple[str, str], ...] = ((CLIENT_ID_KEY, name),)
+            if session.reports_start:
+                echo += ((REPORTS_START_KEY, "1"),)
+            await context.send_initial_metadata(echo)
             while (task := await session.next_task()) is not None:
                 log.info("task %s %s %s", task.id, WITHDRAWN if task.cancelled else SENT, name)
                 yield message_for(task)
@@ -138,12 +152,17 @@ class ContactServicer(contact_pb2_grpc.ContactServicer):
         request_iterator: AsyncIterator[contact_pb2.Result],
         context: grpc.aio.ServicerContext,
     ) -> contact_pb2.Empty:
-        """The client's answers, one per task, each naming its task by id."""
+        """The client's answers, one per task, each naming its task by id,
+        and the tasks it has begun (if it reports that)."""
         name = await client_name(context)
         session = await registration(self._router, name, context)
         try:
             async with owned_by(session, context, self.calls):  # ends with its registration
                 async for result in request_iterator:
+                    if result.started:
+                        self._router.started(session, result.started)
+                        if not result.id:  # only that
+                            continue
                     if problem := text_problem(result.ret):
                         await refuse(
                             context,
@@ -204,7 +223,8 @@ class ContactServer:
     (contact/journal.py): a server started again on it, after a crash or a
     clean stop, queues them again. Entering raises JournalError if the file
     cannot be used. `on_answer(Answer)` is called on the server's loop for
-    every answer and every failure, those to recovered tasks included.
+    every answer and every failure, those to recovered tasks included. With
+    `max_queued` tasks waiting for a client, `submit` waits for room.
     """
 
     def __init__(
@@ -215,6 +235,7 @@ class ContactServer:
         max_in_flight: int = MAX_IN_FLIGHT,
         task_timeout: float | None = TASK_TIMEOUT_SECONDS,
         max_attempts: int | None = MAX_ATTEMPTS,
+        max_queued: int | None = MAX_QUEUED,
         grace: float = GRACE_SECONDS,
         credentials: grpc.ServerCredentials | None = None,
         journal: str | os.PathLike[str] | None = None,
@@ -234,6 +255,7 @@ class ContactServer:
             on_failed=self._failed,
             on_requeued=self._requeued,
             on_error=self._errored,
+            max_queued=max_queued,
         )
         self._answers: dict[str, asyncio.Future[str]] = {}  # by task id, while awaited
         self._signals_back: Callable[[], None] | None = None  # ends serve_until_stopped's hold
@@ -244,28 +266,42 @@ class ContactServer:
         """Whether the server has begun shutting down (it takes no more tasks)."""
         return self._router.closed
 
-    async def submit(self, text: str, target: str | None = None, **fields: Any) -> TaskHandle:
+    async def submit(
+        self, text: str, target: str | None = None, *, wait: bool = True, **fields: Any
+    ) -> TaskHandle:
         """Queue a task (for the client named `target` only, if given;
         `fields` fill more ServerMsg fields) and return its handle.
 
         It returns once the task is queued: with a journal, once it is
         committed there, so that no crash from then on loses it (it raises
         JournalError if that failed). Tasks submitted together share one
-        commit, so submit many at once with asyncio.gather. It raises
-        ValueError at once for a task that could never be sent."""
+        commit, so submit many at once with asyncio.gather. With
+        `max_queued` tasks queued it waits, in turn, until clients take
+        some (or, if not `wait`, raises QueueFullError). It raises
+        ValueError at once for a task that could never be sent, and
+        RuntimeError once the server is closing."""
         check_task(text, target, fields)
         if self.closed:
             raise RuntimeError("the server is closed: it takes no more tasks")
-        task = self._router.new_task(text, target, **fields)
-        if self._journal is not None:
-            await self._committed(task)
+        try:
+            await self._router.reserve(wait)
+        except RuntimeError:
+            raise RuntimeError("the server closed while the task waited for room") from None
+        try:
+            task = self._router.new_task(text, target, **fields)
+            if self._journal is not None:
+                await self._committed(task)
+        except BaseException:
+            self._router.unreserve()
+            raise
         answer = asyncio.get_running_loop().create_future()
         answer.add_done_callback(retrieved)  # a handle nobody awaits is no error
         if self._router.closed:  # it closed while the task was being written
             answer.set_exception(self._not_answered(task))
+            self._router.unreserve()
         else:
             self._answers[task.id] = answer
-            self._router.queue(task)
+            self._router.queue(task, reserved=True)
         return TaskHandle(task.id, answer, lambda: self.cancel(task.id))
 
     async def ask(
@@ -468,6 +504,7 @@ async def serve(args: argparse.Namespace, credentials: grpc.ServerCredentials | 
         max_in_flight=args.max_in_flight,
         task_timeout=args.task_timeout or None,
         max_attempts=args.max_attempts,
+        max_queued=args.max_queued or None,
         grace=args.grace,
         credentials=credentials,
         journal=args.journal,
@@ -486,15 +523,16 @@ async def serve(args: argparse.Namespace, credentials: grpc.ServerCredentials | 
 
 async def queue_line(server: ContactServer, text: str, target: str | None) -> None:
     """Submit a typed task. Its answer is logged when it comes; nobody here waits for it."""
-    if server.closed:
-        log.warning("ignored input line: the server is shutting down")
-        return
     try:
-        await server.submit(text, target)
+        if server.closed:
+            raise RuntimeError("the server is shutting down")
+        await server.submit(text, target)  # with a full queue, waits: reading stops meanwhile
     except ValueError as err:
         log.warning("ignored input line: %s", err)
     except JournalError as err:
         log.error("task not queued: %s", err)
+    except RuntimeError as err:  # lines read as it stops: said briefly, however many
+        REPEATS.log(log, logging.WARNING, "ignored", "stdin", "ignored input line: %s", err)
 
 
 def main() -> int:
@@ -516,7 +554,7 @@ def main() -> int:
         type=cli.seconds,
         default=TASK_TIMEOUT_SECONDS,
         metavar="SECONDS",
-        help="take a task back from a client that holds it this long (0: never)",
+        help="take a task back from a client that has worked on it this long (0: never)",
     )
     option(
         "--max-attempts",
@@ -524,6 +562,13 @@ def main() -> int:
         default=MAX_ATTEMPTS,
         metavar="N",
         help="sends of a task without an answer before it fails",
+    )
+    option(
+        "--max-queued",
+        type=cli.count,
+        default=MAX_QUEUED,
+        metavar="TASKS",
+        help="most tasks waiting for a client; past it, typed input waits (0: no limit)",
     )
     option(
         "--grace",

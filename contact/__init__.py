@@ -28,6 +28,11 @@ MAX_IN_FLIGHT_KEY = "max-in-flight"
 # ServerMsg with `cancelled` set (a task withdrawn while it holds it).
 ACCEPTS_CANCEL_KEY = "accepts-cancel"
 
+# getTask carries `reports-start: 1` from a client that says when it begins
+# each task (Result.started); a server that understands it echoes it, and
+# leases that client's tasks from when they begin.
+REPORTS_START_KEY = "reports-start"
+
 # A name: what `@NAME task` addresses on the server. Printable ASCII without
 # spaces, so that it survives metadata, log lines and the `@NAME` syntax.
 CLIENT_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")

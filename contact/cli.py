@@ -32,6 +32,14 @@ def positive_int(text: str) -> int:
     return value
 
 
+def count(text: str) -> int:
+    """An argparse type: a whole number, 0 or more."""
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{text} is not 0 or more")
+    return value
+
+
 def positive_float(text: str) -> float:
     """An argparse type: a number of seconds more than 0."""
     value = float(text)

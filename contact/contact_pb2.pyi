@@ -1,5 +1,7 @@
+from google.protobuf.internal import containers as _containers
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
+from collections.abc import Iterable as _Iterable
 from typing import ClassVar as _ClassVar, Optional as _Optional
 
 DESCRIPTOR: _descriptor.FileDescriptor
@@ -27,11 +29,13 @@ class Empty(_message.Message):
     def __init__(self) -> None: ...
 
 class Result(_message.Message):
-    __slots__ = ("ret", "id", "error")
+    __slots__ = ("ret", "id", "error", "started")
     RET_FIELD_NUMBER: _ClassVar[int]
     ID_FIELD_NUMBER: _ClassVar[int]
     ERROR_FIELD_NUMBER: _ClassVar[int]
+    STARTED_FIELD_NUMBER: _ClassVar[int]
     ret: str
     id: str
     error: str
-    def __init__(self, ret: _Optional[str] = ..., id: _Optional[str] = ..., error: _Optional[str] = ...) -> None: ...
+    started: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, ret: _Optional[str] = ..., id: _Optional[str] = ..., error: _Optional[str] = ..., started: _Optional[_Iterable[str]] = ...) -> None: ...

@@ -30,6 +30,7 @@ log = logging.getLogger("contact.handler")
 # The handler: a plain function or an `async def`, given the task, returning the answer.
 Handler = Callable[[contact_pb2.ServerMsg], str] | Callable[[contact_pb2.ServerMsg], Awaitable[str]]
 Done = Callable[[contact_pb2.ServerMsg, contact_pb2.Result], None]
+Started = Callable[[contact_pb2.ServerMsg], None]
 
 
 def is_async(handler: Handler) -> bool:
@@ -58,8 +59,9 @@ def raised(task: contact_pb2.ServerMsg, err: BaseException) -> contact_pb2.Resul
 
 
 class HandlerPool(Protocol):
-    """Runs the handler on up to `size` tasks at once; each Result goes to
-    `done(task, result)` on the event loop's thread."""
+    """Runs the handler on up to `size` tasks at once; `started(task)` hears
+    when each begins, and each Result goes to `done(task, result)`, both on
+    the event loop's thread and in the order they happened."""
 
     def submit(self, task: contact_pb2.ServerMsg) -> None:
         """Work on `task` as soon as a worker is free."""
@@ -76,13 +78,13 @@ class HandlerPool(Protocol):
         their answers go nowhere."""
 
 
-def handler_pool(handler: Handler, size: int, done: Done) -> HandlerPool:
+def handler_pool(handler: Handler, size: int, done: Done, started: Started) -> HandlerPool:
     """The pool for `handler`: threads for a plain function, the loop for an `async def`."""
     if size < 1:
         raise ValueError("a pool needs at least one worker")
     if is_async(handler):
-        return AsyncHandlers(handler, size, done)  # type: ignore[arg-type]
-    return ThreadHandlers(handler, size, done)  # type: ignore[arg-type]
+        return AsyncHandlers(handler, size, done, started)  # type: ignore[arg-type]
+    return ThreadHandlers(handler, size, done, started)  # type: ignore[arg-type]
 
 
 class ThreadHandlers:
@@ -91,9 +93,13 @@ class ThreadHandlers:
     for the loop."""
 
     def __init__(
-        self, handler: Callable[[contact_pb2.ServerMsg], str], size: int, done: Done
+        self,
+        handler: Callable[[contact_pb2.ServerMsg], str],
+        size: int,
+        done: Done,
+        started: Started,
     ) -> None:
-        self._handler, self._size, self._done = handler, size, done
+        self._handler, self._size, self._done, self._started = handler, size, done, started
         self._loop: asyncio.AbstractEventLoop | None = None
         self._jobs: queue.SimpleQueue[contact_pb2.ServerMsg | None] = queue.SimpleQueue()
         # Under `_lock`: the ids a thread has taken and not yet handed back,
@@ -101,7 +107,8 @@ class ThreadHandlers:
         self._lock = threading.Lock()
         self._taken: set[str] = set()
         self._dropped: set[str] = set()
-        self._finished: deque[tuple[contact_pb2.ServerMsg, contact_pb2.Result]] = deque()
+        # Tasks begun (no Result yet) and finished, for the loop, in order.
+        self._events: deque[tuple[contact_pb2.ServerMsg, contact_pb2.Result | None]] = deque()
         self._delivery_scheduled = False
         for number in range(size):
             threading.Thread(target=self._work, name=f"handler-{number}", daemon=True).start()
@@ -138,22 +145,32 @@ class ThreadHandlers:
                     self._dropped.discard(task.id)
                     continue
                 self._taken.add(task.id)
+            self._hand_on(task, None)
             try:
                 result = result_of(task, self._handler(task))
             except BaseException as err:  # even SystemExit: it would only end this thread
                 result = raised(task, err)
-            self._finished.append((task, result))
-            if not self._delivery_scheduled:
-                self._delivery_scheduled = True
-                assert self._loop is not None
-                with contextlib.suppress(RuntimeError):  # the loop has closed: we are exiting
-                    self._loop.call_soon_threadsafe(self._deliver)
+            self._hand_on(task, result)
+
+    def _hand_on(self, task: contact_pb2.ServerMsg, result: contact_pb2.Result | None) -> None:
+        """From a worker thread: tell the loop that `task` began (no
+        `result`) or finished. A task that finishes as the next begins
+        costs the loop one wake-up for both."""
+        self._events.append((task, result))
+        if not self._delivery_scheduled:
+            self._delivery_scheduled = True
+            assert self._loop is not None
+            with contextlib.suppress(RuntimeError):  # the loop has closed: we are exiting
+                self._loop.call_soon_threadsafe(self._deliver)
 
     def _deliver(self) -> None:
-        """On the loop's thread: hand every finished task on."""
+        """On the loop's thread: hand every begun and finished task on."""
         self._delivery_scheduled = False  # first, so a task finishing now schedules anew
-        while self._finished:
-            task, result = self._finished.popleft()
+        while self._events:
+            task, result = self._events.popleft()
+            if result is None:
+                self._started(task)
+                continue
             with self._lock:  # only now: until it is handed on, withdraw() must wait it out
                 self._taken.discard(task.id)
             self._done(task, result)
@@ -167,8 +184,9 @@ class AsyncHandlers:
         handler: Callable[[contact_pb2.ServerMsg], Awaitable[str]],
         size: int,
         done: Done,
+        started: Started,
     ) -> None:
-        self._handler, self._free, self._done = handler, size, done
+        self._handler, self._free, self._done, self._started = handler, size, done, started
         self._waiting: deque[contact_pb2.ServerMsg] = deque()  # for a free worker
         self._running: dict[str, asyncio.Task[contact_pb2.Result]] = {}  # by task id
         self._stopped: set[str] = set()  # running ids withdrawn: no Result for them
@@ -210,6 +228,7 @@ class AsyncHandlers:
             # Bookkeeping in a done callback: it runs even for a task
             # cancelled before its first step, which its own code never sees.
             running.add_done_callback(functools.partial(self._finished, task))
+            self._started(task)
 
     async def _answer(self, task: contact_pb2.ServerMsg) -> contact_pb2.Result:
         try:

@@ -13,7 +13,6 @@ import grpc
 from google.protobuf.message import DecodeError
 
 from contact import (
-    ACCEPTS_CANCEL_KEY,
     CLIENT_ID_KEY,
     CLIENT_NAME,
     CLIENT_NAME_RULE,
@@ -72,9 +71,9 @@ async def requested_window(context: grpc.aio.ServicerContext) -> int | None:
     return int(windows[0])
 
 
-def accepts_cancel(context: grpc.aio.ServicerContext) -> bool:
-    """Whether the caller said it understands withdrawn tasks (`accepts-cancel: 1`)."""
-    return values(context, ACCEPTS_CANCEL_KEY) == ["1"]
+def says_yes(context: grpc.aio.ServicerContext, key: str) -> bool:
+    """Whether the caller set the flag `key` (`accepts-cancel: 1`, say)."""
+    return values(context, key) == ["1"]
 
 
 def peer_host(peer: str) -> str:

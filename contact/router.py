@@ -13,7 +13,7 @@ import logging
 import secrets
 import time
 from collections import deque
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -24,9 +24,23 @@ log = logging.getLogger("contact.router")
 # Why a session ended.
 LEFT, REPLACED, SHUTDOWN = "left", "replaced", "shutdown"
 
-# Defaults of the server's --task-timeout and --max-attempts (see docs/limits.md).
-TASK_TIMEOUT_SECONDS = 600.0  # a lease: ten minutes from sending to answer
+# A restart lists this many recovered tasks one by one, the newest (which
+# include every line typed just before a kill but never logged as queued),
+# and the rest in one line: 300,000 lines took 3.5 s of a 5.2 s restart.
+RECOVERED_LISTED = 10_000
+
+# Defaults of the server's --task-timeout, --max-attempts and --max-queued (see docs/limits.md).
+TASK_TIMEOUT_SECONDS = 600.0  # a lease: ten minutes from sending (or beginning) to answer
 MAX_ATTEMPTS = 5  # deliveries without an answer before a task fails for good
+# Tasks waiting for a client, those for names connected nowhere included;
+# past it, submit waits. A queued task costs about 1.3 KB beside its text,
+# so this is some 130 MB of short tasks; it is three times what 1,000
+# clients with full windows of 32 hold in flight.
+MAX_QUEUED = 100_000
+
+
+class QueueFullError(Exception):
+    """The queue holds `max_queued` tasks, and the submitter asked not to wait."""
 
 
 @dataclass(eq=False)
@@ -58,10 +72,15 @@ class Session:
     """One registered client: the tasks in flight at it, oldest first, and the
     part of them still waiting to be written to its stream (the outbox)."""
 
-    def __init__(self, name: str, window: int, accepts_cancel: bool = False) -> None:
+    def __init__(
+        self, name: str, window: int, accepts_cancel: bool = False, reports_start: bool = False
+    ) -> None:
         self.name = name
         self.window = window  # the most tasks it may hold unanswered
         self.accepts_cancel = accepts_cancel  # told when a task it holds is withdrawn
+        # Says when it begins each task: a lease then runs from that moment,
+        # and tasks it holds but has not begun are not leased.
+        self.reports_start = reports_start
         # A lease ran out at this client since it last answered: it is hung,
         # or far too slow, so it is sent nothing until it answers, whatever
         # its window.
@@ -137,9 +156,13 @@ class Router:
       any, is told if it asked to be, and keeps the task's place in its
       window taken until it sends a result for it, which is ignored.
     - A task sent to a client is leased to it for `task_timeout` seconds
-      (None: for ever): `expire_leases` takes back those that ran out, as if
-      their holder had left, and the holder gets no more work, whatever its
-      window, until it answers again. A send is an attempt when it ends
+      (None: for ever), from when it is sent, or from when the client
+      reports (`started`) that it began it if it `reports_start`:
+      `expire_leases` takes back those that ran out, as if their holder had
+      left, and the holder gets no more work, whatever its window, until it
+      answers again. If it has not answered a further `task_timeout` later,
+      the tasks it holds but has not begun go to others (it is told, if it
+      `accepts_cancel`), uncharged. A send is an attempt when it ends
       with the task's lease running out or its holder's connection dying
       (not a takeover of the holder's name, nor a shutdown): a task with
       `max_attempts` such sends fails, `on_failed(task, reason)` is called
@@ -162,6 +185,7 @@ class Router:
         on_failed: Callable[[Task, str], None] | None = None,
         on_requeued: Callable[[Task], None] | None = None,
         on_error: Callable[[Task, str, str], None] | None = None,
+        max_queued: int | None = MAX_QUEUED,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         if max_in_flight < 1:
@@ -170,12 +194,21 @@ class Router:
             raise ValueError("task_timeout must be more than 0, or None")
         if max_attempts is not None and max_attempts < 1:
             raise ValueError("max_attempts must be at least 1, or None")
+        if max_queued is not None and max_queued < 1:
+            raise ValueError("max_queued must be at least 1, or None")
         self.max_in_flight = max_in_flight
         self.task_timeout, self.max_attempts = task_timeout, max_attempts
+        self.max_queued = max_queued
+        self._reserved = 0  # places held by submitters whose tasks are not queued yet
+        self._room_waiters: deque[asyncio.Future[None]] = deque()  # for a place, in turn
+        self._full_since: float | None = None  # when the queue last filled up, while it is full
         self.closed = False
         self._on_answer, self._on_failed, self._clock = on_answer, on_failed, clock
         self._on_requeued, self._on_error = on_requeued, on_error
         self._leases: dict[str, Task] = {}  # tasks in flight, the soonest to run out first
+        # Stalled clients that report starts, the first to stall first: when
+        # each loses the tasks it has not begun, unless it answers before.
+        self._hung_at: dict[Session, float] = {}
         self._run = secrets.token_hex(3)  # keeps ids unique across restarts
         self._earlier_runs: set[str] = set()  # runs whose tasks `resume` took over
         self._issued = 0
@@ -208,7 +241,7 @@ class Router:
         self._issued += 1
         return Task(id=f"{self._run}-{self._issued}", text=text, target=target, fields=fields)
 
-    def resume(self, run: str, earlier_runs: Iterable[str], tasks: Iterable[Task]) -> None:
+    def resume(self, run: str, earlier_runs: Iterable[str], tasks: Sequence[Task]) -> None:
         """Take over from earlier runs of the server (read back from a
         journal), before anything else: new ids start with `run`, results
         for the ids of `earlier_runs` are known to be late, and `tasks` are
@@ -216,33 +249,67 @@ class Router:
         if self._issued or self._tasks:
             raise RuntimeError("resume before any task is submitted")
         self._run, self._earlier_runs = run, set(earlier_runs)
-        for task in tasks:
-            self.queue(task)
+        unlisted = len(tasks) - RECOVERED_LISTED
+        if unlisted > 0:
+            first, last = tasks[0].id, tasks[unlisted - 1].id
+            log.info("tasks %s to %s recovered (%d, not listed one by one)", first, last, unlisted)
+        for number, task in enumerate(tasks):
+            if number >= unlisted:
+                self._log_queued(task)
+            self._enqueue(task)
 
-    def queue(self, task: Task) -> None:
-        """Queue a task from `new_task` (or `resume`); it is sent at once if a client has room."""
+    async def reserve(self, wait: bool = True) -> None:
+        """Hold a place in the queue for one more task (`queue(task,
+        reserved=True)` fills it, `unreserve` gives it back). With
+        `max_queued` tasks queued or reserved, wait in turn for a place, or
+        raise QueueFullError if not `wait`. Raise RuntimeError once closed."""
         if self.closed:
             raise RuntimeError("the router is closed")
-        self._tasks[task.id] = task
-        how = "recovered" if task.recovered else "queued"
-        target = task.target or "any client"
-        log.info("task %s %s for %s: %s", task.id, how, target, Quoted(task.text))
-        if task.target is None:
-            self._queue.append(task)
-            self._spread()
-        else:
-            self._waiting.setdefault(task.target, deque()).append(task)
-            self._waiting_count += 1
-            if task.target in self._sessions:
-                self._fill(self._sessions[task.target])
+        if not self._room_waiters and self._has_room():
+            self._reserved += 1
+            return
+        if not wait:
+            raise QueueFullError(f"the queue is full ({self.max_queued} tasks)")
+        if self._full_since is None:
+            self._full_since = self._clock()
+            log.warning(
+                "the queue is full (%d tasks): new tasks wait until clients take some",
+                self.max_queued,
+            )
+        waiter = asyncio.get_running_loop().create_future()
+        self._room_waiters.append(waiter)
+        try:
+            await waiter
+        except asyncio.CancelledError:
+            if waiter.done() and not waiter.cancelled():
+                self.unreserve()  # let in, then cancelled: the place goes to the next
+            raise
+
+    def unreserve(self) -> None:
+        """Give back a place `reserve` held, its task not queued after all."""
+        self._reserved -= 1
+        self._let_in()
+
+    def queue(self, task: Task, reserved: bool = False) -> None:
+        """Queue a task from `new_task` (into the place `reserve` held for it,
+        if `reserved`); it is sent at once if a client has room."""
+        self._log_queued(task)
+        self._reserved -= reserved
+        self._enqueue(task)
 
     def connect(
-        self, name: str, window: int | None = None, *, accepts_cancel: bool = False
+        self,
+        name: str,
+        window: int | None = None,
+        *,
+        accepts_cancel: bool = False,
+        reports_start: bool = False,
     ) -> Session:
         """Register a client that wants up to `window` tasks at once (None or
-        more than `max_in_flight`: `max_in_flight`), and is told of withdrawn
-        tasks if it `accepts_cancel`; an older session under the same name is
-        ended (REPLACED) and its unanswered tasks taken back."""
+        more than `max_in_flight`: `max_in_flight`), is told of withdrawn
+        tasks if it `accepts_cancel`, and says when it begins each task if
+        it `reports_start`; an older session under the same name is ended
+        (REPLACED) and its unanswered tasks taken back."""
         if self.closed:
             raise RuntimeError("the router is closed")
         if window is not None and window < 1:
@@ -251,7 +318,7 @@ class Router:
         if old is not None:
             self.disconnect(old, REPLACED)
         window = min(window or self.max_in_flight, self.max_in_flight)
-        session = Session(name, window, accepts_cancel)
+        session = Session(name, window, accepts_cancel, reports_start)
         self._sessions[name] = session
         self._place(session)
         self._fill(session)
@@ -263,6 +330,7 @@ class Router:
         if session.ended is not None:
             return
         session._end(reason)
+        self._hung_at.pop(session, None)
         if self._sessions.get(session.name) is session:
             del self._sessions[session.name]
             self._unplace(session)
@@ -278,8 +346,22 @@ class Router:
         session.outbox.clear()
         self._spread()
 
+    def started(self, session: Session, task_ids: Iterable[str]) -> None:
+        """Client `session` (which `reports_start`) has begun the tasks
+        `task_ids`: the lease of each runs from now. Ids it does not hold,
+        or began already, are ignored."""
+        if not session.reports_start or self.task_timeout is None:
+            return
+        ends = self._clock() + self.task_timeout
+        for task_id in task_ids:
+            task = session.in_flight.get(task_id)
+            if task is not None and task_id not in self._leases:
+                task.lease_ends = ends
+                self._leases[task_id] = task  # the newest lease runs out last
+
     def expire_leases(self) -> None:
-        """Take back every task whose lease has run out, as if its holder had left."""
+        """Take back every task whose lease has run out, as if its holder had
+        left; and the tasks not begun from a client stalled for a further lease."""
         now = self._clock()
         expired = []
         for task in self._leases.values():  # the soonest to run out first
@@ -298,17 +380,26 @@ class Router:
             )
             self._release(holder, task, stalled=True)
             holders.append(holder)
+            if holder.reports_start and holder not in self._hung_at:
+                assert self.task_timeout is not None
+                self._hung_at[holder] = now + self.task_timeout
         for task in reversed(expired):  # back to the front, in their order
             self._take_back(task, charged=True)
         for holder in dict.fromkeys(holders):
             self._fill(holder)  # a suspect task it held no longer closes its window
+        for hung, deadline in list(self._hung_at.items()):
+            if deadline > now:
+                break
+            del self._hung_at[hung]
+            self._take_back_unstarted(hung)
         self._spread()
 
     def complete(self, name: str, task_id: str, text: str, error: str = "") -> Outcome:
         """Record the result `text` that client `name` sent for task `task_id`,
         or (`error`) why it could not do the task."""
+        acknowledged = self._acknowledged_withdrawal(name, task_id)
         task = self._tasks.get(task_id)
-        if task is None and self._acknowledged_withdrawal(name, task_id):
+        if acknowledged and (task is None or error):  # (an answer after all still counts)
             return Outcome.DUPLICATE
         if task is None:
             outcome = Outcome.DUPLICATE if self._was_issued(task_id) else Outcome.UNKNOWN
@@ -357,6 +448,10 @@ class Router:
         self.closed = True
         for session in list(self._sessions.values()):
             self.disconnect(session, SHUTDOWN)
+        while self._room_waiters:
+            waiter = self._room_waiters.popleft()
+            if not waiter.done():
+                waiter.set_exception(RuntimeError("the router is closed"))
 
     def unfinished(self) -> list[Task]:
         """Every task not answered (nor failed) yet."""
@@ -380,6 +475,41 @@ class Router:
         return len(self._tasks) - self.queued()
 
     # -- internals --
+
+    def _has_room(self) -> bool:
+        return self.max_queued is None or self.queued() + self._reserved < self.max_queued
+
+    def _let_in(self) -> None:
+        """Give the places that came free to submitters waiting for one, in turn."""
+        while self._room_waiters and self._has_room():
+            waiter = self._room_waiters.popleft()
+            if not waiter.done():  # (cancelled while it waited)
+                self._reserved += 1
+                waiter.set_result(None)
+        if self._full_since is not None and not self._room_waiters:
+            assert self.max_queued is not None
+            if self.queued() + self._reserved <= self.max_queued // 2:  # not at every task
+                waited = self._clock() - self._full_since
+                log.warning("the queue has room again, after %.1f s full", waited)
+                self._full_since = None
+
+    def _log_queued(self, task: Task) -> None:
+        how = "recovered" if task.recovered else "queued"
+        target = task.target or "any client"
+        log.info("task %s %s for %s: %s", task.id, how, target, Quoted(task.text))
+
+    def _enqueue(self, task: Task) -> None:
+        if self.closed:
+            raise RuntimeError("the router is closed")
+        self._tasks[task.id] = task
+        if task.target is None:
+            self._queue.append(task)
+            self._spread()
+        else:
+            self._waiting.setdefault(task.target, deque()).append(task)
+            self._waiting_count += 1
+            if task.target in self._sessions:
+                self._fill(self._sessions[task.target])
 
     def _finish(self, task: Task) -> None:
         """Take a task that has its outcome out of the queue, or out of its
@@ -421,7 +551,7 @@ class Router:
         session.in_flight[task.id] = task
         session.suspects += task.suspect
         self._place(session)
-        if self.task_timeout is not None:
+        if self.task_timeout is not None and not session.reports_start:
             task.lease_ends = self._clock() + self.task_timeout
             self._leases[task.id] = task  # the newest lease runs out last
         session._push(task)
@@ -436,6 +566,25 @@ class Router:
         self._place(session)
         if task in session.outbox:  # never written to it: no longer worth writing
             session.outbox.remove(task)
+
+    def _take_back_unstarted(self, session: Session) -> None:
+        """`session` stalled a lease ago and has not answered since: it is
+        hung, so the tasks it holds but has not begun go to others. They did
+        it no harm: they are not charged."""
+        unstarted = [task for task in session.in_flight.values() if task.id not in self._leases]
+        for task in unstarted:
+            written = task not in session.outbox
+            self._release(session, task)
+            if written and session.accepts_cancel:  # it drops the task, and says so
+                session.withdrawn.add(task.id)
+                session._push(Task(id=task.id, text="", cancelled=True))
+            line = "task %s taken back from %s before it began: %.0f s without an answer"
+            timeout = self.task_timeout
+            REPEATS.log(
+                log, logging.WARNING, "requeued", session.name, line, task.id, session.name, timeout
+            )
+        for task in reversed(unstarted):  # back to the front, in their order
+            self._take_back(task, charged=False)
 
     def _acknowledged_withdrawal(self, name: str, task_id: str) -> bool:
         """If `task_id` was withdrawn from client `name` while it held it, its
@@ -455,6 +604,7 @@ class Router:
         hung, so its whole window is open to it again."""
         session = self._sessions.get(name)
         if session is not None and session.stalled:
+            self._hung_at.pop(session, None)
             self._unplace(session)
             session.stalled = False
             self._place(session)
@@ -496,6 +646,8 @@ class Router:
         self._forget_empty_line(session.name)
         if took_shared:  # a suspect head another client could not take may be gone
             self._spread()
+        if self._room_waiters or self._full_since is not None:
+            self._let_in()
 
     def _spread(self) -> None:
         """Hand waiting tasks for any client to the least loaded ones with room
@@ -503,8 +655,10 @@ class Router:
         while self._queue and self._by_load:
             load = 0 if self._queue[0].suspect else min(self._by_load)
             if load not in self._by_load:
-                return  # no client is idle: the suspect task waits for one
+                break  # no client is idle: the suspect task waits for one
             self._assign(self._queue.popleft(), next(iter(self._by_load[load])))
+        if self._room_waiters or self._full_since is not None:
+            self._let_in()
 
     def _waiting_line(self, task: Task) -> deque[Task]:
         return self._queue if task.target is None else self._waiting[task.target]

@@ -2,7 +2,8 @@
 
     python tests/odd_client.py SERVER NAME [--sleep SECONDS] [--concurrency N] [--async]
 
-Every task takes --sleep seconds, then its text upper-cased, except:
+Every task takes --sleep seconds (`nap SECONDS` takes that long instead),
+then its text upper-cased, except:
 `none` returns None, `exit` raises SystemExit, `surrogate` returns a string
 that cannot be encoded, and `poison` kills the whole process at once. With
 --async the handler is an `async def` that sleeps on the event loop.
@@ -33,13 +34,17 @@ def main() -> None:
 
     def odd(task: contact_pb2.ServerMsg) -> str:
         logging.info("started task %s (attempt %d)", task.id, task.attempt)
-        time.sleep(args.sleep)
+        time.sleep(seconds(task))
         return answer(task)
 
     async def odd_async(task: contact_pb2.ServerMsg) -> str:
         logging.info("started task %s (attempt %d)", task.id, task.attempt)
-        await asyncio.sleep(args.sleep)
+        await asyncio.sleep(seconds(task))
         return answer(task)
+
+    def seconds(task: contact_pb2.ServerMsg) -> float:
+        nap, _, length = task.task.partition(" ")
+        return float(length) if nap == "nap" else args.sleep
 
     def answer(task: contact_pb2.ServerMsg) -> str:
         if task.task == "poison":

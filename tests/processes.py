@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -173,6 +174,14 @@ class Process:
         self.popen.wait(10)
         if self.popen.stdin and not self.popen.stdin.closed:
             self.popen.stdin.close()
+
+
+def free_port() -> int:
+    """A port free on 127.0.0.1 right now, for a process that will not say
+    which port it got (one that logs only warnings)."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
 
 
 def start_server(*args: str, port: int = 0, echo: bool = False) -> tuple[Process, int]:

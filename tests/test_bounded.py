@@ -12,13 +12,16 @@ from __future__ import annotations
 import asyncio
 import os
 import re
+import signal
+import threading
 import time
 
 import grpc
 import pytest
 
 from contact import CLIENT_ID_KEY, contact_pb2, contact_pb2_grpc
-from tests.processes import Process, start_client, start_server
+from tests.measure import rss_mb
+from tests.processes import Process, free_port, start_client, start_server
 
 BURST_LINES = int(os.environ.get("CONTACT_BURST_LINES", "5000"))
 
@@ -38,6 +41,7 @@ def count_until(process: Process, pattern: str, count: int, timeout: float) -> f
 
 
 @pytest.mark.timeout(max(60, BURST_LINES / 200))
+@pytest.mark.alone
 def test_a_piped_burst_starves_no_client(processes: list[Process]) -> None:
     srv, port = start_server()
     processes.append(srv)
@@ -56,6 +60,7 @@ def test_a_piped_burst_starves_no_client(processes: list[Process]) -> None:
     assert srv.count(r"requeued|taken back") == 0
 
 
+@pytest.mark.alone
 def test_malformed_get_task_calls_write_a_summary_not_tracebacks(
     processes: list[Process],
 ) -> None:
@@ -79,6 +84,7 @@ def test_malformed_get_task_calls_write_a_summary_not_tracebacks(
     assert len(log.encode()) < 100_000 and "Traceback" not in log
 
 
+@pytest.mark.alone
 def test_register_and_leave_cycles_write_little(processes: list[Process]) -> None:
     srv, port = start_server()
     processes.append(srv)
@@ -99,3 +105,46 @@ def test_register_and_leave_cycles_write_little(processes: list[Process]) -> Non
     log = "\n".join(srv.lines_since(before))
     print(f"{cycles} register-and-leave cycles: {len(log.encode())} bytes of log")
     assert len(log.encode()) < 100_000
+
+
+QUEUE_LINES = 100_000
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.alone
+def test_past_max_queued_the_server_reads_no_further_and_loses_nothing(
+    processes: list[Process],
+) -> None:
+    """100,000 lines for a name connected nowhere, into a server that queues
+    at most 100: it stops reading its input (its memory stays flat), and
+    once the name connects every line is answered. Both sides log at
+    WARNING: 300,000 INFO lines would cost most of the test's time."""
+    port = free_port()  # (at WARNING the server does not say which it got)
+    quiet = ("--log-level", "WARNING")
+    srv = Process("server", "contact_server.py", "--port", str(port), "--max-queued", "100", *quiet)
+    processes.append(srv)
+    typing = threading.Thread(
+        target=srv.type, args=[f"@absent task {n}" for n in range(QUEUE_LINES)], daemon=True
+    )
+    typing.start()  # it blocks once the server stops reading
+    srv.wait_for(r"the queue is full \(100 tasks\)")
+    full = rss_mb(srv.pid)
+    typing.join(2.0)
+    assert typing.is_alive()  # most lines are still unread, in the pipe
+    later = rss_mb(srv.pid)
+    assert later - full < 5 and later < 100, f"{full:.0f} MB when full, {later:.0f} MB 2 s later"
+    answers = ("--concurrency", "4", "--max-tasks", str(QUEUE_LINES), *quiet)
+    server = ("--server", f"127.0.0.1:{port}")
+    absent = Process("absent", "contact_client.py", *server, "--name", "absent", *answers)
+    processes.append(absent)
+    began = time.monotonic()
+    assert absent.exit_code(timeout=100) == 0  # it exits once it answered them all
+    typing.join(5.0)
+    print(
+        f"max-queued 100: server {full:.0f} MB when full, {later:.0f} MB 2 s later; "
+        f"{QUEUE_LINES} lines answered {time.monotonic() - began:.1f} s after the name connected"
+    )
+    srv.wait_for(r"the queue has room again")
+    srv.send(signal.SIGINT)
+    assert srv.exit_code() == 0
+    assert srv.count(r"ERROR|requeued|taken back") == 0

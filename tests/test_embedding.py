@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 import psutil
+import pytest
 
 from tests.processes import ROOT, Process, start_client, start_server
 
@@ -19,6 +20,7 @@ CLIENTS_IN_ONE_PROCESS = 1000
 IDLE_SECONDS = 30.0
 
 
+@pytest.mark.alone
 def test_a_thousand_run_clients_in_one_process_all_register_and_answer(
     processes: list[Process],
 ) -> None:

@@ -20,14 +20,20 @@ def task(text: str, task_id: str) -> contact_pb2.ServerMsg:
 
 
 class Results:
-    """The `done` of a pool: every Result, and a wait for the next few."""
+    """The `done` of a pool: every Result, and a wait for the next few; its
+    `started` hears each task begin, and `events` keeps both in order."""
 
     def __init__(self) -> None:
         self.results: list[contact_pb2.Result] = []
+        self.events: list[str] = []
         self._changed = asyncio.Event()
+
+    def started(self, task: contact_pb2.ServerMsg) -> None:
+        self.events.append(f"began {task.id}")
 
     def __call__(self, task: contact_pb2.ServerMsg, result: contact_pb2.Result) -> None:
         self.results.append(result)
+        self.events.append(f"done {task.id}")
         self._changed.set()
 
     async def at_least(self, count: int) -> list[contact_pb2.Result]:
@@ -43,7 +49,7 @@ def test_an_async_task_withdrawn_before_its_first_step_frees_its_worker() -> Non
 
     async def scenario() -> None:
         done = Results()
-        pool = handler_pool(upper, 1, done)
+        pool = handler_pool(upper, 1, done, done.started)
         pool.submit(task("a", "1"))  # started, but its first step has not run
         assert pool.withdraw("1") == "cancelled while it ran"
         pool.submit(task("b", "2"))
@@ -70,10 +76,11 @@ def test_whatever_an_async_handler_raises_is_a_failure_and_the_next_runs(
 
     async def scenario() -> None:
         done = Results()
-        pool = handler_pool(odd, 1, done)
+        pool = handler_pool(odd, 1, done, done.started)
         pool.submit(task("raise", "1"))
         pool.submit(task("next", "2"))
         first, second = await done.at_least(2)
+        assert done.events == ["began 1", "done 1", "began 2", "done 2"]
         assert first.id == "1" and first.error.startswith(error) and not first.ret
         assert (second.id, second.ret) == ("2", "NEXT")
 
@@ -91,7 +98,7 @@ def test_a_thread_skips_a_task_withdrawn_before_it_started_and_finishes_a_runnin
 
     async def scenario() -> None:
         done = Results()
-        pool = handler_pool(blocking, 1, done)
+        pool = handler_pool(blocking, 1, done, done.started)
         pool.submit(task("block", "1"))
         pool.submit(task("waiting", "2"))
         pool.submit(task("last", "3"))
@@ -101,6 +108,7 @@ def test_a_thread_skips_a_task_withdrawn_before_it_started_and_finishes_a_runnin
         release.set()
         results = await done.at_least(2)
         assert [(r.id, r.ret) for r in results] == [("1", "BLOCK"), ("3", "LAST")]
+        assert done.events == ["began 1", "done 1", "began 3", "done 3"]  # "2" never began
         pool.close()
 
     asyncio.run(scenario())

@@ -17,6 +17,7 @@ import random
 import re
 import signal
 import sqlite3
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -139,6 +140,38 @@ def test_tasks_survive_three_kills_of_the_server(processes: list[Process], tmp_p
     with contextlib.closing(sqlite3.connect(journal)) as db:
         left_over = db.execute("SELECT count(*) FROM tasks").fetchone()[0]
     assert left_over == 0, "the journal still holds tasks"
+
+
+def test_retyping_the_lines_a_kill_left_neither_queued_nor_recovered_repeats_none(
+    processes: list[Process], tmp_path: Path
+) -> None:
+    """A line read just before a kill may be committed without ever being
+    logged as queued; the restart lists it as recovered. Typing again the
+    lines logged neither way, as docs/guarantees.md advises, runs every
+    line exactly once."""
+    journal = tmp_path / "tasks.journal"
+    typed = [f"line {n:05}" for n in range(10_000)]
+    server, port = journalled_server(journal, processes)
+    threading.Thread(target=server.type, args=typed, daemon=True).start()
+    server.wait_for(r"queued for any client", count=2_000, timeout=30)
+    server.popen.kill()  # amid the lines: some are read, some committed, some logged
+    server.exit_code()
+    before = Run.read(server)
+    server, _ = journalled_server(journal, processes, port)
+    after = Run.read(server)
+    kept = set(before.texts.values()) | {after.texts[task_id] for task_id in after.recovered}
+    retyped = [text for text in typed if text not in kept]
+    unlogged = {after.texts[task_id] for task_id in after.recovered} - set(before.texts.values())
+    print(
+        f"killed after {len(before.texts)} lines logged as queued; {len(after.recovered)} "
+        f"recovered, {len(unlogged)} of them never logged as queued; {len(retyped)} typed again"
+    )
+    server.type(*retyped)
+    worker = Process("worker", "tests/odd_client.py", f"127.0.0.1:{port}", "worker")
+    processes.append(worker)
+    server.wait_for(r"result from worker", count=len(typed), timeout=60)
+    answers = [m.group(2) for line in server.lines if (m := RESULT.search(line))]
+    assert sorted(answers) == [text.upper() for text in typed]  # each line once
 
 
 UNUSABLE = {

@@ -25,6 +25,7 @@ STREAMS = 20_000
 REPEAT = int(os.environ.get("CONTACT_REPEAT", "2"))
 
 
+@pytest.mark.alone
 def test_twenty_thousand_status_streams_on_one_connection_keep_the_server_small(
     server: tuple[Process, int], client: Callable[..., Process]
 ) -> None:
@@ -58,6 +59,7 @@ def test_twenty_thousand_status_streams_on_one_connection_keep_the_server_small(
     srv.wait_for(r"refused a call .*nobody is not registered: call getTask first")
 
 
+@pytest.mark.alone
 def test_a_flood_of_status_lines_writes_little_to_the_log(
     processes: list[Process], client: Callable[..., Process]
 ) -> None:

@@ -85,6 +85,55 @@ def test_a_hung_client_with_a_wide_window_gets_nothing_once_a_lease_ran_out(
     assert srv.count(r"sent to hung") == 1  # the one task, and nothing after
 
 
+def odd_client(processes: list[Process], name: str, port: int, *args: str) -> Process:
+    """tests/odd_client.py (run() with a handler that naps on cue), once registered."""
+    started = Process(name, "tests/odd_client.py", f"127.0.0.1:{port}", name, *args)
+    processes.append(started)
+    started.wait_for(rf"registered with .* as {name}$")
+    return started
+
+
+def test_a_task_waiting_behind_a_slow_one_is_not_taken_back(processes: list[Process]) -> None:
+    """The client says when it begins each task, and its lease runs from
+    then: a task it holds behind one longer than the lease waits its turn
+    and is answered once, by that client."""
+    srv, port = start_server("--task-timeout", "3")
+    processes.append(srv)
+    worker = odd_client(processes, "worker", port)  # one at a time, up to 3 more held
+    srv.type("nap 4.5", "waiting")
+    srv.wait_for(r"result from worker: 'WAITING'$", timeout=15)
+    slow = srv.wait_for(r"task (\S+) queued for any client: 'nap 4.5'$").group(1)
+    waiting = srv.wait_for(r"task (\S+) queued for any client: 'waiting'$").group(1)
+    srv.wait_for(rf"task {slow} taken back from worker: no answer within 3 s")  # longer than that
+    srv.wait_for(rf"task {slow} result from worker: 'NAP 4.5'$")  # late, still first: accepted
+    assert srv.count(rf"task {waiting} sent to") == 1
+    assert srv.count(rf"task {waiting} (taken back|requeued)") == 0
+    assert srv.count(rf"task {waiting} result from") == 1
+    assert worker.count(rf"started task {waiting} \(attempt 1\)") == 1
+
+
+def test_a_hung_client_loses_the_tasks_it_has_not_begun_to_a_helper(
+    processes: list[Process],
+) -> None:
+    """The shipped run() with a handler that never returns: its task fails
+    once its lease runs out (one attempt allowed), and the three it holds
+    behind it go to a helper a lease later, uncharged; the hung client
+    drops them when told."""
+    srv, port = start_server("--task-timeout", "1", "--max-attempts", "1")
+    processes.append(srv)
+    stuck = odd_client(processes, "stuck", port)
+    srv.type("nap 600", "a", "b", "c")
+    srv.wait_for(r"sent to stuck", count=4)
+    helper = odd_client(processes, "helper", port)
+    for text in "ABC":
+        srv.wait_for(rf"result from helper: '{text}'$", timeout=10)
+    srv.wait_for(r"failed: sent 1 times without an answer: 'nap 600'$")
+    assert srv.count(r"taken back from stuck before it began: 1 s without an answer") == 3
+    stuck.wait_for(r"withdrawn by the server: dropped before it started", count=3)
+    helper.wait_for(r"started task \S+ \(attempt 1\)", count=3)  # its output may lag
+    assert srv.count(r"sent to stuck") == 4
+
+
 def test_eight_takeovers_in_a_row_fail_none_of_the_tasks_held(
     processes: list[Process], client: Callable[..., Process]
 ) -> None:

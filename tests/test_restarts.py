@@ -8,6 +8,8 @@ import signal
 import time
 from collections.abc import Callable
 
+import pytest
+
 from tests.measure import threads_and_handles
 from tests.processes import Process, start_server
 
@@ -38,6 +40,7 @@ def resources(process: Process, settle_to: tuple[int, int] | None = None) -> tup
 SETTLE_SECONDS = 3.0
 
 
+@pytest.mark.alone
 def test_clients_survive_ten_server_restarts_without_growing(
     processes: list[Process], client: Callable[..., Process]
 ) -> None:

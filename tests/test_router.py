@@ -6,7 +6,7 @@ import asyncio
 
 import pytest
 
-from contact.router import REPLACED, SHUTDOWN, Outcome, Router, Session, Task
+from contact.router import REPLACED, SHUTDOWN, Outcome, QueueFullError, Router, Session, Task
 
 
 def assigned(session: Session) -> list[str]:
@@ -459,3 +459,80 @@ def test_cancel_of_a_task_not_yet_written_sends_nothing() -> None:
     task = router.submit("job")
     assert router.cancel(task.id) is task
     assert list(alice.outbox) == [] and alice.in_flight == {}
+
+
+def test_a_client_that_reports_starts_is_leased_each_task_from_when_it_begins() -> None:
+    clock = Clock()
+    router = Router(task_timeout=10, clock=clock)
+    worker = router.connect("worker", window=2, reports_start=True)
+    slow, waiting = router.submit("slow"), router.submit("waiting")
+    worker.outbox.clear()  # both written
+    router.started(worker, [slow.id])
+    clock.now = 15.0  # "waiting" has waited longer than a lease, behind "slow"
+    router.started(worker, [waiting.id, "no-such-task"])
+    router.expire_leases()
+    assert assigned(worker) == ["waiting"] and worker.stalled  # "slow" ran out at 10 s
+    assert router.complete("worker", slow.id, "late but fine") is Outcome.ACCEPTED
+    assert not worker.stalled
+    clock.now = 24.9
+    router.expire_leases()
+    assert assigned(worker) == ["waiting"]  # its lease runs until 25 s
+    clock.now = 25.0
+    router.expire_leases()
+    assert assigned(worker) == [] and waiting.attempts == 1
+
+
+def test_a_hung_client_loses_the_tasks_it_has_not_begun_a_lease_after_it_stalled() -> None:
+    clock = Clock()
+    router = Router(task_timeout=10, clock=clock)
+    hung = router.connect("hung", window=3, reports_start=True, accepts_cancel=True)
+    stuck, second, third = (router.submit(text) for text in ("stuck", "second", "third"))
+    hung.outbox.clear()  # all three written
+    router.started(hung, [stuck.id])
+    clock.now = 10.0
+    router.expire_leases()  # "stuck" taken back and charged; the others wait behind it
+    assert assigned(hung) == ["second", "third"] and hung.stalled
+    clock.now = 19.9
+    router.expire_leases()
+    assert assigned(hung) == ["second", "third"]
+    clock.now = 20.0
+    router.expire_leases()
+    assert assigned(hung) == [] and hung.stalled
+    assert [task.id for task in hung.outbox if task.cancelled] == [second.id, third.id]
+    assert (stuck.attempts, second.attempts, third.attempts) == (1, 0, 0)  # only one charged
+    helper = router.connect("helper")
+    assert assigned(helper) == ["second", "third"]  # not the suspect "stuck": it travels alone
+    # The hung client's acknowledgements free its window; an answer it
+    # had begun after all would still count.
+    assert router.complete("hung", second.id, "", "withdrawn") is Outcome.DUPLICATE
+    assert hung.withdrawn == {third.id}
+    assert router.complete("hung", third.id, "done after all") is Outcome.ACCEPTED
+
+
+def test_past_max_queued_submitters_wait_in_turn_and_go_in_as_clients_take_tasks() -> None:
+    async def scenario() -> None:
+        router = Router(max_queued=2)
+        entered: list[int] = []
+
+        async def submit(number: int) -> None:
+            await router.reserve()
+            router.queue(router.new_task(f"task {number}", "absent"), reserved=True)
+            entered.append(number)
+
+        waiting = [asyncio.create_task(submit(n)) for n in range(6)]
+        await asyncio.sleep(0)  # (each runs to its first wait)
+        assert entered == [0, 1] and router.queued() == 2
+        with pytest.raises(QueueFullError):
+            await router.reserve(wait=False)  # nor does it jump the line
+        waiting[3].cancel()  # gives up its turn
+        absent = router.connect("absent", window=3)  # takes two, and then a third
+        await asyncio.wait(waiting, timeout=5)
+        assert entered == [0, 1, 2, 4, 5] and assigned(absent) == ["task 0", "task 1", "task 2"]
+        assert router.queued() == 2
+        late = asyncio.create_task(router.reserve())
+        await asyncio.sleep(0)
+        router.close()  # a waiter is not left hanging at shutdown
+        with pytest.raises(RuntimeError, match="closed"):
+            await late
+
+    asyncio.run(scenario())

@@ -35,10 +35,19 @@ class RouterMachine(RuleBasedStateMachine):
         self.router.expire_leases()
         assert all(task.lease_ends > self.now for task in self.router._leases.values())
 
-    @rule(name=NAMES, window=st.none() | st.integers(1, 4), accepts_cancel=st.booleans())
-    def connect(self, name: str, window: int | None, accepts_cancel: bool) -> None:
+    @rule(
+        name=NAMES,
+        window=st.none() | st.integers(1, 4),
+        accepts_cancel=st.booleans(),
+        reports_start=st.booleans(),
+    )
+    def connect(
+        self, name: str, window: int | None, accepts_cancel: bool, reports_start: bool
+    ) -> None:
         old = self.router._sessions.get(name)  # a takeover when connected
-        self.router.connect(name, window, accepts_cancel=accepts_cancel)
+        self.router.connect(
+            name, window, accepts_cancel=accepts_cancel, reports_start=reports_start
+        )
         assert old is None or old.ended == "replaced"
 
     @rule(name=NAMES)
@@ -57,8 +66,10 @@ class RouterMachine(RuleBasedStateMachine):
             return
         task = self.tasks[pick % len(self.tasks)]
         was_given = name in task.given_to
+        session = self.router._sessions.get(name)
+        acknowledges = session is not None and task.id in session.withdrawn and error
         outcome = self.router.complete(name, task.id, "done", error)
-        if task.id in self.finished or task.id in self.failed:
+        if task.id in self.finished or task.id in self.failed or acknowledges:
             assert outcome is Outcome.DUPLICATE
         elif was_given:
             assert outcome is Outcome.ACCEPTED
@@ -87,11 +98,20 @@ class RouterMachine(RuleBasedStateMachine):
             session.outbox.popleft()
 
     @rule(name=NAMES, pick=st.integers(0, 10**6))
+    def begin(self, name: str, pick: int) -> None:
+        """Client `name` reports that it began one of its tasks."""
+        session = self.router._sessions.get(name)
+        if session is not None and session.in_flight:
+            tasks = list(session.in_flight)
+            self.router.started(session, [tasks[pick % len(tasks)], "no-such-task"])
+
+    @rule(name=NAMES, pick=st.integers(0, 10**6))
     def result_for_a_withdrawn_task(self, name: str, pick: int) -> None:
         session = self.router._sessions.get(name)
         if session is not None and session.withdrawn:
             withdrawn = sorted(session.withdrawn)[pick % len(session.withdrawn)]
-            assert self.router.complete(name, withdrawn, "late") is Outcome.DUPLICATE
+            ack = self.router.complete(name, withdrawn, "", "withdrawn")
+            assert ack is Outcome.DUPLICATE
             assert withdrawn not in session.withdrawn  # its place in the window is free
 
     @rule(bogus=st.text(max_size=12))
@@ -117,7 +137,8 @@ class RouterMachine(RuleBasedStateMachine):
             assert task.holder is None
             if router.max_attempts is not None:
                 assert task.attempts < router.max_attempts  # it would have failed
-        assert set(router._leases) == {t.id for t in held}
+        always_leased = {t.id for t in held if not t.holder or not t.holder.reports_start}
+        assert always_leased <= set(router._leases) <= {t.id for t in held}
         ends = [t.lease_ends for t in router._leases.values()]
         assert ends == sorted(ends)  # the soonest to run out first
         assert self.finished.isdisjoint(self.failed)
@@ -133,8 +154,13 @@ class RouterMachine(RuleBasedStateMachine):
             notices = [t for t in session.outbox if t.cancelled]
             assert set(t.id for t in tasks) <= set(session.in_flight)
             assert not notices or session.accepts_cancel  # only told if it listens
-            assert not {t.id for t in notices} & set(session.in_flight)
-            assert not session.withdrawn & set(session.in_flight)
+            # A task withdrawn from a client (it hung) may go back to it once it
+            # answers again: the notice then reaches it before the task does.
+            order = [(t.id, t.cancelled) for t in session.outbox]
+            for task_id in {t.id for t in notices} & set(session.in_flight):
+                assert (task_id, False) not in order or order.index((task_id, True)) < order.index(
+                    (task_id, False)
+                )
             assert session.suspects == sum(t.suspect for t in session.in_flight.values())
             if session.suspects:
                 assert len(session.in_flight) == 1  # a suspect task travels alone
@@ -144,6 +170,8 @@ class RouterMachine(RuleBasedStateMachine):
         if router._queue:
             assert not any(s.can_take(router._queue[0]) for s in router._sessions.values())
         assert all(router._waiting.values())  # no empty line left behind
+        for hung in router._hung_at:  # only live, stalled clients wait to lose their tasks
+            assert hung.stalled and router._sessions.get(hung.name) is hung
 
     @invariant()
     def every_live_client_with_room_is_in_the_bucket_of_its_load(self) -> None:
