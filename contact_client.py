@@ -30,6 +30,7 @@ from contact import (
     CLIENT_ID_KEY,
     MAX_IN_FLIGHT_KEY,
     REPORTS_START_KEY,
+    WITHDRAWN,
     cli,
     contact_pb2,
     contact_pb2_grpc,
@@ -74,11 +75,6 @@ def handle_task(task: contact_pb2.ServerMsg) -> str:
     return task.task.upper()
 
 
-# What the client sends for a task the server withdrew and it stopped: the
-# server ignores it, but for freeing the task's place in the window.
-WITHDRAWN = "withdrawn by the server"
-
-
 class RefusedError(Exception):
     """The server refused this client for good (a bad name, a takeover, ...)."""
 
@@ -121,7 +117,9 @@ class Work:
         again after a reconnect), or stop one the server withdrew."""
         if message.cancelled:
             self.withdraw(message.id)
-        elif message.id not in self.held:
+        elif message.id in self.held:  # sent again while running, after it was withdrawn
+            self._started(message)  # (its new lease runs from now)
+        else:
             if len(self.held) >= self.window:  # memory is ours to protect
                 raise StreamEndedError(f"the server sent more than the {self.window} tasks asked")
             self.held.add(message.id)

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import concurrent.futures
 import functools
 import logging
 import os
@@ -308,11 +309,14 @@ class ContactServer:
         self, text: str, target: str | None = None, *, timeout: float | None = None, **fields: Any
     ) -> str:
         """`submit` a task and wait for its answer, at most `timeout` seconds
-        (then raise asyncio.TimeoutError). A task it gives up on, or whose
-        caller is cancelled, is withdrawn."""
-        handle = await self.submit(text, target, **fields)
+        in all, room in a full queue included (then raise
+        asyncio.TimeoutError). A task it gives up on, or whose caller is
+        cancelled, is withdrawn."""
+        loop = asyncio.get_running_loop()
+        ends = None if timeout is None else loop.time() + timeout
+        handle = await asyncio.wait_for(self.submit(text, target, **fields), timeout)
         try:
-            return await handle.result(timeout)
+            return await handle.result(None if ends is None else max(0.0, ends - loop.time()))
         except asyncio.TimeoutError:
             if handle.cancel():
                 raise
@@ -337,7 +341,9 @@ class ContactServer:
     ) -> ThreadsafeHandle:
         """`submit`, from any thread other than the server's event loop's: it
         returns once the task is queued, with a concurrent.futures.Future of
-        its answer that carries its `id`, and whose `cancel` withdraws it."""
+        its answer that carries its `id`, and whose `cancel` withdraws it.
+        Not queued within LOOP_REPLY_SECONDS (a full queue, say), the task
+        is dropped and it raises TimeoutError."""
         loop = self._loop
         if loop is None or on_loop(loop):
             raise RuntimeError("the server is not running, or this is its loop: await submit")
@@ -345,7 +351,13 @@ class ContactServer:
         async def submit() -> ThreadsafeHandle:
             return ThreadsafeHandle(await self.submit(text, target, **fields), loop)
 
-        return asyncio.run_coroutine_threadsafe(submit(), loop).result(LOOP_REPLY_SECONDS)
+        submitting = asyncio.run_coroutine_threadsafe(submit(), loop)
+        try:
+            return submitting.result(LOOP_REPLY_SECONDS)
+        except concurrent.futures.TimeoutError:
+            if submitting.cancel():  # never queued later, with nobody holding its handle
+                raise
+            return submitting.result()  # queued as the time ran out
 
     def cancel(self, task_id: str) -> bool:
         """Withdraw the task `task_id` (see TaskHandle.cancel); False if it
@@ -488,6 +500,7 @@ class ContactServer:
             self._settle(task, self._not_answered(task))
         kept = self._kept() if unanswered else ""
         await self._close_journal()
+        REPEATS.flush(log, everything=True)  # no "... and N more" is left unsaid
         log.info("stopped; tasks never answered: %d%s", len(unanswered), kept)
         if self._signals_back is not None:  # a signal now is the program's again
             self._signals_back()

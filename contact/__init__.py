@@ -28,6 +28,11 @@ MAX_IN_FLIGHT_KEY = "max-in-flight"
 # ServerMsg with `cancelled` set (a task withdrawn while it holds it).
 ACCEPTS_CANCEL_KEY = "accepts-cancel"
 
+# A client that stops (or drops) a task the server withdrew answers it with
+# this Result.error: the server frees the task's place in its window, and
+# takes it as no sign of life.
+WITHDRAWN = "withdrawn by the server"
+
 # getTask carries `reports-start: 1` from a client that says when it begins
 # each task (Result.started); a server that understands it echoes it, and
 # leases that client's tasks from when they begin.

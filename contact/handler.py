@@ -131,6 +131,8 @@ class ThreadHandlers:
                 job = self._jobs.get_nowait()
                 if job is not None:
                     dropped.append(job.id)
+        with self._lock:  # gone from the queue: a task sent again under its id must run
+            self._dropped.difference_update(dropped)
         return dropped
 
     def close(self) -> None:

@@ -83,11 +83,12 @@ class Repeats:
             )
         self._counts.clear()
 
-    def flush(self, logger: logging.Logger) -> None:
-        """Say how many lines were left out in seconds that are over."""
+    def flush(self, logger: logging.Logger, everything: bool = False) -> None:
+        """Say how many lines were left out in seconds that are over (or in
+        any second, if `everything`: at exit)."""
         now = self._clock()
         for (kind, who), counts in list(self._counts.items()):
-            if now - counts[0] >= 1.0:
+            if everything or now - counts[0] >= 1.0:
                 if counts[2]:
                     logger.warning("... and %d more %s lines from %s", counts[2], kind, who)
                 del self._counts[(kind, who)]

@@ -17,6 +17,7 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from contact import WITHDRAWN
 from contact.logtext import REPEATS, Quoted
 
 log = logging.getLogger("contact.router")
@@ -160,9 +161,10 @@ class Router:
       reports (`started`) that it began it if it `reports_start`:
       `expire_leases` takes back those that ran out, as if their holder had
       left, and the holder gets no more work, whatever its window, until it
-      answers again. If it has not answered a further `task_timeout` later,
-      the tasks it holds but has not begun go to others (it is told, if it
-      `accepts_cancel`), uncharged. A send is an attempt when it ends
+      answers again. A client that reports starts and has neither begun nor
+      answered anything for two leases loses the tasks it has not begun
+      (it is told, if it `accepts_cancel`), uncharged, and is stalled too.
+      A send is an attempt when it ends
       with the task's lease running out or its holder's connection dying
       (not a takeover of the holder's name, nor a shutdown): a task with
       `max_attempts` such sends fails, `on_failed(task, reason)` is called
@@ -206,9 +208,10 @@ class Router:
         self._on_answer, self._on_failed, self._clock = on_answer, on_failed, clock
         self._on_requeued, self._on_error = on_requeued, on_error
         self._leases: dict[str, Task] = {}  # tasks in flight, the soonest to run out first
-        # Stalled clients that report starts, the first to stall first: when
-        # each loses the tasks it has not begun, unless it answers before.
-        self._hung_at: dict[Session, float] = {}
+        # Clients that report starts, by when they last began or answered a
+        # task (or were given one while idle), the longest silent first: the
+        # tasks they hold but have not begun are leased by this.
+        self._heard: dict[Session, float] = {}
         self._run = secrets.token_hex(3)  # keeps ids unique across restarts
         self._earlier_runs: set[str] = set()  # runs whose tasks `resume` took over
         self._issued = 0
@@ -281,7 +284,7 @@ class Router:
         try:
             await waiter
         except asyncio.CancelledError:
-            if waiter.done() and not waiter.cancelled():
+            if waiter.done() and not waiter.cancelled() and waiter.exception() is None:
                 self.unreserve()  # let in, then cancelled: the place goes to the next
             raise
 
@@ -330,7 +333,7 @@ class Router:
         if session.ended is not None:
             return
         session._end(reason)
-        self._hung_at.pop(session, None)
+        self._heard.pop(session, None)
         if self._sessions.get(session.name) is session:
             del self._sessions[session.name]
             self._unplace(session)
@@ -352,6 +355,7 @@ class Router:
         or began already, are ignored."""
         if not session.reports_start or self.task_timeout is None:
             return
+        self._heard_from(session)
         ends = self._clock() + self.task_timeout
         for task_id in task_ids:
             task = session.in_flight.get(task_id)
@@ -361,7 +365,7 @@ class Router:
 
     def expire_leases(self) -> None:
         """Take back every task whose lease has run out, as if its holder had
-        left; and the tasks not begun from a client stalled for a further lease."""
+        left; and the tasks not begun from a client silent for two leases."""
         now = self._clock()
         expired = []
         for task in self._leases.values():  # the soonest to run out first
@@ -380,27 +384,23 @@ class Router:
             )
             self._release(holder, task, stalled=True)
             holders.append(holder)
-            if holder.reports_start and holder not in self._hung_at:
-                assert self.task_timeout is not None
-                self._hung_at[holder] = now + self.task_timeout
         for task in reversed(expired):  # back to the front, in their order
             self._take_back(task, charged=True)
         for holder in dict.fromkeys(holders):
             self._fill(holder)  # a suspect task it held no longer closes its window
-        for hung, deadline in list(self._hung_at.items()):
-            if deadline > now:
-                break
-            del self._hung_at[hung]
-            self._take_back_unstarted(hung)
+        if self.task_timeout is not None:  # (no leases: nothing is taken back)
+            silent_since = now - 2 * self.task_timeout
+            while self._heard and (oldest := next(iter(self._heard.items())))[1] <= silent_since:
+                del self._heard[oldest[0]]
+                self._take_back_unbegun(oldest[0])
         self._spread()
 
     def complete(self, name: str, task_id: str, text: str, error: str = "") -> Outcome:
         """Record the result `text` that client `name` sent for task `task_id`,
         or (`error`) why it could not do the task."""
-        acknowledged = self._acknowledged_withdrawal(name, task_id)
+        if self._acknowledged_withdrawal(name, task_id) and error == WITHDRAWN:
+            return Outcome.DUPLICATE  # (an answer, even to a withdrawn task, says more)
         task = self._tasks.get(task_id)
-        if acknowledged and (task is None or error):  # (an answer after all still counts)
-            return Outcome.DUPLICATE
         if task is None:
             outcome = Outcome.DUPLICATE if self._was_issued(task_id) else Outcome.UNKNOWN
             REPEATS.log(
@@ -554,6 +554,8 @@ class Router:
         if self.task_timeout is not None and not session.reports_start:
             task.lease_ends = self._clock() + self.task_timeout
             self._leases[task.id] = task  # the newest lease runs out last
+        elif session.reports_start and session not in self._heard:
+            self._heard[session] = self._clock()  # idle until now: the silence starts here
         session._push(task)
 
     def _release(self, session: Session, task: Task, stalled: bool = False) -> None:
@@ -567,24 +569,32 @@ class Router:
         if task in session.outbox:  # never written to it: no longer worth writing
             session.outbox.remove(task)
 
-    def _take_back_unstarted(self, session: Session) -> None:
-        """`session` stalled a lease ago and has not answered since: it is
-        hung, so the tasks it holds but has not begun go to others. They did
-        it no harm: they are not charged."""
-        unstarted = [task for task in session.in_flight.values() if task.id not in self._leases]
-        for task in unstarted:
+    def _take_back_unbegun(self, session: Session) -> None:
+        """`session` has neither begun nor answered a task for two leases: it
+        is hung, or every worker it has is busy with what it was told to
+        drop. The tasks it holds but has not begun go to others, uncharged
+        (they did it no harm), and it gets nothing new until it answers."""
+        unbegun = [task for task in session.in_flight.values() if task.id not in self._leases]
+        for task in unbegun:
             written = task not in session.outbox
-            self._release(session, task)
-            if written and session.accepts_cancel:  # it drops the task, and says so
+            self._release(session, task, stalled=True)
+            if written:  # it may begin it yet: its place stays taken until it answers
                 session.withdrawn.add(task.id)
-                session._push(Task(id=task.id, text="", cancelled=True))
-            line = "task %s taken back from %s before it began: %.0f s without an answer"
-            timeout = self.task_timeout
+                if session.accepts_cancel:  # it drops the task, and says so
+                    session._push(Task(id=task.id, text="", cancelled=True))
+            line = "task %s taken back from %s before it began: %.0f s without a sign of life"
+            timeout = 2 * (self.task_timeout or 0)
             REPEATS.log(
                 log, logging.WARNING, "requeued", session.name, line, task.id, session.name, timeout
             )
-        for task in reversed(unstarted):  # back to the front, in their order
+        for task in reversed(unbegun):  # back to the front, in their order
             self._take_back(task, charged=False)
+
+    def _heard_from(self, session: Session) -> None:
+        """`session` began or answered a task: its silence starts again."""
+        if session.reports_start and not session.ended:
+            self._heard.pop(session, None)
+            self._heard[session] = self._clock()  # last: the most recently heard
 
     def _acknowledged_withdrawal(self, name: str, task_id: str) -> bool:
         """If `task_id` was withdrawn from client `name` while it held it, its
@@ -600,11 +610,13 @@ class Router:
         return True
 
     def _answers_again(self, name: str) -> None:
-        """A client whose leases ran out answered after all: it is slow, not
-        hung, so its whole window is open to it again."""
+        """Client `name` answered: its silence starts again, and if its leases
+        ran out it is slow, not hung, so its whole window is open to it again."""
         session = self._sessions.get(name)
-        if session is not None and session.stalled:
-            self._hung_at.pop(session, None)
+        if session is None:
+            return
+        self._heard_from(session)
+        if session.stalled:
             self._unplace(session)
             session.stalled = False
             self._place(session)

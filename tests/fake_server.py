@@ -5,8 +5,10 @@ with every other test's calls):
     python tests/fake_server.py KIND
 
 KIND is ends-getTask, ends-tellResult or ends-sendStatus (ends that stream
-without an error), never-answers (accepts getTask, says nothing), no-echo
-(sends getTask's headers without the client's name, then nothing), floods
+without an error), older (a server from before `reports-start`: it sends a
+task every 0.1 s and prints each Result it gets), never-answers (accepts
+getTask, says nothing), no-echo (sends getTask's headers without the
+client's name, then nothing), floods
 (pushes tasks of 8 KiB as fast as it can, whatever the window) or
 keeps-results (sends 3 tasks, and never ends tellResult). It prints
 `listening on 127.0.0.1:PORT`, then a line per getTask call.
@@ -40,8 +42,8 @@ class EndsStreamsEarly(contact_pb2_grpc.ContactServicer):  # type: ignore[misc]
 
     async def tellResult(self, request_iterator: Any, context: Any) -> contact_pb2.Empty:
         if self.ends != "tellResult":
-            async for _ in request_iterator:
-                pass
+            async for result in request_iterator:
+                print(f"result id={result.id!r} started={list(result.started)}", flush=True)
         return contact_pb2.Empty()
 
     async def sendStatus(
@@ -98,6 +100,8 @@ async def serve(kind: str) -> None:
         servicer = NeverAnswers()
     elif kind.startswith("ends-"):
         servicer = EndsStreamsEarly(kind[5:])
+    elif kind == "older":
+        servicer = EndsStreamsEarly("nothing")
     else:
         servicer = Misbehaves(kind)
     contact_pb2_grpc.add_ContactServicer_to_server(servicer, server)

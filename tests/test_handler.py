@@ -114,6 +114,31 @@ def test_a_thread_skips_a_task_withdrawn_before_it_started_and_finishes_a_runnin
     asyncio.run(scenario())
 
 
+def test_a_task_dropped_before_it_started_runs_when_sent_again_after_a_reconnect() -> None:
+    started, release = threading.Event(), threading.Event()
+
+    def blocking(task: contact_pb2.ServerMsg) -> str:
+        if task.task == "block":
+            started.set()
+            release.wait(5)
+        return task.task.upper()
+
+    async def scenario() -> None:
+        done = Results()
+        pool = handler_pool(blocking, 1, done, done.started)
+        pool.submit(task("block", "1"))
+        pool.submit(task("waiting", "2"))
+        assert await asyncio.to_thread(started.wait, 5)
+        assert pool.withdraw("2") == "dropped before it started"
+        assert pool.drop_waiting() == ["2"]  # the connection ended
+        pool.submit(task("waiting", "2"))  # the next one sends it again
+        release.set()
+        assert [(r.id, r.ret) for r in await done.at_least(2)] == [("1", "BLOCK"), ("2", "WAITING")]
+        pool.close()
+
+    asyncio.run(scenario())
+
+
 def test_a_registration_s_window_counts_its_own_tasks_and_a_lost_one_drops_what_waits() -> None:
     """The client's side of the window (contact_client.Work): more than the
     window from one registration is a protocol error; a task still running

@@ -5,6 +5,7 @@ on_answer hook across a restart, and what submit refuses at the door."""
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import logging
 import os
 import re
@@ -16,10 +17,12 @@ from typing import Any
 
 import pytest
 
+import contact_server
 from contact.journal import Journal
 from contact_server import (
     Answer,
     ContactServer,
+    QueueFullError,
     TaskCancelledError,
     TaskError,
     TaskFailedError,
@@ -310,3 +313,29 @@ def test_serve_until_stopped_stops_on_sigterm_and_gives_the_signal_back() -> Non
         assert signal.getsignal(signal.SIGTERM) is own  # the program's again
     finally:
         signal.signal(signal.SIGTERM, earlier)
+
+
+def test_a_full_queue_makes_submit_wait_and_ask_and_submit_threadsafe_give_up_in_time(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(contact_server, "LOOP_REPLY_SECONDS", 0.5)
+
+    async def scenario() -> None:
+        async with ContactServer(port=0, grace=0, max_queued=1) as server:
+            first = await server.submit("first", target="absent")
+            with pytest.raises(QueueFullError):
+                await server.submit("second", target="absent", wait=False)
+            began = time.monotonic()
+            with pytest.raises(asyncio.TimeoutError):
+                await server.ask("asked", target="absent", timeout=0.5)
+            assert 0.5 <= time.monotonic() - began < 2.0
+            with pytest.raises(concurrent.futures.TimeoutError):
+                await asyncio.to_thread(server.submit_threadsafe, "from a thread", "absent")
+            waiting = asyncio.create_task(server.submit("third", target="absent"))
+            await asyncio.sleep(0.1)
+            assert not waiting.done()
+            assert first.cancel()  # room: the waiting submit goes in, and no other did
+            third = await asyncio.wait_for(waiting, 5)
+            assert server._router.queued() == 1 and third.cancel()
+
+    asyncio.run(scenario())

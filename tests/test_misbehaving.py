@@ -109,6 +109,7 @@ def test_a_task_waiting_behind_a_slow_one_is_not_taken_back(processes: list[Proc
     assert srv.count(rf"task {waiting} sent to") == 1
     assert srv.count(rf"task {waiting} (taken back|requeued)") == 0
     assert srv.count(rf"task {waiting} result from") == 1
+    worker.wait_for(r"'waiting' -> 'WAITING'$")  # its output may lag the server's
     assert worker.count(rf"started task {waiting} \(attempt 1\)") == 1
 
 
@@ -275,6 +276,19 @@ def fake_server(processes: list[Process], kind: str) -> tuple[Process, str]:
     fake = Process("fake", "tests/fake_server.py", kind)
     processes.append(fake)
     return fake, fake.wait_for(r"listening on 127\.0\.0\.1:(\d+)").group(1)
+
+
+def test_a_server_that_does_not_echo_reports_start_is_sent_plain_answers(
+    processes: list[Process],
+) -> None:
+    """Older servers know no Result.started: the client reports starts only
+    to a server that echoed `reports-start`."""
+    fake, port = fake_server(processes, "older")
+    worker = Process("worker", "contact_client.py", "--server", f"127.0.0.1:{port}")
+    processes.append(worker)
+    fake.wait_for(r"^result ", count=5)
+    results = [line for line in fake.lines if line.startswith("result ")]
+    assert all(re.fullmatch(r"result id='x-\d+' started=\[\]", line) for line in results), results
 
 
 def test_a_server_that_pushes_past_the_window_is_dropped_and_memory_stays_small(

@@ -6,6 +6,7 @@ import asyncio
 
 import pytest
 
+from contact import WITHDRAWN
 from contact.router import REPLACED, SHUTDOWN, Outcome, QueueFullError, Router, Session, Task
 
 
@@ -504,7 +505,7 @@ def test_a_hung_client_loses_the_tasks_it_has_not_begun_a_lease_after_it_stalled
     assert assigned(helper) == ["second", "third"]  # not the suspect "stuck": it travels alone
     # The hung client's acknowledgements free its window; an answer it
     # had begun after all would still count.
-    assert router.complete("hung", second.id, "", "withdrawn") is Outcome.DUPLICATE
+    assert router.complete("hung", second.id, "", WITHDRAWN) is Outcome.DUPLICATE
     assert hung.withdrawn == {third.id}
     assert router.complete("hung", third.id, "done after all") is Outcome.ACCEPTED
 
@@ -536,3 +537,26 @@ def test_past_max_queued_submitters_wait_in_turn_and_go_in_as_clients_take_tasks
             await late
 
     asyncio.run(scenario())
+
+
+def test_tasks_behind_a_withdrawn_task_that_never_ends_are_taken_back() -> None:
+    """A plain handler's thread cannot be stopped: a withdrawn task that hangs
+    keeps its worker, and nothing is leased there any more. The tasks behind
+    it go elsewhere once the client has been silent for two leases."""
+    clock = Clock()
+    router = Router(task_timeout=10, clock=clock)
+    worker = router.connect("worker", window=2, reports_start=True, accepts_cancel=True)
+    hangs = router.submit("hangs")
+    worker.outbox.clear()
+    router.started(worker, [hangs.id])
+    clock.now = 5.0
+    router.cancel(hangs.id)  # the thread runs on
+    behind = router.submit("behind")
+    worker.outbox.clear()
+    clock.now = 19.9
+    router.expire_leases()
+    assert assigned(worker) == ["behind"]
+    clock.now = 20.0  # two leases since its last sign of life: it began "hangs"
+    router.expire_leases()
+    assert assigned(worker) == [] and worker.stalled and behind.attempts == 0
+    assert router.queued() == 1

@@ -8,6 +8,7 @@ from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule
 
+from contact import WITHDRAWN
 from contact.router import Outcome, Router, Task
 
 NAMES = st.sampled_from(["ann", "bob", "cy", "dee"])
@@ -60,14 +61,16 @@ class RouterMachine(RuleBasedStateMachine):
     def submit(self, text: str, for_name: str | None) -> None:
         self.tasks.append(self.router.submit(text, for_name))
 
-    @rule(name=NAMES, pick=st.integers(0, 10**6), error=st.sampled_from(["", "it broke"]))
+    @rule(
+        name=NAMES, pick=st.integers(0, 10**6), error=st.sampled_from(["", "it broke", WITHDRAWN])
+    )
     def result(self, name: str, pick: int, error: str) -> None:
         if not self.tasks:
             return
         task = self.tasks[pick % len(self.tasks)]
         was_given = name in task.given_to
         session = self.router._sessions.get(name)
-        acknowledges = session is not None and task.id in session.withdrawn and error
+        acknowledges = session is not None and task.id in session.withdrawn and error == WITHDRAWN
         outcome = self.router.complete(name, task.id, "done", error)
         if task.id in self.finished or task.id in self.failed or acknowledges:
             assert outcome is Outcome.DUPLICATE
@@ -110,7 +113,7 @@ class RouterMachine(RuleBasedStateMachine):
         session = self.router._sessions.get(name)
         if session is not None and session.withdrawn:
             withdrawn = sorted(session.withdrawn)[pick % len(session.withdrawn)]
-            ack = self.router.complete(name, withdrawn, "", "withdrawn")
+            ack = self.router.complete(name, withdrawn, "", WITHDRAWN)
             assert ack is Outcome.DUPLICATE
             assert withdrawn not in session.withdrawn  # its place in the window is free
 
@@ -170,8 +173,11 @@ class RouterMachine(RuleBasedStateMachine):
         if router._queue:
             assert not any(s.can_take(router._queue[0]) for s in router._sessions.values())
         assert all(router._waiting.values())  # no empty line left behind
-        for hung in router._hung_at:  # only live, stalled clients wait to lose their tasks
-            assert hung.stalled and router._sessions.get(hung.name) is hung
+        for heard in router._heard:  # only live clients that report starts are watched
+            assert heard.reports_start and router._sessions.get(heard.name) is heard
+        for session in router._sessions.values():  # no task can be held for ever
+            if any(task_id not in router._leases for task_id in session.in_flight):
+                assert session in router._heard
 
     @invariant()
     def every_live_client_with_room_is_in_the_bucket_of_its_load(self) -> None:
