@@ -542,8 +542,8 @@ async def queue_line(server: ContactServer, text: str, target: str | None) -> No
         await server.submit(text, target)  # with a full queue, waits: reading stops meanwhile
     except ValueError as err:
         log.warning("ignored input line: %s", err)
-    except JournalError as err:
-        log.error("task not queued: %s", err)
+    except JournalError as err:  # every line, once the journal is lost: said briefly
+        REPEATS.log(log, logging.ERROR, "not queued", "stdin", "task not queued: %s", err)
     except RuntimeError as err:  # lines read as it stops: said briefly, however many
         REPEATS.log(log, logging.WARNING, "ignored", "stdin", "ignored input line: %s", err)
 
