@@ -5,9 +5,10 @@ and picks them up again when it starts on the same file.
 One row per task, from submission until it is answered or cancelled (the
 row is then deleted) or fails (the row is kept, state 'failed', for inspection, up to
 KEEP_FAILED of them). Writes share transactions, committed one at a time by
-a thread of its own: each takes what came since the last, and under load
-they begin at most every BATCH_SECONDS. A submitter waits for its commit
-(`added`); the rest do not.
+a thread of its own: each takes what came since the last. A new task that
+finds the writer idle is committed at once (its submitter waits for that
+commit); otherwise commits begin at most every BATCH_SECONDS, so under load
+each carries the writes of a few milliseconds.
 
 See docs/guarantees.md ("After a crash") for what survives which crash.
 """
@@ -45,10 +46,11 @@ KEEP_FAILED = 1000
 # but a power loss may undo every commit since the last checkpoint.
 SYNC_MODES = ("full", "normal")
 SYNC = "full"
-# Commits begin at most this often: each costs a hand-off to the writer
-# thread and a sync, so under load one commit carries the writes of a few
+# Under load commits begin at most this often: each costs a hand-off to the
+# writer thread and a sync, so one commit carries the writes of a few
 # milliseconds (a kill repeats at most those answers), and a submitter
-# waits at most this long more.
+# waits at most this long more. A task that finds the writer idle is
+# committed at once: batching is for load, not for a lone task.
 BATCH_SECONDS = 0.005
 
 SCHEMA = (
@@ -118,7 +120,12 @@ class Journal:
         """Record a new task; the future resolves once it is committed (and
         raises JournalError if that failed)."""
         fields = contact_pb2.ServerMsg(**task.fields).SerializeToString()
-        return self._write(INSERT, task.id, task.text, task.target, fields)
+        batch = self._write(INSERT, task.id, task.text, task.target, fields)
+        if self._writing is None:  # idle: a lone task is committed at once, not batched
+            if self._timer is not None:
+                self._timer.cancel()
+            self._flush()
+        return batch
 
     def requeued(self, task: Task) -> None:
         """A task taken back unanswered (its holder left or hung): keep its attempts."""

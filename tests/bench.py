@@ -268,6 +268,16 @@ ROWS = [
     ("  with --journal, 4 clients (tasks/s)", "journal-full", 4, "tasks_per_s", True, 0.67),
     ("  --journal-sync normal, 1 client", "journal-normal", 1, "tasks_per_s", True, 0.67),
     ("  --journal-sync normal, 4 clients", "journal-normal", 4, "tasks_per_s", True, 0.67),
+    # A lone task (ask, one at a time): the journal's commit, and nothing to batch.
+    (
+        "ContactServer, latency p50, 1 task at a time (ms)",
+        "served-latency",
+        1,
+        "p50_ms",
+        False,
+        None,
+    ),
+    ("  with --journal (ms)", "journal-latency", 1, "p50_ms", False, None),
 ]
 JOURNAL_IMPLS = ["server", "server-journal-full", "server-journal-normal"]
 
@@ -314,6 +324,7 @@ def main() -> int:
                 else []
             )
             impls += JOURNAL_IMPLS if mode == "throughput" else []
+            impls += ["server", "server-journal-full"] if mode == "latency" else []
             for impl in impls:  # interleaved, so drift hits both alike
                 print(f"repeat {repeat + 1}/{args.repeats}: {impl} {mode} x{clients}", flush=True)
                 runs.setdefault((impl, mode, clients), []).append(
@@ -324,6 +335,10 @@ def main() -> int:
     runs[("project", "throughput-shipped", 1)] = runs[("project-shipped", "throughput", 1)]
     runs[("baseline", "throughput-shipped", 1)] = runs[("baseline", "throughput", 1)]
     runs[("project", "served", 1)] = runs[("server", "throughput", 1)]
+    runs[("project", "served-latency", 1)] = runs[("server", "latency", 1)]
+    runs[("baseline", "served-latency", 1)] = runs[("baseline", "latency", 1)]
+    runs[("project", "journal-latency", 1)] = runs[("server-journal-full", "latency", 1)]
+    runs[("baseline", "journal-latency", 1)] = runs[("server", "latency", 1)]
     runs[("baseline", "served", 1)] = runs[("baseline", "throughput", 1)]
     for clients in (1, 4):
         for sync in ("full", "normal"):

@@ -295,7 +295,13 @@ def test_only_the_newest_failed_tasks_are_kept(
     assert kept == ["t2", "t3", "t4"]
 
 
-def test_writes_in_one_loop_turn_share_one_transaction(tmp_path: Path) -> None:
+def test_a_lone_task_is_committed_at_once_and_writes_under_load_share_one(
+    tmp_path: Path,
+) -> None:
+    """Batching is for load: a task that finds the writer idle is committed
+    at once (the removal pending beside it goes along), and the tasks that
+    come while a commit is under way share the next."""
+
     async def scenario() -> None:
         journal = Journal(tmp_path / "tasks.journal")
         commits: list[int] = []
@@ -307,10 +313,13 @@ def test_writes_in_one_loop_turn_share_one_transaction(tmp_path: Path) -> None:
 
         journal._commit = counted  # type: ignore[method-assign]
         batches = {journal.added(Task(id=f"x-{n}", text="t")) for n in range(100)}
-        assert len(batches) == 1
-        await batches.pop()
-        await journal.added(Task(id="x-100", text="t"))
-        assert commits == [100, 1]
+        assert len(batches) == 2  # the first at once, the other 99 while it was written
+        await asyncio.gather(*batches)
+        journal.finished(Task(id="x-0", text="t"))  # waits for a batch
+        lone = journal.added(Task(id="x-100", text="t"))
+        assert journal._writing is not None  # begun at once, not after BATCH_SECONDS
+        await lone
+        assert commits == [1, 99, 2]
         await journal.close()
 
     asyncio.run(scenario())
