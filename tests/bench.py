@@ -127,6 +127,7 @@ class Served:
         journal = None if sync is None else Path(folder, "bench.journal")
         self.server = ContactServer(port=0, journal=journal, journal_sync=sync or "full")
         self.answers: list[asyncio.Future[str]] = []
+        self.awaited = 0  # answers already awaited: latency rounds wait for the new one only
 
     def clients(self) -> int:
         return len(self.server._router._sessions)
@@ -135,7 +136,8 @@ class Served:
         self.answers += [asyncio.ensure_future(self.server.ask(f"task {n}")) for n in range(count)]
 
     async def wait_finished(self, total: int) -> None:
-        await asyncio.gather(*self.answers[:total])
+        await asyncio.gather(*self.answers[self.awaited : total])
+        self.awaited = total
 
 
 async def serve_one_measurement(
