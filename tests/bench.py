@@ -8,6 +8,13 @@ WARNING), and `baseline` is the leanest getTask/tellResult echo written here
 each task at once with its own text. Each figure is the median of --repeats
 runs, and each row shows project, baseline and their ratio.
 
+The typed row runs contact_server.py itself, as a user does: tasks typed on
+its standard input, its default logging (INFO, read from its pipe as it
+comes), two lean clients; the baseline there has two clients too. Rows
+marked "server CPU per task" divide the server process's CPU time (all its
+threads) by the tasks: on a shared machine it holds steady where throughput
+swings.
+
 The journal rows compare ContactServer as shipped (tasks submitted with
 `ask`, answers awaited) with --journal in a temporary folder against the
 same server without one: what keeping tasks on disk costs.
@@ -26,12 +33,14 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import grpc
+import psutil
 
 import contact_client
 from contact import CLIENT_ID_KEY, contact_pb2, contact_pb2_grpc
@@ -171,11 +180,12 @@ async def serve_one_measurement(
         quantiles = statistics.quantiles(rounds, n=100)
         figures = {"p50_ms": 1000 * quantiles[49], "p99_ms": 1000 * quantiles[98]}
     else:
-        started = time.perf_counter()
+        started, cpu = time.perf_counter(), time.process_time()  # (all of its threads)
         target.submit(tasks)
         await target.wait_finished(tasks)
         elapsed = time.perf_counter() - started
-        figures = {"ms": 1000 * elapsed, "tasks_per_s": tasks / elapsed}
+        cpu_us = 1e6 * (time.process_time() - cpu) / tasks
+        figures = {"ms": 1000 * elapsed, "tasks_per_s": tasks / elapsed, "cpu_us": cpu_us}
     figures["peak_rss_mb"] = own_peak_rss_mb()
     print(json.dumps(figures), flush=True)
     # Stay up until the driver has stopped the clients and then this process:
@@ -212,8 +222,44 @@ async def run_shipped_client(port: int, name: str, prefetch: int) -> None:
 # --- the driver ---------------------------------------------------------------
 
 
+def measure_typed(clients: int, tasks: int) -> dict[str, float]:
+    """contact_server.py as a user runs it, at its default logging: `tasks`
+    lines typed on its standard input, answered by `clients` lean clients;
+    timed from the first line typed to the last result it logged."""
+    server = subprocess.Popen(
+        [sys.executable, "contact_server.py", "--port", "0"],
+        cwd=ROOT, stdin=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    assert server.stdin is not None and server.stderr is not None
+    helpers: list[subprocess.Popen[Any]] = []
+    try:
+        lines = iter(server.stderr)  # read as it comes: a full pipe would stop the server
+        port = next(int(line.rsplit(":", 1)[1]) for line in lines if "listening on" in line)
+        command = [sys.executable, "-m", "tests.bench", "clients", str(port), str(clients), "c"]
+        helpers.append(subprocess.Popen(command, cwd=ROOT, stderr=subprocess.DEVNULL))
+        connected = 0
+        while connected < clients:
+            connected += " connected from " in next(lines)
+        cpu = psutil.Process(server.pid)
+        cpu_before, started = sum(cpu.cpu_times()[:2]), time.perf_counter()
+        typing = "".join(f"task {number}\n" for number in range(tasks))
+        threading.Thread(target=server.stdin.write, args=[typing], daemon=True).start()
+        answered = 0
+        while answered < tasks:
+            answered += " result from " in next(lines)
+        elapsed = time.perf_counter() - started
+        cpu_us = 1e6 * (sum(cpu.cpu_times()[:2]) - cpu_before) / tasks
+        return {"ms": 1000 * elapsed, "tasks_per_s": tasks / elapsed, "cpu_us": cpu_us}
+    finally:
+        for process in [*helpers, server]:
+            process.kill()
+            process.wait(10)
+
+
 def measure(impl: str, mode: str, clients: int, tasks: int) -> dict[str, float]:
     """One measurement: a server process, client processes, the figures."""
+    if impl == "typed":
+        return measure_typed(clients, tasks)
     command = [sys.executable, "-m", "tests.bench"]
     folder = tempfile.TemporaryDirectory(prefix="contact-bench-")  # on this machine's disk
     server = subprocess.Popen(
@@ -248,7 +294,17 @@ def measure(impl: str, mode: str, clients: int, tasks: int) -> dict[str, float]:
 
 ROWS = [
     # label, mode, clients, figure, higher is better, target ratio
+    (
+        "tasks typed into contact_server.py, 2 clients (tasks/s)",
+        "typed",
+        2,
+        "tasks_per_s",
+        True,
+        None,
+    ),
+    ("  server CPU per task (µs)", "typed", 2, "cpu_us", False, None),
     ("throughput, 1 client (tasks/s)", "throughput", 1, "tasks_per_s", True, 0.8),
+    ("  server CPU per task (µs)", "throughput", 1, "cpu_us", False, None),
     ("  the same, logging at INFO to /dev/null", "throughput-info", 1, "tasks_per_s", True, None),
     (
         "  the same, 1 contact_client.run as shipped",
@@ -316,11 +372,11 @@ def main() -> int:
 
     runs: dict[tuple[str, str, int], list[dict[str, float]]] = {}
     sweep = [f"project-shipped-p{prefetch}" for prefetch in args.prefetch]
-    plan = [("throughput", 1, args.tasks), ("throughput", 4, args.tasks),
+    plan = [("typed", 2, args.tasks), ("throughput", 1, args.tasks), ("throughput", 4, args.tasks),
             ("latency", 1, args.latency_tasks), ("scale", args.scale, args.scale)]  # fmt: skip
     for repeat in range(args.repeats):
         for mode, clients, tasks in plan:
-            impls = ["baseline", "project"] + (
+            impls = ["baseline", "typed" if mode == "typed" else "project"] + (
                 ["project-info", "project-shipped", *sweep]
                 if mode == "throughput" and clients == 1
                 else []
@@ -330,8 +386,9 @@ def main() -> int:
             for impl in impls:  # interleaved, so drift hits both alike
                 print(f"repeat {repeat + 1}/{args.repeats}: {impl} {mode} x{clients}", flush=True)
                 runs.setdefault((impl, mode, clients), []).append(
-                    measure(impl, mode, clients, tasks)
+                    measure(impl, "throughput" if mode == "typed" else mode, clients, tasks)
                 )
+    runs[("project", "typed", 2)] = runs[("typed", "typed", 2)]
     runs[("project", "throughput-info", 1)] = runs[("project-info", "throughput", 1)]
     runs[("baseline", "throughput-info", 1)] = runs[("baseline", "throughput", 1)]
     runs[("project", "throughput-shipped", 1)] = runs[("project-shipped", "throughput", 1)]
