@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import concurrent.futures
 import functools
 import logging
 import os
@@ -349,15 +348,13 @@ class ContactServer:
             raise RuntimeError("the server is not running, or this is its loop: await submit")
 
         async def submit() -> ThreadsafeHandle:
-            return ThreadsafeHandle(await self.submit(text, target, **fields), loop)
+            # Timed on the loop, where it is certain whether the task got
+            # queued: given up on, it is not queued later with no handle.
+            queued = await asyncio.wait_for(self.submit(text, target, **fields), LOOP_REPLY_SECONDS)
+            return ThreadsafeHandle(queued, loop)
 
-        submitting = asyncio.run_coroutine_threadsafe(submit(), loop)
-        try:
-            return submitting.result(LOOP_REPLY_SECONDS)
-        except concurrent.futures.TimeoutError:
-            if submitting.cancel():  # never queued later, with nobody holding its handle
-                raise
-            return submitting.result()  # queued as the time ran out
+        # (Twice as long here: only a loop stuck for that long is not waited out.)
+        return asyncio.run_coroutine_threadsafe(submit(), loop).result(2 * LOOP_REPLY_SECONDS)
 
     def cancel(self, task_id: str) -> bool:
         """Withdraw the task `task_id` (see TaskHandle.cancel); False if it

@@ -86,6 +86,10 @@ class Session:
         # or far too slow, so it is sent nothing until it answers, whatever
         # its window.
         self.stalled = False
+        # Stalled only because it was silent for two leases (no lease ran out
+        # here): once it has dropped every task it held and holds nothing,
+        # no worker of its is known to be busy, and the stall ends.
+        self.silent = False
         self.suspects = 0  # suspect tasks in flight here (at most one, then alone)
         self.in_flight: dict[str, Task] = {}
         # Tasks withdrawn while this client held them: it may still be
@@ -355,13 +359,13 @@ class Router:
         or began already, are ignored."""
         if not session.reports_start or self.task_timeout is None:
             return
-        self._heard_from(session)
         ends = self._clock() + self.task_timeout
         for task_id in task_ids:
             task = session.in_flight.get(task_id)
             if task is not None and task_id not in self._leases:
                 task.lease_ends = ends
                 self._leases[task_id] = task  # the newest lease runs out last
+                self._heard_from(session)  # (ids it does not hold are no sign of life)
 
     def expire_leases(self) -> None:
         """Take back every task whose lease has run out, as if its holder had
@@ -398,8 +402,11 @@ class Router:
     def complete(self, name: str, task_id: str, text: str, error: str = "") -> Outcome:
         """Record the result `text` that client `name` sent for task `task_id`,
         or (`error`) why it could not do the task."""
-        if self._acknowledged_withdrawal(name, task_id) and error == WITHDRAWN:
-            return Outcome.DUPLICATE  # (an answer, even to a withdrawn task, says more)
+        acknowledged = self._acknowledged_withdrawal(name, task_id)
+        if error == WITHDRAWN:  # a drop, maybe told to an earlier registration: no verdict
+            if not acknowledged:
+                log.debug("withdrawal of task %s acknowledged late by %s", Quoted(task_id), name)
+            return Outcome.DUPLICATE
         task = self._tasks.get(task_id)
         if task is None:
             outcome = Outcome.DUPLICATE if self._was_issued(task_id) else Outcome.UNKNOWN
@@ -554,8 +561,8 @@ class Router:
         if self.task_timeout is not None and not session.reports_start:
             task.lease_ends = self._clock() + self.task_timeout
             self._leases[task.id] = task  # the newest lease runs out last
-        elif session.reports_start and session not in self._heard:
-            self._heard[session] = self._clock()  # idle until now: the silence starts here
+        elif session not in self._heard or (len(session.in_flight) == 1 and not session.withdrawn):
+            self._heard_from(session)  # it held nothing until now: its silence starts here
         session._push(task)
 
     def _release(self, session: Session, task: Task, stalled: bool = False) -> None:
@@ -564,7 +571,8 @@ class Router:
         self._unplace(session)
         del session.in_flight[task.id]
         session.suspects -= task.suspect
-        session.stalled = session.stalled or stalled
+        if stalled:
+            session.stalled, session.silent = True, False
         self._place(session)
         if task in session.outbox:  # never written to it: no longer worth writing
             session.outbox.remove(task)
@@ -577,7 +585,7 @@ class Router:
         unbegun = [task for task in session.in_flight.values() if task.id not in self._leases]
         for task in unbegun:
             written = task not in session.outbox
-            self._release(session, task, stalled=True)
+            self._release(session, task)
             if written:  # it may begin it yet: its place stays taken until it answers
                 session.withdrawn.add(task.id)
                 if session.accepts_cancel:  # it drops the task, and says so
@@ -589,6 +597,10 @@ class Router:
             )
         for task in reversed(unbegun):  # back to the front, in their order
             self._take_back(task, charged=False)
+        if unbegun and not session.stalled:
+            self._unplace(session)
+            session.stalled = session.silent = True
+            self._place(session)
 
     def _heard_from(self, session: Session) -> None:
         """`session` began or answered a task: its silence starts again."""
@@ -605,6 +617,8 @@ class Router:
         log.debug("result for withdrawn task %s from %s ignored", Quoted(task_id), name)
         self._unplace(session)
         session.withdrawn.discard(task_id)
+        if session.silent and not session.in_flight and not session.withdrawn:
+            session.stalled = session.silent = False  # it dropped all it held: awake
         self._place(session)
         self._fill(session)
         return True
@@ -618,7 +632,7 @@ class Router:
         self._heard_from(session)
         if session.stalled:
             self._unplace(session)
-            session.stalled = False
+            session.stalled = session.silent = False
             self._place(session)
             self._fill(session)
             self._spread()

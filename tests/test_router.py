@@ -560,3 +560,49 @@ def test_tasks_behind_a_withdrawn_task_that_never_ends_are_taken_back() -> None:
     router.expire_leases()
     assert assigned(worker) == [] and worker.stalled and behind.attempts == 0
     assert router.queued() == 1
+
+
+def test_a_task_given_to_an_idle_client_gets_two_whole_leases_to_begin() -> None:
+    clock = Clock()
+    router = Router(task_timeout=10, clock=clock)
+    worker = router.connect("worker", reports_start=True)
+    first = router.submit("first")
+    router.started(worker, [first.id])
+    clock.now = 1.0
+    assert router.complete("worker", first.id, "done") is Outcome.ACCEPTED
+    clock.now = 20.9  # idle since its answer at 1 s
+    later = router.submit("later")
+    clock.now = 21.0
+    router.expire_leases()
+    assert assigned(worker) == ["later"] and not worker.stalled
+    clock.now = 40.8
+    router.expire_leases()
+    assert assigned(worker) == ["later"]
+    clock.now = 40.9  # two leases after it was given "later"
+    router.expire_leases()
+    assert assigned(worker) == [] and later.attempts == 0
+
+
+def test_a_client_silent_only_because_its_tasks_waited_wakes_once_it_dropped_them() -> None:
+    clock = Clock()
+    router = Router(task_timeout=10, clock=clock)
+    frozen = router.connect("frozen", window=2, reports_start=True, accepts_cancel=True)
+    one, two = router.submit("one"), router.submit("two")
+    frozen.outbox.clear()
+    clock.now = 20.0
+    router.expire_leases()  # it began nothing for two leases: both go back
+    assert frozen.stalled and frozen.withdrawn == {one.id, two.id}
+    assert router.complete("frozen", one.id, "", WITHDRAWN) is Outcome.DUPLICATE
+    assert frozen.stalled  # it still holds "two"
+    assert router.complete("frozen", two.id, "", WITHDRAWN) is Outcome.DUPLICATE
+    assert not frozen.stalled and assigned(frozen) == ["one", "two"]  # no busy worker known
+
+
+def test_a_late_acknowledgement_on_a_new_registration_fails_nothing() -> None:
+    router = Router()
+    old = router.connect("worker", accepts_cancel=True)
+    task = router.submit("kept")
+    router.disconnect(old)  # the acknowledgement of an earlier withdrawal is still unsent
+    router.connect("worker", accepts_cancel=True)
+    assert router.complete("worker", task.id, "", WITHDRAWN) is Outcome.DUPLICATE
+    assert router.complete("worker", task.id, "KEPT") is Outcome.ACCEPTED

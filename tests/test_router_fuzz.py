@@ -69,10 +69,8 @@ class RouterMachine(RuleBasedStateMachine):
             return
         task = self.tasks[pick % len(self.tasks)]
         was_given = name in task.given_to
-        session = self.router._sessions.get(name)
-        acknowledges = session is not None and task.id in session.withdrawn and error == WITHDRAWN
         outcome = self.router.complete(name, task.id, "done", error)
-        if task.id in self.finished or task.id in self.failed or acknowledges:
+        if task.id in self.finished or task.id in self.failed or error == WITHDRAWN:
             assert outcome is Outcome.DUPLICATE
         elif was_given:
             assert outcome is Outcome.ACCEPTED
@@ -153,6 +151,7 @@ class RouterMachine(RuleBasedStateMachine):
             assert session.window <= router.max_in_flight
             assert len(session.in_flight) + len(session.withdrawn) <= session.window
             assert not (session.stalled and session.has_room())  # a hung client gets nothing
+            assert session.stalled or not session.silent
             tasks = [t for t in session.outbox if not t.cancelled]
             notices = [t for t in session.outbox if t.cancelled]
             assert set(t.id for t in tasks) <= set(session.in_flight)
