@@ -359,13 +359,15 @@ class Router:
         or began already, are ignored."""
         if not session.reports_start or self.task_timeout is None:
             return
-        ends = self._clock() + self.task_timeout
+        ends, begun = self._clock() + self.task_timeout, False
         for task_id in task_ids:
             task = session.in_flight.get(task_id)
             if task is not None and task_id not in self._leases:
                 task.lease_ends = ends
                 self._leases[task_id] = task  # the newest lease runs out last
-                self._heard_from(session)  # (ids it does not hold are no sign of life)
+                begun = True
+        if begun:  # (ids it does not hold are no sign of life)
+            self._heard_from(session)
 
     def expire_leases(self) -> None:
         """Take back every task whose lease has run out, as if its holder had
@@ -488,6 +490,8 @@ class Router:
 
     def _let_in(self) -> None:
         """Give the places that came free to submitters waiting for one, in turn."""
+        if not self._room_waiters and self._full_since is None:
+            return  # (the common case, on every assignment)
         while self._room_waiters and self._has_room():
             waiter = self._room_waiters.popleft()
             if not waiter.done():  # (cancelled while it waited)
@@ -672,8 +676,7 @@ class Router:
         self._forget_empty_line(session.name)
         if took_shared:  # a suspect head another client could not take may be gone
             self._spread()
-        if self._room_waiters or self._full_since is not None:
-            self._let_in()
+        self._let_in()
 
     def _spread(self) -> None:
         """Hand waiting tasks for any client to the least loaded ones with room
@@ -683,8 +686,7 @@ class Router:
             if load not in self._by_load:
                 break  # no client is idle: the suspect task waits for one
             self._assign(self._queue.popleft(), next(iter(self._by_load[load])))
-        if self._room_waiters or self._full_since is not None:
-            self._let_in()
+        self._let_in()
 
     def _waiting_line(self, task: Task) -> deque[Task]:
         return self._queue if task.target is None else self._waiting[task.target]
