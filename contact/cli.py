@@ -1,5 +1,6 @@
-"""Command-line pieces both scripts share: option types that refuse what
-makes no sense, the TLS flags with their checks, and the log format."""
+"""Command-line pieces of the two scripts: option types that refuse what
+makes no sense, the tuning options (each script's defaults), the TLS flags
+with their checks, and the log format."""
 
 from __future__ import annotations
 
@@ -7,11 +8,16 @@ import argparse
 import logging
 import time
 from pathlib import Path
+from typing import Any
 
 import grpc
 
 from contact import CLIENT_NAME, CLIENT_NAME_RULE
+from contact.journal import SYNC, SYNC_MODES
+from contact.router import MAX_ATTEMPTS, MAX_QUEUED, TASK_TIMEOUT_SECONDS
+from contact.server import GRACE_SECONDS, MAX_IN_FLIGHT
 from contact.tls import channel_credentials, server_credentials
+from contact.work import CONCURRENCY, MAX_BACKOFF, STATUS_EVERY
 
 LOG_FORMAT = "%(asctime)s %(levelname)s %(message)s"
 
@@ -62,6 +68,77 @@ def client_name(text: str) -> str:
     if not CLIENT_NAME.fullmatch(text):
         raise argparse.ArgumentTypeError(f"{text!r} is not {CLIENT_NAME_RULE}")
     return text
+
+
+def add_server_tuning(parser: argparse.ArgumentParser) -> None:
+    """The server's limits, timeouts and journal mode (docs/limits.md)."""
+    option = parser.add_argument
+    # fmt: off
+    option(
+        "--max-in-flight", type=positive_int, default=MAX_IN_FLIGHT, metavar="TASKS",
+        help="most unanswered tasks at one client",
+    )
+    option(
+        "--task-timeout", type=seconds, default=TASK_TIMEOUT_SECONDS, metavar="SECONDS",
+        help="take a task back from a client that has worked on it this long (0: never)",
+    )
+    option(
+        "--max-attempts", type=positive_int, default=MAX_ATTEMPTS, metavar="N",
+        help="sends of a task without an answer before it fails",
+    )
+    option(
+        "--max-queued", type=count, default=MAX_QUEUED, metavar="TASKS",
+        help="most tasks waiting for a client; past it, typed input waits (0: no limit)",
+    )
+    option(
+        "--grace", type=positive_float, default=GRACE_SECONDS, metavar="SECONDS",
+        help="at shutdown, how long open calls get to finish",
+    )
+    option(
+        "--journal-sync", choices=SYNC_MODES, default=SYNC,
+        help="full: a queued task survives power loss; normal: only a crash of the server",
+    )
+    # fmt: on
+
+
+def server_tuning(args: argparse.Namespace) -> dict[str, Any]:
+    """The server's keyword arguments from the options of `add_server_tuning`
+    (and --journal)."""
+    return {
+        "max_in_flight": args.max_in_flight,
+        "task_timeout": args.task_timeout or None,
+        "max_attempts": args.max_attempts,
+        "max_queued": args.max_queued or None,
+        "grace": args.grace,
+        "journal": args.journal,
+        "journal_sync": args.journal_sync,
+    }
+
+
+def add_client_tuning(parser: argparse.ArgumentParser) -> None:
+    """The client's work and retry options (docs/limits.md)."""
+    option = parser.add_argument
+    # fmt: off
+    option(
+        "--concurrency", type=positive_int, default=CONCURRENCY, metavar="N",
+        help="tasks worked on at once",
+    )
+    option("--max-tasks", type=positive_int, metavar="N", help="exit after this many answers")
+    option(
+        "--status-every", type=positive_float, default=STATUS_EVERY, metavar="SECONDS",
+        help="send a status line this often",
+    )
+    option(
+        "--max-backoff", type=positive_float, default=MAX_BACKOFF, metavar="SECONDS",
+        help="the longest wait between retries while the server is away",
+    )
+    # fmt: on
+
+
+def client_tuning(args: argparse.Namespace) -> dict[str, Any]:
+    """run()'s keyword arguments from the options of `add_client_tuning`."""
+    names = ("concurrency", "max_tasks", "status_every", "max_backoff")
+    return {name: getattr(args, name) for name in names}
 
 
 def add_common_arguments(parser: argparse.ArgumentParser, *, server: bool) -> None:

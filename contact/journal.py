@@ -30,6 +30,7 @@ from pathlib import Path
 from contact import contact_pb2
 from contact.logtext import counted
 from contact.router import Task
+from contact.store import TaskStore
 
 log = logging.getLogger("contact.journal")
 
@@ -82,7 +83,7 @@ class JournalError(Exception):
     """The journal cannot be used; the message says which file and why, in one line."""
 
 
-class Journal:
+class Journal(TaskStore):
     """An open journal, held by this process alone until `close`.
 
     Open it, take `recovered` (the tasks to queue again) and `run` (the
@@ -206,6 +207,11 @@ class Journal:
                     self._db.executemany(sql, [params for _, params in group])
         except sqlite3.Error as err:
             raise self._error(err) from None
+
+    def kept(self) -> str:
+        if (lost := self.check()) is not None:
+            return f" (NOT kept: the journal file was {lost})"
+        return " (kept in the journal for the next start)"
 
     def check(self) -> str | None:
         """Whether the file is still the journal's: None, or why not (once it

@@ -1,5 +1,6 @@
-"""Helpers for the client's long-lived streams: telling why the server ended
-one, hanging up politely, and running the streams side by side."""
+"""Helpers for the client's long-lived streams: confirming the registration,
+telling why the server ended a stream, hanging up politely, and running the
+streams side by side."""
 
 from __future__ import annotations
 
@@ -10,12 +11,20 @@ from typing import Any, NoReturn, TypeVar
 
 import grpc
 
+from contact import CLIENT_ID_KEY
 from contact.tasks import retrieved
 
 # How long the server gets to acknowledge our half-close before we cancel:
 # cancelling a call the server has not finished makes grpc.aio log a
 # traceback there, but we never wait longer than this to leave.
 HANG_UP_SECONDS = 1.0
+# A live server answers registration and status lines within milliseconds;
+# one that has not answered in this long is stuck (while gRPC core may still
+# answer its pings): treat it as unavailable, and retry.
+ANSWER_WITHIN_SECONDS = 5.0
+# When a call fails, how long to wait for getTask's own status (which says
+# why: shutdown, takeover) before reporting the failure as it came.
+REGISTRATION_STATUS_SECONDS = 0.25
 
 
 T = TypeVar("T")
@@ -25,7 +34,7 @@ class StreamEndedError(Exception):
     """The server ended a stream without an error, or stopped answering; reconnect."""
 
 
-async def answered_within(answer: Awaitable[T], seconds: float, what: str) -> T:
+async def answered(answer: Awaitable[T], what: str, seconds: float = ANSWER_WITHIN_SECONDS) -> T:
     """Await the server's `answer` to `what`, for at most `seconds`: a server
     that accepts a call but never answers it is as good as gone."""
     try:
@@ -86,3 +95,27 @@ async def first_to_finish(*coroutines: Coroutine[Any, Any, None]) -> None:
         # Bounded: a coroutine stuck inside a gRPC write may not end when
         # cancelled; it ends with its call, which the caller is closing.
         await asyncio.wait(running, timeout=HANG_UP_SECONDS)
+
+
+async def confirm_registration(tasks: grpc.aio.UnaryStreamCall, name: str) -> grpc.aio.Metadata:
+    """Wait until the server accepts our getTask call, which it shows by
+    echoing our name in the initial metadata (returned); raise its refusal
+    otherwise."""
+    echoed = await answered(tasks.initial_metadata(), "getTask")
+    if echoed is None or echoed.get(CLIENT_ID_KEY) != name:
+        # A refusal ends the call at once (read raises it as AioRpcError);
+        # anything else is no registration, and is not waited for long.
+        await answered(tasks.read(), "getTask")
+        raise StreamEndedError("the server sent no registration")
+    return echoed
+
+
+async def registration_failure(tasks: grpc.aio.UnaryStreamCall) -> Exception | None:
+    """When one call fails, the others often fail with it (a shutdown, a
+    takeover), each with its own status; getTask's says why. Its error, if
+    it ended with one, given a moment to arrive."""
+    try:
+        code = await asyncio.wait_for(asyncio.shield(tasks.code()), REGISTRATION_STATUS_SECONDS)
+    except asyncio.TimeoutError:
+        return None
+    return None if code == grpc.StatusCode.OK else await failure_of(tasks, "task")

@@ -1,5 +1,5 @@
-"""The README's code blocks, as the tests run them: nothing is copied into
-the tests, so what the README shows is what was run."""
+"""The code blocks of the README and of docs/library.md, as the tests run
+them: nothing is copied into the tests, so what they show is what was run."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ from pathlib import Path
 
 from tests.processes import ROOT
 
+LIBRARY = ROOT / "docs" / "library.md"
 FENCE = re.compile(r"^```(\w*)\n(.*?)^```", re.MULTILINE | re.DOTALL)
 
 
@@ -17,8 +18,8 @@ def blocks(language: str, readme: Path = ROOT / "README.md") -> list[str]:
 
 
 def python_file(name: str) -> str:
-    """The python block that starts with the comment `# name`."""
-    for body in blocks("python"):
+    """The python block that starts with the comment `# name`, in either file."""
+    for body in blocks("python") + blocks("python", LIBRARY):
         if body.startswith(f"# {name}\n"):
             return body
-    raise AssertionError(f"README.md has no python block starting with '# {name}'")
+    raise AssertionError(f"no python block starts with '# {name}'")

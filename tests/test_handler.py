@@ -12,7 +12,7 @@ import pytest
 from contact import contact_pb2
 from contact.handler import handler_pool
 from contact.streams import StreamEndedError
-from contact_client import Work
+from contact.work import Work
 
 
 def task(text: str, task_id: str) -> contact_pb2.ServerMsg:
@@ -140,7 +140,7 @@ def test_a_task_dropped_before_it_started_runs_when_sent_again_after_a_reconnect
 
 
 def test_a_registration_s_window_counts_its_own_tasks_and_a_lost_one_drops_what_waits() -> None:
-    """The client's side of the window (contact_client.Work): more than the
+    """The client's side of the window (contact/work.py): more than the
     window from one registration is a protocol error; a task still running
     from the last counts again only if the server sends it again."""
     started, release = threading.Event(), threading.Event()

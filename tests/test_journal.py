@@ -358,8 +358,8 @@ def test_submit_returns_once_committed_and_a_result_is_logged_before_its_removal
 
     async def scenario() -> None:
         async with ContactServer(port=0, grace=0, journal=tmp_path / "tasks.journal") as server:
-            journal = server._journal
-            assert journal is not None
+            journal = server._store
+            assert isinstance(journal, Journal)
             commit, finished = journal._commit, journal.finished
 
             def noted(ops: list[tuple[str, tuple[object, ...]]]) -> None:

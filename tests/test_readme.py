@@ -1,6 +1,6 @@
-"""The README's runnable code, run: using ContactServer from a script, from
-another thread, and copying the example into a new project with a field of
-its own."""
+"""The runnable code of the README and docs/library.md, run: using
+ContactServer from a script, from another thread, and copying the example
+into a new project with a field of its own."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 
 from tests.processes import ROOT, Process
-from tests.readme import blocks, python_file
+from tests.readme import LIBRARY, blocks, python_file
 
 
 def run_script(
@@ -68,6 +68,12 @@ def test_embedded_server_handles_cancel_failures_hook_and_sigterm(
     assert "Traceback" not in server.output, server.output
 
 
+def test_the_readmes_hello_is_answered_by_the_shipped_client(
+    processes: list[Process], tmp_path: Path
+) -> None:
+    serve_one_answer(processes, tmp_path, "hello.py", "HELLO")
+
+
 def test_submit_threadsafe_returns_the_answer_to_plain_code(
     processes: list[Process], tmp_path: Path
 ) -> None:
@@ -79,7 +85,7 @@ def test_copy_into_a_project_and_add_a_field(processes: list[Process], tmp_path:
     """The README's "Copy it into your project", step by step, outside the repository."""
     project = tmp_path / "myproject"
     project.mkdir()
-    copy, regenerate = blocks("sh")[-2:]
+    copy, regenerate = blocks("sh", LIBRARY)[-2:]
     venv_bin = str(Path(sys.executable).parent)  # `python` is this interpreter
     env = {**os.environ, "PATH": venv_bin + os.pathsep + os.environ["PATH"]}
     env.pop("PYTHONPATH", None)
@@ -95,7 +101,8 @@ def test_copy_into_a_project_and_add_a_field(processes: list[Process], tmp_path:
     for generated in (project / "contact").glob("contact_pb2*"):
         generated.unlink()  # so the test proves the documented command makes them
     proto = project / "contact" / "contact.proto"
-    (field,) = [line for line in blocks("proto")[0].splitlines() if "your own field" in line]
+    proto_block = blocks("proto", LIBRARY)[0]
+    (field,) = [line for line in proto_block.splitlines() if "your own field" in line]
     proto.write_text(
         proto.read_text().replace("  string id = 2;\n", f"  string id = 2;\n{field}\n", 1)
     )

@@ -1,0 +1,141 @@
+"""The client's work across reconnections: the handlers, the tasks they are
+on, and the answers (and reports of tasks begun) not yet sent.
+
+contact_client.py's calls drive it: `start` each task getTask pushes,
+`next_message` for tellResult to write, `connection_ended` when the
+connection is lost. It holds the client's side of the window: never more
+than `window` tasks of one registration, whatever the server sends.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections import deque
+
+from contact import WITHDRAWN, contact_pb2
+from contact.handler import Handler, handler_pool
+from contact.logtext import Quoted
+from contact.streams import StreamEndedError
+
+log = logging.getLogger("contact.client")
+
+# Defaults of the client's command line and of run().
+SERVER = "localhost:50051"
+CONCURRENCY = 1  # tasks worked on at once, each in a thread of its own
+PREFETCH = 3  # tasks held ready beyond those: hides the round trip for fast tasks
+STATUS_EVERY = 5.0  # seconds between status lines
+MAX_BACKOFF = 10.0  # the longest wait between retries, seconds
+
+
+class Work:
+    """The client's work, across reconnections: the handlers, the tasks they
+    are on, and answers not yet sent."""
+
+    def __init__(
+        self,
+        handler: Handler,
+        concurrency: int,
+        window: int,
+        max_tasks: int | None,
+        status_every: float = STATUS_EVERY,
+    ) -> None:
+        self.handlers = handler_pool(handler, concurrency, self._finished, self._started)
+        self.window = window  # the most tasks we ask the server for at once
+        self.running: set[str] = set()  # ids of the tasks being worked on, or waiting to be
+        self.held: set[str] = set()  # ids this registration gave us, not yet answered
+        # The server leases each task from when we begin it (it echoed
+        # reports-start): the ids begun, to tell it with the next message.
+        self.reports_start = False
+        self.begun: list[str] = []
+        self.unsent: deque[contact_pb2.Result] = deque()
+        self.answer_ready = asyncio.Event()
+        self.answered = 0  # answers and failures sent
+        self.max_tasks = max_tasks  # return once this many are answered; None: never
+        self.status_every = status_every  # seconds between status lines
+
+    def done(self) -> bool:
+        """Whether the task limit is reached: every answer it asks for is written."""
+        return self.max_tasks is not None and self.answered >= self.max_tasks
+
+    def connection_ended(self) -> None:
+        """The tasks the connection gave us that have not started are the
+        server's again (it sends them to someone, maybe us, anew), and the
+        next registration's window starts empty."""
+        for task_id in self.handlers.drop_waiting():
+            self.running.discard(task_id)
+        self.held.clear()
+        self.reports_start, self.begun = False, []
+
+    def start(self, message: contact_pb2.ServerMsg) -> None:
+        """Work on a task unless it is already running (the server sent it
+        again after a reconnect), or stop one the server withdrew."""
+        if message.cancelled:
+            self.withdraw(message.id)
+        elif message.id in self.held:  # sent again while running, after it was withdrawn
+            self._started(message)  # (its new lease runs from now)
+        else:
+            if len(self.held) >= self.window:  # memory is ours to protect
+                raise StreamEndedError(f"the server sent more than the {self.window} tasks asked")
+            self.held.add(message.id)
+            if message.id not in self.running:
+                self.running.add(message.id)
+                self.handlers.submit(message)
+            else:  # still running from the last connection: it began long ago
+                self._started(message)
+
+    def withdraw(self, task_id: str) -> None:
+        """The server no longer wants an answer to `task_id`: stop it if we
+        can. Either way a Result for it goes back, which the server ignores
+        but for freeing the task's place in our window."""
+        if task_id not in self.running:
+            return  # answered already
+        how = self.handlers.withdraw(task_id)
+        if how is None:
+            how = "it runs to the end (a thread cannot be stopped); the server ignores its answer"
+        else:
+            self.running.discard(task_id)
+            self.held.discard(task_id)
+            self._send(contact_pb2.Result(id=task_id, error=WITHDRAWN))
+        log.info("task %s withdrawn by the server: %s", task_id, how)
+
+    def _started(self, task: contact_pb2.ServerMsg) -> None:
+        if self.reports_start and task.id in self.held:
+            self.begun.append(task.id)
+            self.answer_ready.set()
+
+    def _finished(self, task: contact_pb2.ServerMsg, result: contact_pb2.Result) -> None:
+        self.running.discard(task.id)
+        self.held.discard(task.id)
+        if result.error:
+            log.warning("task %s: %s failed: %s", task.id, Quoted(task.task), Quoted(result.error))
+        else:
+            log.info("task %s: %s -> %s", task.id, Quoted(task.task), Quoted(result.ret))
+        self._send(result)
+
+    async def message_ready(self) -> None:
+        """Wait until an answer, or the start of a task, is to be sent."""
+        while not (self.unsent or self.begun):
+            self.answer_ready.clear()
+            await self.answer_ready.wait()
+
+    def next_message(self) -> contact_pb2.Result:
+        """The first unsent answer, carrying the ids begun since the last
+        message (alone, if no answer is ready): one message for an answer
+        and the start of the next task."""
+        if not self.unsent:
+            self.unsent.append(contact_pb2.Result())
+        self.unsent[0].started.extend(self.begun)
+        self.begun.clear()
+        return self.unsent[0]
+
+    def written(self, writing: asyncio.Future[None]) -> None:
+        """The first unsent message's write has ended: forget it if it went
+        out (a lost connection keeps it, to send on the next)."""
+        if not writing.cancelled() and writing.exception() is None:
+            sent = self.unsent.popleft()
+            self.answered += bool(sent.id) and sent.error != WITHDRAWN  # answers only
+
+    def _send(self, result: contact_pb2.Result) -> None:
+        self.unsent.append(result)
+        self.answer_ready.set()
