@@ -5,6 +5,7 @@ with their checks, and the log format."""
 from __future__ import annotations
 
 import argparse
+import asyncio
 import logging
 import time
 from pathlib import Path
@@ -20,6 +21,12 @@ from contact.tls import channel_credentials, server_credentials
 from contact.work import CONCURRENCY, MAX_BACKOFF, STATUS_EVERY
 
 LOG_FORMAT = "%(asctime)s %(levelname)s %(message)s"
+# Log lines are written together, at most this long after they are logged:
+# too little for a person to see, and under load one write carries hundreds.
+LOG_BATCH_SECONDS = 0.02
+# Held lines are written at once when there are this many, so memory stays
+# bounded however fast lines come.
+MAX_HELD_LINES = 1000
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -180,12 +187,55 @@ class LogFormatter(logging.Formatter):
         super().__init__(LOG_FORMAT)
         self._second, self._text = -1, ""
 
+    def format(self, record: logging.LogRecord) -> str:
+        if record.exc_info or record.exc_text or record.stack_info:
+            return super().format(record)  # (with its traceback)
+        # LOG_FORMAT, without the general machinery: a tenth of a line's cost.
+        return f"{self.formatTime(record)} {record.levelname} {record.getMessage()}"
+
     def formatTime(self, record: logging.LogRecord, datefmt: str | None = None) -> str:
         second = int(record.created)
         if second != self._second:
             self._second = second
             self._text = time.strftime(self.default_time_format, self.converter(second))
         return f"{self._text},{int(record.msecs):03d}"  # as logging writes it
+
+
+class BatchedHandler(logging.StreamHandler):  # type: ignore[type-arg]
+    """Writes to standard error, holding the lines logged on the event loop
+    for up to LOG_BATCH_SECONDS and writing them in one system call: a write
+    per line, each waking the terminal or pipe that reads it, was the
+    largest cost of a typed task after gRPC's own. A line logged off the
+    loop with none held is written at once. A clean exit writes what is held
+    (logging.shutdown flushes), and the journal has it written before each
+    commit (logtext.write_held_lines); a kill loses at most those lines."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._held: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            self._held.append(self.format(record) + self.terminator)
+            if len(self._held) >= MAX_HELD_LINES:
+                self.flush()
+            elif len(self._held) == 1:  # the first line held: have it written soon
+                try:
+                    asyncio.get_running_loop().call_later(LOG_BATCH_SECONDS, self.flush)
+                except RuntimeError:  # no loop runs in this thread: write it now
+                    self.flush()
+        except Exception:
+            self.handleError(record)
+
+    def flush(self) -> None:
+        self.acquire()  # (also held by emit: the lock is reentrant)
+        try:
+            if self._held:
+                self.stream.write("".join(self._held))
+                self._held.clear()
+            self.stream.flush()
+        finally:
+            self.release()
 
 
 def start_logging(args: argparse.Namespace) -> None:
@@ -195,7 +245,7 @@ def start_logging(args: argparse.Namespace) -> None:
     # logging HOWTO's "Optimization").
     logging._srcfile = None
     logging.logThreads = logging.logProcesses = logging.logMultiprocessing = False
-    handler = logging.StreamHandler()
+    handler = BatchedHandler()
     handler.setFormatter(LogFormatter())
     logging.basicConfig(level=args.log_level, handlers=[handler])
 

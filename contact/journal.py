@@ -28,7 +28,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from contact import contact_pb2
-from contact.logtext import counted
+from contact.logtext import counted, write_held_lines
 from contact.router import Task
 from contact.store import TaskStore
 
@@ -178,6 +178,7 @@ class Journal(TaskStore):
     def _flush(self) -> None:
         """Hand the pending writes to the writer thread, as one transaction."""
         self._timer = None
+        write_held_lines()  # answers are in the log before their rows leave
         ops, batch = self._ops, self._batch
         self._ops, self._batch = [], None
         loop = asyncio.get_running_loop()

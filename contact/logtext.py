@@ -132,3 +132,11 @@ def summarise_grpc_decode_errors(logger: logging.Logger) -> None:
     grpc_logger = logging.getLogger(GRPC_SERVER_LOGGER)
     if not any(isinstance(f, GrpcDecodeErrors) for f in grpc_logger.filters):
         grpc_logger.addFilter(GrpcDecodeErrors(logger))
+
+
+def write_held_lines() -> None:
+    """Have every handler of the root logger write the lines it holds back
+    (cli.BatchedHandler holds them for a moment): before a journal commits
+    the removal of an answered task, so that its answer is in the log first."""
+    for handler in logging.getLogger().handlers:
+        handler.flush()

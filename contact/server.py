@@ -187,8 +187,10 @@ class Server:
         """Wait until `task` is in the store. A journal's commit is shared
         with other tasks, so a cancelled caller must not cancel it: the task
         is written, then removed again."""
+        if (kept := self._store.added(task)) is None:
+            return
         try:
-            await asyncio.shield(self._store.added(task))
+            await asyncio.shield(kept)
         except asyncio.CancelledError:
             self._store.finished(task)
             raise

@@ -31,8 +31,9 @@ class TaskStore(abc.ABC):
     recovered: list[Task]  # unfinished tasks of earlier starts, to queue again first
 
     @abc.abstractmethod
-    def added(self, task: Task) -> asyncio.Future[None]:
-        """Keep a new task; the future resolves once it is durable."""
+    def added(self, task: Task) -> asyncio.Future[None] | None:
+        """Keep a new task: None if it is as durable as it gets already, or a
+        future that resolves once it is."""
 
     @abc.abstractmethod
     def requeued(self, task: Task) -> None:
@@ -64,10 +65,8 @@ class MemoryStore(TaskStore):
         self.run = secrets.token_hex(3)  # ids of two runs differ all the same
         self.earlier_runs, self.recovered = [], []
 
-    def added(self, task: Task) -> asyncio.Future[None]:
-        kept = asyncio.get_running_loop().create_future()
-        kept.set_result(None)
-        return kept
+    def added(self, task: Task) -> None:
+        return None  # (a future per task, done at once, was 4% of the server's time)
 
     def requeued(self, task: Task) -> None:
         pass
