@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -33,3 +35,11 @@ def client(processes: list[Process]) -> Callable[..., Process]:
         return started
 
     return start
+
+
+@pytest.fixture(params=["memory", "journal"])
+def store(request: pytest.FixtureRequest, tmp_path: Path) -> dict[str, Any]:
+    """ContactServer's keyword arguments for each kind of task store, so
+    that the same behavioural tests run against both: in memory, and the
+    SQLite journal."""
+    return {} if request.param == "memory" else {"journal": tmp_path / "tasks.journal"}

@@ -49,9 +49,11 @@ def odd_client(port: int, name: str, *args: str) -> Process:
     return odd
 
 
-def test_a_cancelled_queued_task_never_reaches_its_client(processes: list[Process]) -> None:
+def test_a_cancelled_queued_task_never_reaches_its_client(
+    processes: list[Process], store: dict[str, Any]
+) -> None:
     async def scenario() -> None:
-        async with ContactServer(port=0, grace=0) as server:
+        async with ContactServer(port=0, grace=0, **store) as server:
             handle = await server.submit("never sent", target="bob")
             assert handle.cancel() is True
             assert handle.cancel() is False  # already withdrawn
@@ -71,12 +73,12 @@ def test_a_cancelled_queued_task_never_reaches_its_client(processes: list[Proces
 
 @pytest.mark.parametrize("handler", ["plain", "async"])
 def test_a_task_cancelled_in_flight_has_its_answer_ignored(
-    processes: list[Process], caplog: pytest.LogCaptureFixture, handler: str
+    processes: list[Process], caplog: pytest.LogCaptureFixture, handler: str, store: dict[str, Any]
 ) -> None:
     how = "it runs to the end" if handler == "plain" else "cancelled while it ran"
 
     async def scenario() -> None:
-        async with ContactServer(port=0, grace=0) as server:
+        async with ContactServer(port=0, grace=0, **store) as server:
             flags = ["--sleep", "2"] + (["--async"] if handler == "async" else [])
             odd = await started(processes, odd_client, server.port, "odd", *flags)
             slow = await server.submit("slow")
@@ -98,10 +100,10 @@ def test_a_task_cancelled_in_flight_has_its_answer_ignored(
 
 
 def test_ask_with_a_timeout_gives_up_within_it_and_withdraws_the_task(
-    processes: list[Process],
+    processes: list[Process], store: dict[str, Any]
 ) -> None:
     async def scenario() -> None:
-        async with ContactServer(port=0, grace=0) as server:
+        async with ContactServer(port=0, grace=0, **store) as server:
             began = time.monotonic()
             with pytest.raises(asyncio.TimeoutError):
                 await server.ask("nobody answers this", timeout=1)
@@ -126,10 +128,10 @@ def test_ask_with_a_timeout_gives_up_within_it_and_withdraws_the_task(
 
 
 def test_a_handler_that_raises_makes_ask_raise_task_error_and_is_not_sent_again(
-    processes: list[Process],
+    processes: list[Process], store: dict[str, Any]
 ) -> None:
     async def scenario() -> None:
-        async with ContactServer(port=0, grace=0) as server:
+        async with ContactServer(port=0, grace=0, **store) as server:
             odd = await started(processes, odd_client, server.port, "odd")
             with pytest.raises(TaskError, match=r"failed at odd: SystemExit: 2$") as failure:
                 await server.ask("exit", timeout=20)
@@ -188,10 +190,10 @@ BAD_TASKS: list[tuple[str, dict[str, Any], str]] = [
 
 
 def test_submit_refuses_what_could_never_be_sent_and_nobody_sees_it(
-    processes: list[Process], caplog: pytest.LogCaptureFixture
+    processes: list[Process], caplog: pytest.LogCaptureFixture, store: dict[str, Any]
 ) -> None:
     async def scenario() -> None:
-        async with ContactServer(port=0, grace=0) as server:
+        async with ContactServer(port=0, grace=0, **store) as server:
             worker = await started(processes, start_client, "worker", server.port)
             for text, kwargs, complaint in BAD_TASKS:
                 with pytest.raises(ValueError, match=complaint):
@@ -226,9 +228,9 @@ def test_one_bad_task_in_a_journal_batch_does_not_fail_the_others(tmp_path: Path
     asyncio.run(reopened.close())
 
 
-def test_submit_threadsafe_gives_an_id_and_cancels_from_the_thread() -> None:
+def test_submit_threadsafe_gives_an_id_and_cancels_from_the_thread(store: dict[str, Any]) -> None:
     async def scenario() -> None:
-        async with ContactServer(port=0, grace=0) as server:
+        async with ContactServer(port=0, grace=0, **store) as server:
 
             def plain_code() -> None:
                 answer = server.submit_threadsafe("for nobody", target="nobody")
@@ -270,7 +272,9 @@ def test_a_submitter_cancelled_during_its_commit_leaves_the_others_of_the_commit
     asyncio.run(reopened.close())
 
 
-def test_a_hook_that_cancels_tasks_while_failures_land_breaks_nothing() -> None:
+def test_a_hook_that_cancels_tasks_while_failures_land_breaks_nothing(
+    store: dict[str, Any],
+) -> None:
     """Failures land while the Router ends a session: the hook that cancels
     the rest of a batch runs once the Router is done."""
 
@@ -280,7 +284,7 @@ def test_a_hook_that_cancels_tasks_while_failures_land_breaks_nothing() -> None:
         def on_answer(answer: Answer) -> None:
             cancelled.extend(server.cancel(handle.id) for handle in batch)
 
-        server = ContactServer(port=0, grace=0, max_attempts=1, on_answer=on_answer)
+        server = ContactServer(port=0, grace=0, max_attempts=1, on_answer=on_answer, **store)
         async with server:
             holder = server._router.connect("holder", window=2)
             batch = [await server.submit(f"part {n}") for n in range(3)]
@@ -296,12 +300,14 @@ def test_a_hook_that_cancels_tasks_while_failures_land_breaks_nothing() -> None:
     asyncio.run(scenario())
 
 
-def test_serve_until_stopped_stops_on_sigterm_and_gives_the_signal_back() -> None:
+def test_serve_until_stopped_stops_on_sigterm_and_gives_the_signal_back(
+    store: dict[str, Any],
+) -> None:
     def own(signum: int, frame: object) -> None:
         raise AssertionError("the program's own handler must not run while the server serves")
 
     async def scenario() -> None:
-        async with ContactServer(port=0, grace=0) as server:
+        async with ContactServer(port=0, grace=0, **store) as server:
             serving = asyncio.ensure_future(server.serve_until_stopped())
             await asyncio.sleep(0)  # its handlers are in place
             os.kill(os.getpid(), signal.SIGTERM)
@@ -316,12 +322,12 @@ def test_serve_until_stopped_stops_on_sigterm_and_gives_the_signal_back() -> Non
 
 
 def test_a_full_queue_makes_submit_wait_and_ask_and_submit_threadsafe_give_up_in_time(
-    monkeypatch: pytest.MonkeyPatch,
+    monkeypatch: pytest.MonkeyPatch, store: dict[str, Any]
 ) -> None:
     monkeypatch.setattr(contact.server, "LOOP_REPLY_SECONDS", 0.5)
 
     async def scenario() -> None:
-        async with ContactServer(port=0, grace=0, max_queued=1) as server:
+        async with ContactServer(port=0, grace=0, max_queued=1, **store) as server:
             first = await server.submit("first", target="absent")
             with pytest.raises(QueueFullError):
                 await server.submit("second", target="absent", wait=False)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import io
 import itertools
 import logging
 import os
@@ -24,6 +25,7 @@ from pathlib import Path
 import pytest
 
 from contact import journal as journal_module
+from contact.cli import BatchedHandler
 from contact.journal import Journal, JournalError
 from contact.router import Task
 from contact_server import ContactServer
@@ -389,6 +391,48 @@ def test_submit_returns_once_committed_and_a_result_is_logged_before_its_removal
         "removal written (result logged: True, handed: True)",
         "committed",  # at the latest when the server closes
     ]
+
+
+def test_a_removal_is_committed_only_after_the_log_lines_held_before_it_are_written(
+    tmp_path: Path,
+) -> None:
+    """The scripts' log handler holds lines for a moment; the journal has
+    them written before it commits, so an answer logged before its task's
+    removal is in the log however soon after the commit a kill comes."""
+    written = io.StringIO()
+    handler = BatchedHandler()
+    handler.setStream(written)
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    seen_at_commit: list[str] = []
+
+    async def scenario() -> None:
+        journal = Journal(tmp_path / "tasks.journal")
+        task = Task(id="x-1", text="hello")
+        await journal.added(task)
+        commit = journal._commit
+
+        def noted(ops: list[tuple[str, tuple[object, ...]]]) -> None:
+            seen_at_commit.append(written.getvalue())
+            commit(ops)
+
+        journal._commit = noted  # type: ignore[method-assign]
+        logging.getLogger("contact.server").info("task x-1 result from alice: 'HELLO'")
+        assert "result from" not in written.getvalue()  # held back, for now
+        journal.finished(task)
+        await journal.close()
+
+    root = logging.getLogger()
+    root.addHandler(handler)
+    level = root.level
+    root.setLevel(logging.INFO)
+    try:
+        asyncio.run(scenario())
+    finally:
+        root.removeHandler(handler)
+        root.setLevel(level)
+    assert len(seen_at_commit) == 1  # the removal's commit
+    assert seen_at_commit[0].endswith("task x-1 result from alice: 'HELLO'\n")
+    assert Journal(tmp_path / "tasks.journal").recovered == []
 
 
 def test_a_journal_deleted_while_the_server_runs_is_said_and_nothing_is_reported_kept(

@@ -1,14 +1,16 @@
 """Unit tests of the log limiter (contact/logtext.py): lines past the limit
-are counted and said, never dropped unsaid, and its memory stays bounded."""
+are counted and said, never dropped unsaid, and its memory stays bounded;
+and of the scripts' batched log handler (contact/cli.py)."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import re
 
 import pytest
 
-from contact import logtext
+from contact import cli, logtext
 from contact.logtext import Repeats
 
 
@@ -55,3 +57,60 @@ def test_past_its_size_the_limiter_says_what_it_held_and_starts_again(
         clock.now = 10.0
         repeats.flush(logger)
     assert said(caplog) == (10, 30)  # one line and three counted, for each of the ten
+
+
+class Writes:
+    """A stream that keeps each write apart."""
+
+    def __init__(self) -> None:
+        self.writes: list[str] = []
+
+    def write(self, text: str) -> None:
+        self.writes.append(text)
+
+    def flush(self) -> None:
+        pass
+
+
+def batched() -> tuple[logging.Logger, Writes]:
+    stream, handler = Writes(), cli.BatchedHandler()
+    handler.setStream(stream)
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    logger = logging.getLogger(f"test.batched.{id(stream)}")
+    logger.propagate, logger.level = False, logging.INFO
+    logger.addHandler(handler)
+    return logger, stream
+
+
+def test_lines_logged_on_the_loop_are_written_together_within_the_batch_time() -> None:
+    logger, stream = batched()
+
+    async def scenario() -> float:
+        loop = asyncio.get_running_loop()
+        began = loop.time()
+        for number in range(3):
+            logger.info("line %d", number)
+        assert stream.writes == []  # held
+        while not stream.writes:
+            await asyncio.sleep(0.001)
+        return loop.time() - began
+
+    waited = asyncio.run(scenario())
+    assert stream.writes == ["line 0\nline 1\nline 2\n"]  # one write for all three
+    assert waited < cli.LOG_BATCH_SECONDS + 0.5
+
+
+def test_a_line_logged_off_the_loop_is_written_at_once_and_held_lines_stay_bounded() -> None:
+    logger, stream = batched()
+    logger.info("no loop runs here")
+    assert stream.writes == ["no loop runs here\n"]
+
+    async def scenario() -> None:
+        for number in range(cli.MAX_HELD_LINES + 5):
+            logger.info("%d", number)
+        assert len(stream.writes) == 2  # the first MAX_HELD_LINES went at once
+        assert stream.writes[1].count("\n") == cli.MAX_HELD_LINES
+
+    asyncio.run(scenario())
+    logger.handlers[0].flush()  # as logging.shutdown does at a clean exit: the rest goes
+    assert "".join(stream.writes).count("\n") == cli.MAX_HELD_LINES + 6

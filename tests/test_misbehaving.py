@@ -9,6 +9,7 @@ import re
 import signal
 import time
 from collections.abc import Callable
+from typing import Any
 
 import grpc
 import pytest
@@ -165,10 +166,10 @@ def test_eight_takeovers_in_a_row_fail_none_of_the_tasks_held(
 
 
 def test_a_task_that_kills_every_client_fails_and_the_rest_are_answered(
-    processes: list[Process],
+    processes: list[Process], store: dict[str, Any]
 ) -> None:
     async def scenario() -> None:
-        async with ContactServer(port=0, max_attempts=3, grace=1) as server:
+        async with ContactServer(port=0, max_attempts=3, grace=1, **store) as server:
             poison = await server.submit("poison")
             healthy = [await server.submit(f"healthy {i}") for i in range(6)]
             for number in range(4):  # each dies of the poison it is sent, but the last

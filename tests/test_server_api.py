@@ -5,15 +5,16 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from typing import Any
 
 import pytest
 
 from contact_server import ContactServer, TaskNotAnsweredError
 
 
-def test_a_task_unanswered_at_shutdown_raises_for_its_submitter() -> None:
+def test_a_task_unanswered_at_shutdown_raises_for_its_submitter(store: dict[str, Any]) -> None:
     async def scenario() -> None:
-        async with ContactServer(port=0, grace=0) as server:
+        async with ContactServer(port=0, grace=0, **store) as server:
             answer = await server.submit("nobody will answer this")
             targeted = await server.submit("nor this", target="absent")
         with pytest.raises(TaskNotAnsweredError, match="the server closed before task"):
@@ -24,9 +25,9 @@ def test_a_task_unanswered_at_shutdown_raises_for_its_submitter() -> None:
     asyncio.run(scenario())
 
 
-def test_a_field_the_proto_lacks_is_refused_when_submitted() -> None:
+def test_a_field_the_proto_lacks_is_refused_when_submitted(store: dict[str, Any]) -> None:
     async def scenario() -> None:
-        async with ContactServer(port=0, grace=0) as server:
+        async with ContactServer(port=0, grace=0, **store) as server:
             with pytest.raises(ValueError, match="no_such_field"):
                 await server.submit("text", no_such_field="x")
             with pytest.raises(ValueError, match="the server's to fill"):
