@@ -63,7 +63,7 @@ class HandlerPool(Protocol):
     when each begins, and each Result goes to `done(task, result)`, both on
     the event loop's thread and in the order they happened."""
 
-    def submit(self, task: contact_pb2.ServerMsg) -> None:
+    def work_on(self, task: contact_pb2.ServerMsg) -> None:
         """Work on `task` as soon as a worker is free."""
 
     def withdraw(self, task_id: str) -> str | None:
@@ -113,7 +113,7 @@ class ThreadHandlers:
         for number in range(size):
             threading.Thread(target=self._work, name=f"handler-{number}", daemon=True).start()
 
-    def submit(self, task: contact_pb2.ServerMsg) -> None:
+    def work_on(self, task: contact_pb2.ServerMsg) -> None:
         self._loop = asyncio.get_running_loop()
         self._jobs.put(task)
 
@@ -194,7 +194,7 @@ class AsyncHandlers:
         self._stopped: set[str] = set()  # running ids withdrawn: no Result for them
         self._closed = False
 
-    def submit(self, task: contact_pb2.ServerMsg) -> None:
+    def work_on(self, task: contact_pb2.ServerMsg) -> None:
         self._waiting.append(task)
         self._start_waiting()
 

@@ -234,7 +234,7 @@ class Router:
 
     # -- what the server calls --
 
-    def submit(self, text: str, target: str | None = None, **fields: Any) -> Task:
+    def add(self, text: str, target: str | None = None, **fields: Any) -> Task:
         """Add a task; it is sent at once if a client has room."""
         task = self.new_task(text, target, **fields)
         self.queue(task)

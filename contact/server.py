@@ -207,14 +207,14 @@ class Server:
         if loop is None or on_loop(loop):
             raise RuntimeError("the server is not running, or this is its loop: await submit")
 
-        async def submit() -> ThreadsafeHandle:
+        async def queued() -> ThreadsafeHandle:
             # Timed on the loop, where it is certain whether the task got
             # queued: given up on, it is not queued later with no handle.
             queued = await asyncio.wait_for(self.submit(text, target, **fields), LOOP_REPLY_SECONDS)
             return ThreadsafeHandle(queued, loop)
 
         # (Twice as long here: only a loop stuck for that long is not waited out.)
-        return asyncio.run_coroutine_threadsafe(submit(), loop).result(2 * LOOP_REPLY_SECONDS)
+        return asyncio.run_coroutine_threadsafe(queued(), loop).result(2 * LOOP_REPLY_SECONDS)
 
     def cancel(self, task_id: str) -> bool:
         """Withdraw the task `task_id` (see TaskHandle.cancel); False if it

@@ -80,7 +80,7 @@ class Work:
             self.held.add(message.id)
             if message.id not in self.running:
                 self.running.add(message.id)
-                self.handlers.submit(message)
+                self.handlers.work_on(message)
             else:  # still running from the last connection: it began long ago
                 self._started(message)
 

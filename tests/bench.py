@@ -83,7 +83,7 @@ class Project:
 
     def submit(self, count: int) -> None:
         for number in range(count):
-            self.router.submit(f"task {number}")
+            self.router.add(f"task {number}")
 
     async def wait_finished(self, total: int) -> None:
         while self.router.finished < total:

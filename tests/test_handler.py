@@ -50,9 +50,9 @@ def test_an_async_task_withdrawn_before_its_first_step_frees_its_worker() -> Non
     async def scenario() -> None:
         done = Results()
         pool = handler_pool(upper, 1, done, done.started)
-        pool.submit(task("a", "1"))  # started, but its first step has not run
+        pool.work_on(task("a", "1"))  # started, but its first step has not run
         assert pool.withdraw("1") == "cancelled while it ran"
-        pool.submit(task("b", "2"))
+        pool.work_on(task("b", "2"))
         assert [(r.id, r.ret) for r in await done.at_least(1)] == [("2", "B")]
 
     asyncio.run(scenario())
@@ -77,8 +77,8 @@ def test_whatever_an_async_handler_raises_is_a_failure_and_the_next_runs(
     async def scenario() -> None:
         done = Results()
         pool = handler_pool(odd, 1, done, done.started)
-        pool.submit(task("raise", "1"))
-        pool.submit(task("next", "2"))
+        pool.work_on(task("raise", "1"))
+        pool.work_on(task("next", "2"))
         first, second = await done.at_least(2)
         assert done.events == ["began 1", "done 1", "began 2", "done 2"]
         assert first.id == "1" and first.error.startswith(error) and not first.ret
@@ -99,9 +99,9 @@ def test_a_thread_skips_a_task_withdrawn_before_it_started_and_finishes_a_runnin
     async def scenario() -> None:
         done = Results()
         pool = handler_pool(blocking, 1, done, done.started)
-        pool.submit(task("block", "1"))
-        pool.submit(task("waiting", "2"))
-        pool.submit(task("last", "3"))
+        pool.work_on(task("block", "1"))
+        pool.work_on(task("waiting", "2"))
+        pool.work_on(task("last", "3"))
         assert await asyncio.to_thread(started.wait, 5)
         assert pool.withdraw("1") is None  # running in a thread: it runs to the end
         assert pool.withdraw("2") == "dropped before it started"
@@ -126,12 +126,12 @@ def test_a_task_dropped_before_it_started_runs_when_sent_again_after_a_reconnect
     async def scenario() -> None:
         done = Results()
         pool = handler_pool(blocking, 1, done, done.started)
-        pool.submit(task("block", "1"))
-        pool.submit(task("waiting", "2"))
+        pool.work_on(task("block", "1"))
+        pool.work_on(task("waiting", "2"))
         assert await asyncio.to_thread(started.wait, 5)
         assert pool.withdraw("2") == "dropped before it started"
         assert pool.drop_waiting() == ["2"]  # the connection ended
-        pool.submit(task("waiting", "2"))  # the next one sends it again
+        pool.work_on(task("waiting", "2"))  # the next one sends it again
         release.set()
         assert [(r.id, r.ret) for r in await done.at_least(2)] == [("1", "BLOCK"), ("2", "WAITING")]
         pool.close()

@@ -28,10 +28,10 @@ def answer_all(router: Router, session: Session) -> None:
 def test_a_task_goes_to_the_client_with_fewest_in_flight() -> None:
     router = Router()
     alice = router.connect("alice")
-    router.submit("one")
-    router.submit("two")
+    router.add("one")
+    router.add("two")
     bob = router.connect("bob")
-    router.submit("three")
+    router.add("three")
     assert assigned(alice) == ["one", "two"]
     assert assigned(bob) == ["three"]
 
@@ -40,7 +40,7 @@ def test_equally_loaded_clients_take_turns() -> None:
     router = Router()
     alice, bob = router.connect("alice"), router.connect("bob")
     for text in ("one", "two", "three", "four"):
-        router.submit(text)
+        router.add(text)
     assert assigned(alice) == ["one", "three"]
     assert assigned(bob) == ["two", "four"]
 
@@ -48,7 +48,7 @@ def test_equally_loaded_clients_take_turns() -> None:
 def test_each_task_goes_to_exactly_one_client() -> None:
     router = Router()
     sessions = [router.connect(f"c{i}") for i in range(3)]
-    ids = [router.submit(f"task {i}").id for i in range(10)]
+    ids = [router.add(f"task {i}").id for i in range(10)]
     delivered = [task.id for s in sessions for task in s.in_flight.values()]
     assert sorted(delivered) == sorted(ids)
 
@@ -56,7 +56,7 @@ def test_each_task_goes_to_exactly_one_client() -> None:
 def test_a_targeted_task_waits_for_its_client_and_goes_only_to_it() -> None:
     router = Router()
     alice = router.connect("alice")
-    router.submit("for bob", target="bob")
+    router.add("for bob", target="bob")
     assert assigned(alice) == []
     assert router.queued() == 1
     bob = router.connect("bob")
@@ -67,8 +67,8 @@ def test_a_targeted_task_waits_for_its_client_and_goes_only_to_it() -> None:
 def test_no_client_gets_more_than_max_in_flight() -> None:
     router = Router(max_in_flight=2)
     alice = router.connect("alice")
-    tasks = [router.submit(f"t{i}") for i in range(5)]
-    router.submit("for alice", target="alice")
+    tasks = [router.add(f"t{i}") for i in range(5)]
+    router.add("for alice", target="alice")
     assert assigned(alice) == ["t0", "t1"]
     assert router.queued() == 4
     assert router.complete("alice", tasks[0].id, "ok") is Outcome.ACCEPTED
@@ -82,8 +82,8 @@ def test_a_departed_clients_tasks_go_back_to_the_front_in_order() -> None:
     router = Router(max_in_flight=2)
     alice = router.connect("alice")
     for text in ("one", "two", "three"):
-        router.submit(text)
-    router.submit("alice only", target="alice")
+        router.add(text)
+    router.add("alice only", target="alice")
     router.disconnect(alice)
     assert router.in_flight() == 0
     assert router.queued() == 4
@@ -99,7 +99,7 @@ def test_a_departed_clients_tasks_go_back_to_the_front_in_order() -> None:
 def test_the_first_result_wins_and_a_later_one_is_a_duplicate() -> None:
     router = Router()
     alice = router.connect("alice")
-    task = router.submit("job")
+    task = router.add("job")
     router.disconnect(alice)  # alice vanished while holding it
     bob = router.connect("bob")
     assert unwritten(bob) == ["job"]
@@ -113,7 +113,7 @@ def test_the_first_result_wins_and_a_later_one_is_a_duplicate() -> None:
 def test_a_result_for_an_unknown_id_is_ignored() -> None:
     router = Router()
     router.connect("alice")
-    task = router.submit("job")
+    task = router.add("job")
     run = task.id.rpartition("-")[0]
     bogus_ids = ("", "nonsense", "000000-1", task.id + "0", "-1", task.id[:-1] + "٣")
     for bogus in (*bogus_ids, f"{run}-{'9' * 5000}"):
@@ -124,8 +124,8 @@ def test_a_result_for_an_unknown_id_is_ignored() -> None:
 def test_a_client_cannot_finish_a_task_it_was_never_given() -> None:
     router = Router()
     alice = router.connect("alice")
-    held = router.submit("held by alice")
-    waiting = router.submit("for nobody yet", target="nobody")
+    held = router.add("held by alice")
+    waiting = router.add("for nobody yet", target="nobody")
     assert router.complete("mallory", held.id, "x") is Outcome.NOT_GIVEN
     assert router.complete("mallory", waiting.id, "x") is Outcome.NOT_GIVEN
     assert held.id in alice.in_flight
@@ -135,8 +135,8 @@ def test_a_client_cannot_finish_a_task_it_was_never_given() -> None:
 def test_a_new_registration_under_a_connected_name_takes_over() -> None:
     router = Router()
     old = router.connect("alice")
-    router.submit("one")
-    router.submit("two", target="alice")
+    router.add("one")
+    router.add("two", target="alice")
     new = router.connect("alice")
     assert old.ended == REPLACED
     assert old.in_flight == {}
@@ -149,7 +149,7 @@ def test_a_new_registration_under_a_connected_name_takes_over() -> None:
 
 def test_takeovers_in_a_row_charge_no_attempt() -> None:
     router = Router(max_attempts=2, on_failed=lambda task, why: pytest.fail(why))
-    held = [router.submit(f"t{n}", target="victim") for n in range(10)]
+    held = [router.add(f"t{n}", target="victim") for n in range(10)]
     for _ in range(8):
         router.connect("victim", window=10)
     survivor = router.session("victim")
@@ -161,13 +161,13 @@ def test_takeovers_in_a_row_charge_no_attempt() -> None:
 def test_close_ends_every_session_and_keeps_unfinished_tasks_queued() -> None:
     router = Router()
     alice = router.connect("alice")
-    router.submit("one")
-    router.submit("two", target="bob")
+    router.add("one")
+    router.add("two", target="bob")
     router.close()
     assert alice.ended == SHUTDOWN
     assert (router.queued(), router.in_flight()) == (2, 0)
     with pytest.raises(RuntimeError):
-        router.submit("three")
+        router.add("three")
     with pytest.raises(RuntimeError):
         router.connect("carol")
 
@@ -176,7 +176,7 @@ def test_nothing_is_left_behind_once_everything_is_answered() -> None:
     router = Router(max_in_flight=3)
     clients = [router.connect(f"c{i}") for i in range(4)]
     for i in range(20):
-        router.submit(f"t{i}", target="c1" if i % 5 == 0 else None)
+        router.add(f"t{i}", target="c1" if i % 5 == 0 else None)
     while router.in_flight():
         for session in clients:
             answer_all(router, session)
@@ -190,7 +190,7 @@ def test_nothing_is_left_behind_once_everything_is_answered() -> None:
 def test_disconnect_is_idempotent() -> None:
     router = Router()
     alice = router.connect("alice")
-    router.submit("one")
+    router.add("one")
     router.disconnect(alice)
     router.disconnect(alice)
     assert router.queued() == 1
@@ -203,7 +203,7 @@ def test_next_task_waits_for_work_and_returns_none_when_the_session_ends() -> No
         waiter = asyncio.create_task(alice.next_task())
         await asyncio.sleep(0)
         assert not waiter.done()
-        router.submit("job")
+        router.add("job")
         task = await asyncio.wait_for(waiter, 1)
         assert task is not None and task.text == "job"
         waiter = asyncio.create_task(alice.next_task())
@@ -218,7 +218,7 @@ def test_a_huge_max_in_flight_costs_nothing_up_front() -> None:
     router = Router(max_in_flight=10**9)
     sessions = [router.connect(f"c{i}") for i in range(3)]
     for i in range(3000):
-        router.submit(f"t{i}")
+        router.add(f"t{i}")
     assert [len(s.in_flight) for s in sessions] == [1000, 1000, 1000]
 
 
@@ -231,7 +231,7 @@ def test_a_client_gets_at_most_the_window_it_asked_for() -> None:
     router = Router(max_in_flight=8)
     small = router.connect("small", window=2)
     big = router.connect("big")  # asked nothing: the server's own limit
-    tasks = [router.submit(f"t{i}") for i in range(12)]
+    tasks = [router.add(f"t{i}") for i in range(12)]
     assert (small.window, big.window) == (2, 8)
     assert len(small.in_flight) == 2 and len(big.in_flight) == 8
     assert router.queued() == 2
@@ -245,7 +245,7 @@ def test_a_window_over_the_servers_limit_is_capped() -> None:
     router = Router(max_in_flight=3)
     greedy = router.connect("greedy", window=1000)
     for i in range(5):
-        router.submit(f"t{i}")
+        router.add(f"t{i}")
     assert greedy.window == 3 and len(greedy.in_flight) == 3
 
 
@@ -254,7 +254,7 @@ def test_a_full_client_is_passed_over_for_one_with_room() -> None:
     one = router.connect("one", window=1)
     two = router.connect("two", window=3)
     for i in range(4):
-        router.submit(f"t{i}")
+        router.add(f"t{i}")
     assert assigned(one) == ["t0"]
     assert assigned(two) == ["t1", "t2", "t3"]
 
@@ -268,7 +268,7 @@ def test_on_answer_hears_each_accepted_result_once() -> None:
     heard: list[tuple[str, str, str]] = []
     router = Router(on_answer=lambda task, name, text: heard.append((task.text, name, text)))
     router.connect("alice")
-    task = router.submit("job")
+    task = router.add("job")
     assert router.complete("alice", task.id, "done") is Outcome.ACCEPTED
     assert router.complete("alice", task.id, "again") is Outcome.DUPLICATE
     assert heard == [("job", "alice", "done")]
@@ -277,8 +277,8 @@ def test_on_answer_hears_each_accepted_result_once() -> None:
 def test_close_returns_every_unfinished_task() -> None:
     router = Router()
     router.connect("alice")
-    held = router.submit("held")
-    waiting = router.submit("waiting", target="bob")
+    held = router.add("held")
+    waiting = router.add("waiting", target="bob")
     router.close()
     assert set(router.unfinished()) == {held, waiting}
 
@@ -297,14 +297,14 @@ def test_a_lease_that_runs_out_sends_the_task_elsewhere_and_stalls_its_holder() 
     clock = Clock()
     router = Router(max_in_flight=2, task_timeout=10, clock=clock)
     hung = router.connect("hung")
-    first, second = router.submit("one"), router.submit("two")
+    first, second = router.add("one"), router.add("two")
     clock.now = 9.9
     router.expire_leases()
     assert assigned(hung) == ["one", "two"]  # not yet
     clock.now = 10.0
     router.expire_leases()
     assert assigned(hung) == [] and hung.stalled
-    router.submit("three")
+    router.add("three")
     assert assigned(hung) == []  # a hung client gets nothing more
     rescuer = router.connect("rescuer")
     assert assigned(rescuer) == ["one"]  # taken back, it travels alone
@@ -319,7 +319,7 @@ def test_a_lease_that_runs_out_sends_the_task_elsewhere_and_stalls_its_holder() 
 def test_a_task_taken_back_too_often_fails_and_others_go_on() -> None:
     failed: list[tuple[str, str]] = []
     router = Router(max_attempts=3, on_failed=lambda task, why: failed.append((task.text, why)))
-    router.submit("poison")
+    router.add("poison")
     for attempt in range(3):
         victim = router.connect(f"victim-{attempt}")
         assert assigned(victim) == ["poison"]
@@ -327,7 +327,7 @@ def test_a_task_taken_back_too_often_fails_and_others_go_on() -> None:
     assert failed == [("poison", "sent 3 times without an answer")]
     assert (router.queued(), router.in_flight()) == (0, 0)
     survivor = router.connect("survivor")
-    healthy = router.submit("healthy")
+    healthy = router.add("healthy")
     assert router.complete("survivor", healthy.id, "ok") is Outcome.ACCEPTED
     assert assigned(survivor) == []
 
@@ -335,7 +335,7 @@ def test_a_task_taken_back_too_often_fails_and_others_go_on() -> None:
 def test_a_shutdown_fails_no_task_whatever_its_attempts() -> None:
     router = Router(max_attempts=1, on_failed=lambda task, why: pytest.fail(why))
     router.connect("alice")
-    task = router.submit("one")
+    task = router.add("one")
     router.close()
     assert router.unfinished() == [task]
 
@@ -344,7 +344,7 @@ def test_leases_can_be_turned_off() -> None:
     clock = Clock()
     router = Router(task_timeout=None, clock=clock)
     alice = router.connect("alice")
-    router.submit("forever")
+    router.add("forever")
     clock.now = 10**9
     router.expire_leases()
     assert assigned(alice) == ["forever"]
@@ -354,7 +354,7 @@ def test_tasks_that_waited_beside_a_poison_task_are_not_failed_with_it() -> None
     failed: list[str] = []
     router = Router(max_in_flight=4, max_attempts=2, on_failed=lambda t, why: failed.append(t.text))
     for text in ("poison", "a", "b", "c"):
-        router.submit(text)
+        router.add(text)
     first = router.connect("first")
     assert assigned(first) == ["poison", "a", "b", "c"]
     router.disconnect(first)  # died of the poison, holding the rest
@@ -374,7 +374,7 @@ def test_resume_requeues_recovered_tasks_first_and_any_client_may_answer_them() 
         Task(id="old.1-9", text="nine", recovered=True),
     ]
     router.resume("old.2", ["old.1"], recovered)
-    fresh = router.submit("new")
+    fresh = router.add("new")
     assert fresh.id == "old.2-1"
     assert router.queued() == 3
     alice = router.connect("alice")
@@ -389,7 +389,7 @@ def test_resume_requeues_recovered_tasks_first_and_any_client_may_answer_them() 
 
 def test_resume_comes_before_any_task() -> None:
     router = Router()
-    router.submit("too soon")
+    router.add("too soon")
     with pytest.raises(RuntimeError, match="before any task"):
         router.resume("run", [], [])
 
@@ -398,7 +398,7 @@ def test_on_requeued_hears_each_task_taken_back_with_attempts_left() -> None:
     requeued: list[tuple[str, int]] = []
     router = Router(on_requeued=lambda task: requeued.append((task.text, task.attempts)))
     alice = router.connect("alice")
-    router.submit("one")
+    router.add("one")
     router.disconnect(alice)
     assert requeued == [("one", 1)]
     router.connect("bob")
@@ -414,7 +414,7 @@ def test_a_reported_failure_finishes_the_task_through_on_error_not_on_answer() -
         on_error=lambda task, name, error: errors.append((task.text, name, error)),
     )
     alice = router.connect("alice", window=1)
-    broken, after = router.submit("broken"), router.submit("after")
+    broken, after = router.add("broken"), router.add("after")
     assert router.complete("alice", broken.id, "", "ValueError: no") is Outcome.ACCEPTED
     assert errors == [("broken", "alice", "ValueError: no")] and answers == []
     assert assigned(alice) == ["after"]  # its slot is free again; not sent again
@@ -424,8 +424,8 @@ def test_a_reported_failure_finishes_the_task_through_on_error_not_on_answer() -
 
 def test_cancel_withdraws_a_queued_task_and_what_waited_behind_it_moves() -> None:
     router = Router()
-    waiting = router.submit("for bob", target="bob")
-    behind = router.submit("also for bob", target="bob")
+    waiting = router.add("for bob", target="bob")
+    behind = router.add("also for bob", target="bob")
     assert router.cancel(waiting.id) is waiting
     assert router.cancel(waiting.id) is None  # once only
     assert router.queued() == 1
@@ -442,8 +442,8 @@ def test_cancel_of_a_task_in_flight_tells_a_client_that_listens_and_keeps_its_sl
     for accepts_cancel in (True, False):
         name = f"listens-{accepts_cancel}"
         client = router.connect(name, window=1, accepts_cancel=accepts_cancel)
-        held = router.submit(f"held by {name}", target=name)
-        nxt = router.submit(f"next for {name}", target=name)
+        held = router.add(f"held by {name}", target=name)
+        nxt = router.add(f"next for {name}", target=name)
         assert client.outbox.popleft() is held  # written to its stream
         assert router.cancel(held.id) is held
         notices = [t.id for t in client.outbox if t.cancelled]
@@ -457,7 +457,7 @@ def test_cancel_of_a_task_in_flight_tells_a_client_that_listens_and_keeps_its_sl
 def test_cancel_of_a_task_not_yet_written_sends_nothing() -> None:
     router = Router()
     alice = router.connect("alice", accepts_cancel=True)
-    task = router.submit("job")
+    task = router.add("job")
     assert router.cancel(task.id) is task
     assert list(alice.outbox) == [] and alice.in_flight == {}
 
@@ -466,7 +466,7 @@ def test_a_client_that_reports_starts_is_leased_each_task_from_when_it_begins() 
     clock = Clock()
     router = Router(task_timeout=10, clock=clock)
     worker = router.connect("worker", window=2, reports_start=True)
-    slow, waiting = router.submit("slow"), router.submit("waiting")
+    slow, waiting = router.add("slow"), router.add("waiting")
     worker.outbox.clear()  # both written
     router.started(worker, [slow.id])
     clock.now = 15.0  # "waiting" has waited longer than a lease, behind "slow"
@@ -487,7 +487,7 @@ def test_a_hung_client_loses_the_tasks_it_has_not_begun_a_lease_after_it_stalled
     clock = Clock()
     router = Router(task_timeout=10, clock=clock)
     hung = router.connect("hung", window=3, reports_start=True, accepts_cancel=True)
-    stuck, second, third = (router.submit(text) for text in ("stuck", "second", "third"))
+    stuck, second, third = (router.add(text) for text in ("stuck", "second", "third"))
     hung.outbox.clear()  # all three written
     router.started(hung, [stuck.id])
     clock.now = 10.0
@@ -546,12 +546,12 @@ def test_tasks_behind_a_withdrawn_task_that_never_ends_are_taken_back() -> None:
     clock = Clock()
     router = Router(task_timeout=10, clock=clock)
     worker = router.connect("worker", window=2, reports_start=True, accepts_cancel=True)
-    hangs = router.submit("hangs")
+    hangs = router.add("hangs")
     worker.outbox.clear()
     router.started(worker, [hangs.id])
     clock.now = 5.0
     router.cancel(hangs.id)  # the thread runs on
-    behind = router.submit("behind")
+    behind = router.add("behind")
     worker.outbox.clear()
     clock.now = 19.9
     router.expire_leases()
@@ -566,12 +566,12 @@ def test_a_task_given_to_an_idle_client_gets_two_whole_leases_to_begin() -> None
     clock = Clock()
     router = Router(task_timeout=10, clock=clock)
     worker = router.connect("worker", reports_start=True)
-    first = router.submit("first")
+    first = router.add("first")
     router.started(worker, [first.id])
     clock.now = 1.0
     assert router.complete("worker", first.id, "done") is Outcome.ACCEPTED
     clock.now = 20.9  # idle since its answer at 1 s
-    later = router.submit("later")
+    later = router.add("later")
     clock.now = 21.0
     router.expire_leases()
     assert assigned(worker) == ["later"] and not worker.stalled
@@ -587,7 +587,7 @@ def test_a_client_silent_only_because_its_tasks_waited_wakes_once_it_dropped_the
     clock = Clock()
     router = Router(task_timeout=10, clock=clock)
     frozen = router.connect("frozen", window=2, reports_start=True, accepts_cancel=True)
-    one, two = router.submit("one"), router.submit("two")
+    one, two = router.add("one"), router.add("two")
     frozen.outbox.clear()
     clock.now = 20.0
     router.expire_leases()  # it began nothing for two leases: both go back
@@ -601,7 +601,7 @@ def test_a_client_silent_only_because_its_tasks_waited_wakes_once_it_dropped_the
 def test_a_late_acknowledgement_on_a_new_registration_fails_nothing() -> None:
     router = Router()
     old = router.connect("worker", accepts_cancel=True)
-    task = router.submit("kept")
+    task = router.add("kept")
     router.disconnect(old)  # the acknowledgement of an earlier withdrawal is still unsent
     router.connect("worker", accepts_cancel=True)
     assert router.complete("worker", task.id, "", WITHDRAWN) is Outcome.DUPLICATE

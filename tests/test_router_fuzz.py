@@ -59,7 +59,7 @@ class RouterMachine(RuleBasedStateMachine):
 
     @rule(text=st.text(max_size=5), for_name=st.none() | NAMES)
     def submit(self, text: str, for_name: str | None) -> None:
-        self.tasks.append(self.router.submit(text, for_name))
+        self.tasks.append(self.router.add(text, for_name))
 
     @rule(
         name=NAMES, pick=st.integers(0, 10**6), error=st.sampled_from(["", "it broke", WITHDRAWN])
