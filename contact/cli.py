@@ -5,7 +5,6 @@ with their checks, and the log format."""
 from __future__ import annotations
 
 import argparse
-import asyncio
 import logging
 import time
 from pathlib import Path
@@ -15,18 +14,13 @@ import grpc
 
 from contact import CLIENT_NAME, CLIENT_NAME_RULE
 from contact.journal import SYNC, SYNC_MODES
+from contact.logtext import BatchedHandler
 from contact.router import MAX_ATTEMPTS, MAX_QUEUED, TASK_TIMEOUT_SECONDS
 from contact.server import GRACE_SECONDS, MAX_IN_FLIGHT
 from contact.tls import channel_credentials, server_credentials
 from contact.work import CONCURRENCY, MAX_BACKOFF, STATUS_EVERY
 
 LOG_FORMAT = "%(asctime)s %(levelname)s %(message)s"
-# Log lines are written together, at most this long after they are logged:
-# too little for a person to see, and under load one write carries hundreds.
-LOG_BATCH_SECONDS = 0.02
-# Held lines are written at once when there are this many, so memory stays
-# bounded however fast lines come.
-MAX_HELD_LINES = 1000
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -199,43 +193,6 @@ class LogFormatter(logging.Formatter):
             self._second = second
             self._text = time.strftime(self.default_time_format, self.converter(second))
         return f"{self._text},{int(record.msecs):03d}"  # as logging writes it
-
-
-class BatchedHandler(logging.StreamHandler):  # type: ignore[type-arg]
-    """Writes to standard error, holding the lines logged on the event loop
-    for up to LOG_BATCH_SECONDS and writing them in one system call: a write
-    per line, each waking the terminal or pipe that reads it, was the
-    largest cost of a typed task after gRPC's own. A line logged off the
-    loop with none held is written at once. A clean exit writes what is held
-    (logging.shutdown flushes), and the journal has it written before each
-    commit (logtext.write_held_lines); a kill loses at most those lines."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self._held: list[str] = []
-
-    def emit(self, record: logging.LogRecord) -> None:
-        try:
-            self._held.append(self.format(record) + self.terminator)
-            if len(self._held) >= MAX_HELD_LINES:
-                self.flush()
-            elif len(self._held) == 1:  # the first line held: have it written soon
-                try:
-                    asyncio.get_running_loop().call_later(LOG_BATCH_SECONDS, self.flush)
-                except RuntimeError:  # no loop runs in this thread: write it now
-                    self.flush()
-        except Exception:
-            self.handleError(record)
-
-    def flush(self) -> None:
-        self.acquire()  # (also held by emit: the lock is reentrant)
-        try:
-            if self._held:
-                self.stream.write("".join(self._held))
-                self._held.clear()
-            self.stream.flush()
-        finally:
-            self.release()
 
 
 def start_logging(args: argparse.Namespace) -> None:

@@ -1,11 +1,21 @@
-"""Text from outside (task texts, answers, status lines, ids), made safe to
-put in a log line."""
+"""Log lines: text from outside (task texts, answers, status lines, ids)
+made safe to put in one, repeated lines limited (REPEATS), and the scripts'
+handler that writes lines in batches."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections.abc import Callable
+
+# The scripts' log lines are written together, at most this long after they
+# are logged: too little for a person to see, and under load one write
+# carries hundreds of lines.
+LOG_BATCH_SECONDS = 0.02
+# Held lines are written at once when there are this many, so memory stays
+# bounded however fast lines come.
+MAX_HELD_LINES = 1000
 
 # Longer texts are cut in log lines: a 512 KiB task would drown the log.
 MAX_LOGGED_CHARS = 200
@@ -134,9 +144,64 @@ def summarise_grpc_decode_errors(logger: logging.Logger) -> None:
         grpc_logger.addFilter(GrpcDecodeErrors(logger))
 
 
+class BatchedHandler(logging.StreamHandler):  # type: ignore[type-arg]
+    """The scripts' log handler: it writes to standard error, holding the
+    lines logged on the event loop for up to LOG_BATCH_SECONDS and writing
+    them in one system call (a write per line, each waking the terminal or
+    pipe that reads it, was the largest cost of a typed task after gRPC's
+    own). A line logged off the loop is written at once, with any held
+    before it. A clean exit writes what is held (logging.shutdown flushes),
+    and the journal has it written before each commit (write_held_lines), so
+    a kill loses only the lines of its last moments. Lines that cannot be
+    written (standard error closed, a broken pipe) are dropped, as logging
+    drops a line it cannot write: the server carries on."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._held: list[str] = []
+        self._last: logging.LogRecord | None = None  # for handleError
+        self._timer_loop: asyncio.AbstractEventLoop | None = None  # whose timer will flush
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            self._held.append(self.format(record) + self.terminator)
+        except Exception:
+            self.handleError(record)
+            return
+        self._last = record
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:  # no loop runs in this thread: write now
+            self.flush()
+            return
+        if len(self._held) >= MAX_HELD_LINES:
+            self.flush()
+        elif self._timer_loop is not loop:  # (a loop that ended may have left lines)
+            self._timer_loop = loop
+            loop.call_later(LOG_BATCH_SECONDS, self.flush)
+
+    def flush(self) -> None:
+        self.acquire()  # (also held by emit: the lock is reentrant)
+        try:
+            held, self._held, self._timer_loop = self._held, [], None
+            if self.stream is None:
+                return
+            try:
+                if held:
+                    self.stream.write("".join(held))
+                self.stream.flush()
+            except Exception:
+                if self._last is not None:
+                    self.handleError(self._last)  # (says so, if standard error still works)
+        finally:
+            self.release()
+
+
 def write_held_lines() -> None:
-    """Have every handler of the root logger write the lines it holds back
-    (cli.BatchedHandler holds them for a moment): before a journal commits
-    the removal of an answered task, so that its answer is in the log first."""
+    """Have the root logger's BatchedHandlers write the lines they hold:
+    before a journal commits the removal of an answered task, so that its
+    answer is in the log first. It never raises: a log that cannot be
+    written must not stop the journal."""
     for handler in logging.getLogger().handlers:
-        handler.flush()
+        if isinstance(handler, BatchedHandler):
+            handler.flush()

@@ -14,7 +14,7 @@ import asyncio
 import logging
 import os
 from collections.abc import Callable
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 import grpc
 
@@ -57,9 +57,13 @@ HOUSEKEEPING_SECONDS = 0.5  # how often leases are checked (how late one may run
 
 
 class Servicer(Protocol):
-    """What the server needs of its servicer, beside the rpcs."""
+    """What the server needs of its servicer (a contact_pb2_grpc.ContactServicer
+    with the three rpcs), beside the rpcs themselves."""
 
     calls: set[asyncio.Task[Any]]  # open calls to let finish at shutdown
+
+
+ServerType = TypeVar("ServerType", bound="Server")  # `async with` gives the subclass
 
 
 def open_store(journal: str | os.PathLike[str] | None, sync: str = SYNC) -> TaskStore:
@@ -102,10 +106,12 @@ class Server:
         journal_sync: str = SYNC,
         on_answer: Callable[[Answer], object] | None = None,
     ) -> None:
+        if not hasattr(self, "servicer"):
+            raise TypeError(f"{type(self).__name__} has no servicer: use ContactServer")
         self.host, self.port, self.grace = host, port, grace
         self._credentials = credentials
         self._journal_file, self._journal_sync = journal, journal_sync
-        self._store: TaskStore = MemoryStore()  # the one asked for, once the server runs
+        self._store: TaskStore = MemoryStore()  # the one asked for, while the server runs
         self._on_answer = on_answer
         self._router = Router(
             max_in_flight,
@@ -139,10 +145,12 @@ class Server:
         `max_queued` tasks queued it waits, in turn, until clients take
         some (or, if not `wait`, raises QueueFullError). It raises
         ValueError at once for a task that could never be sent, and
-        RuntimeError once the server is closing."""
+        RuntimeError before the server runs and once it is closing."""
         check_task(text, target, fields)
         if self.closed:
             raise RuntimeError("the server is closed: it takes no more tasks")
+        if self._loop is None:  # (with a journal, there is nowhere to keep it yet)
+            raise RuntimeError("the server is not running: enter `async with server` first")
         try:
             await self._router.reserve(wait)
         except RuntimeError:
@@ -303,20 +311,20 @@ class Server:
             self._router.expire_leases()
             REPEATS.flush(log)
 
-    async def __aenter__(self) -> Server:
-        store = self._store = open_store(self._journal_file, self._journal_sync)
-        self._router.resume(store.run, store.earlier_runs, store.recovered)  # before any client
-        summarise_grpc_decode_errors(log)
-        self._server = grpc.aio.server(options=SERVER_OPTIONS)  # needs a running loop
-        self._servicer = self.servicer(self._router)
-        contact_pb2_grpc.add_ContactServicer_to_server(self._servicer, self._server)
+    async def __aenter__(self: ServerType) -> ServerType:
+        store = open_store(self._journal_file, self._journal_sync)
         try:
+            self._router.resume(store.run, store.earlier_runs, store.recovered)  # before any client
+            summarise_grpc_decode_errors(log)
+            self._server = grpc.aio.server(options=SERVER_OPTIONS)  # needs a running loop
+            self._servicer = self.servicer(self._router)
+            contact_pb2_grpc.add_ContactServicer_to_server(self._servicer, self._server)
             self.port = listen(self._server, self.host, self.port, self._credentials)
-        except OSError:
-            await self._store.close()
+            await self._server.start()
+        except BaseException:
+            await store.close()  # (a journal's file is locked until then)
             raise
-        await self._server.start()
-        self._loop = asyncio.get_running_loop()
+        self._store, self._loop = store, asyncio.get_running_loop()
         self._housekeeper = asyncio.create_task(self._housekeeping())
         warn_if_exposed(self.host, self._credentials)
         tls = "" if self._credentials is None else " with TLS"
@@ -339,6 +347,7 @@ class Server:
             self._settle(task, self._not_answered(task))
         kept = self._store.kept() if unanswered else ""
         await self._store.close()  # makes durable what is pending: answers that just came
+        self._store = MemoryStore()  # reports that come later are of no use to anyone
         REPEATS.flush(log, everything=True)  # no "... and N more" is left unsaid
         log.info("stopped; tasks never answered: %d%s", len(unanswered), kept)
         if self._signals_back is not None:  # a signal now is the program's again

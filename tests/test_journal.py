@@ -18,6 +18,8 @@ import random
 import re
 import signal
 import sqlite3
+import subprocess
+import sys
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,11 +27,11 @@ from pathlib import Path
 import pytest
 
 from contact import journal as journal_module
-from contact.cli import BatchedHandler
 from contact.journal import Journal, JournalError
+from contact.logtext import BatchedHandler
 from contact.router import Task
 from contact_server import ContactServer
-from tests.processes import Process, start_server
+from tests.processes import ROOT, Process, free_port, start_server
 
 TASKS = 2_000
 KILLS = 3
@@ -433,6 +435,36 @@ def test_a_removal_is_committed_only_after_the_log_lines_held_before_it_are_writ
     assert len(seen_at_commit) == 1  # the removal's commit
     assert seen_at_commit[0].endswith("task x-1 result from alice: 'HELLO'\n")
     assert Journal(tmp_path / "tasks.journal").recovered == []
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="closes file descriptor 2 before exec")
+def test_a_server_whose_standard_error_is_closed_still_queues_and_answers_with_a_journal(
+    processes: list[Process], tmp_path: Path
+) -> None:
+    """Its log lines cannot be written (the journal has them written before
+    each commit): they are dropped, and the tasks still go out and come back."""
+    path, port = tmp_path / "tasks.journal", free_port()
+    server = subprocess.Popen(
+        [sys.executable, "contact_server.py", "--port", str(port), "--journal", str(path)],
+        cwd=ROOT, stdin=subprocess.PIPE, text=True, preexec_fn=lambda: os.close(2),
+    )  # fmt: skip
+    try:
+        client = Process("worker", "contact_client.py", "--server", f"127.0.0.1:{port}",
+                         "--max-tasks", "3", "--max-backoff", "0.2")  # fmt: skip
+        processes.append(client)
+        client.wait_for(r"registered with ", timeout=20)
+        assert server.stdin is not None
+        server.stdin.write("one\ntwo\nthree\n")
+        server.stdin.flush()
+        assert client.exit_code(20) == 0, client.output
+        assert client.count(r"task \S+: '\w+' -> ") == 3
+        server.send_signal(signal.SIGTERM)
+        assert server.wait(20) == 0
+    finally:
+        if server.poll() is None:
+            server.kill()
+            server.wait(10)
+    assert Journal(path).recovered == []  # every answer's removal was committed
 
 
 def test_a_journal_deleted_while_the_server_runs_is_said_and_nothing_is_reported_kept(

@@ -1,6 +1,6 @@
 """Unit tests of the log limiter (contact/logtext.py): lines past the limit
 are counted and said, never dropped unsaid, and its memory stays bounded;
-and of the scripts' batched log handler (contact/cli.py)."""
+and of the scripts' batched log handler."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import re
 
 import pytest
 
-from contact import cli, logtext
+from contact import logtext
 from contact.logtext import Repeats
 
 
@@ -73,7 +73,7 @@ class Writes:
 
 
 def batched() -> tuple[logging.Logger, Writes]:
-    stream, handler = Writes(), cli.BatchedHandler()
+    stream, handler = Writes(), logtext.BatchedHandler()
     handler.setStream(stream)
     handler.setFormatter(logging.Formatter("%(message)s"))
     logger = logging.getLogger(f"test.batched.{id(stream)}")
@@ -97,7 +97,7 @@ def test_lines_logged_on_the_loop_are_written_together_within_the_batch_time() -
 
     waited = asyncio.run(scenario())
     assert stream.writes == ["line 0\nline 1\nline 2\n"]  # one write for all three
-    assert waited < cli.LOG_BATCH_SECONDS + 0.5
+    assert waited < logtext.LOG_BATCH_SECONDS + 0.5
 
 
 def test_a_line_logged_off_the_loop_is_written_at_once_and_held_lines_stay_bounded() -> None:
@@ -106,11 +106,43 @@ def test_a_line_logged_off_the_loop_is_written_at_once_and_held_lines_stay_bound
     assert stream.writes == ["no loop runs here\n"]
 
     async def scenario() -> None:
-        for number in range(cli.MAX_HELD_LINES + 5):
+        for number in range(logtext.MAX_HELD_LINES + 5):
             logger.info("%d", number)
         assert len(stream.writes) == 2  # the first MAX_HELD_LINES went at once
-        assert stream.writes[1].count("\n") == cli.MAX_HELD_LINES
+        assert stream.writes[1].count("\n") == logtext.MAX_HELD_LINES
 
     asyncio.run(scenario())
     logger.handlers[0].flush()  # as logging.shutdown does at a clean exit: the rest goes
-    assert "".join(stream.writes).count("\n") == cli.MAX_HELD_LINES + 6
+    assert "".join(stream.writes).count("\n") == logtext.MAX_HELD_LINES + 6
+
+
+class Broken(Writes):
+    """A stream whose reader has gone: every write fails."""
+
+    def write(self, text: str) -> None:
+        self.writes.append(text)
+        raise BrokenPipeError(32, "Broken pipe")
+
+
+def test_lines_that_cannot_be_written_are_dropped_and_nothing_else_fails(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    logger, _ = batched()
+    (handler,) = logger.handlers
+    broken = Broken()
+    handler.setStream(broken)  # type: ignore[attr-defined]
+    monkeypatch.setattr(logging, "raiseExceptions", False)  # (no "--- Logging error ---")
+    root = logging.getLogger()
+    root.addHandler(handler)
+    try:
+
+        async def scenario() -> None:
+            for number in range(3 * logtext.MAX_HELD_LINES):
+                logger.info("%d", number)
+                assert len(handler._held) < logtext.MAX_HELD_LINES  # type: ignore[attr-defined]
+            logtext.write_held_lines()  # what the journal calls before a commit: no error
+
+        asyncio.run(scenario())
+    finally:
+        root.removeHandler(handler)
+    assert len(broken.writes) == 3  # one failed write per full batch, each batch dropped

@@ -9,6 +9,7 @@ from typing import Any
 
 import pytest
 
+from contact.server import Server
 from contact_server import ContactServer, TaskNotAnsweredError
 
 
@@ -37,18 +38,25 @@ def test_a_field_the_proto_lacks_is_refused_when_submitted(store: dict[str, Any]
     asyncio.run(scenario())
 
 
-def test_submit_after_shutdown_and_threadsafe_submit_before_start_are_refused() -> None:
-    server = ContactServer(port=0)
+def test_submit_before_start_and_after_shutdown_is_refused(store: dict[str, Any]) -> None:
+    server = ContactServer(port=0, grace=0, **store)
     with pytest.raises(RuntimeError, match="not running"):
         server.submit_threadsafe("too early")
 
     async def scenario() -> None:
-        async with server:
-            pass
+        with pytest.raises(RuntimeError, match="not running"):
+            await server.submit("too early")
+        async with server:  # (nothing was queued: it starts as usual)
+            assert server._router.queued() == 0
         with pytest.raises(RuntimeError, match="closed"):
             await server.submit("too late")
 
     asyncio.run(scenario())
+
+
+def test_a_server_class_without_servicer_is_refused_before_it_opens_anything() -> None:
+    with pytest.raises(TypeError, match="has no servicer"):
+        Server(port=0)
 
 
 def test_a_busy_port_is_a_clear_error(caplog: pytest.LogCaptureFixture) -> None:
