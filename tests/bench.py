@@ -435,14 +435,13 @@ def main() -> int:
         label = f"shipped client, prefetch {impl.partition('-p')[2]} (tasks/s)"
         row = [label, shown(statistics.median(shipped)), shown(baseline), f"{ratio:.2f}x"]
         print("| " + " | ".join(row) + " |  |")
-    print("\nevery run (project | baseline):")
+    print("\nevery run (project | baseline; the median of the ratios run by run):")
     for label, mode, clients, figure, _, _ in ROWS:
         clients = clients or args.scale
-        each = [
-            ", ".join(shown(r[figure]) for r in runs[(impl, mode, clients)])
-            for impl in ("project", "baseline")
-        ]
-        print(f"  {label.format(scale=args.scale)}: {each[0]} | {each[1]}")
+        sides = runs[("project", mode, clients)], runs[("baseline", mode, clients)]
+        each = [", ".join(shown(run[figure]) for run in side) for side in sides]
+        paired = statistics.median(p[figure] / b[figure] for p, b in zip(*sides, strict=True))
+        print(f"  {label.format(scale=args.scale)}: {each[0]} | {each[1]}; {paired:.2f}x")
     return 1 if failures else 0
 
 
