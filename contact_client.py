@@ -30,16 +30,14 @@ from contact import (
     contact_pb2,
     contact_pb2_grpc,
     default_client_name,
-    streams,
 )
-from contact.handler import Handler
-from contact.logtext import counted
+from contact.client import streams
+from contact.client.handler import Handler
+from contact.client.streams import FINAL_CODES, StreamEndedError, backoff
+from contact.client.work import CONCURRENCY, MAX_BACKOFF, PREFETCH, SERVER, STATUS_EVERY, Work
+from contact.logtext import counted, retrieved
 from contact.options import client_channel
-from contact.retry import FINAL_CODES, backoff
 from contact.signals import on_stop_signal
-from contact.streams import StreamEndedError
-from contact.tasks import retrieved
-from contact.work import CONCURRENCY, MAX_BACKOFF, PREFETCH, SERVER, STATUS_EVERY, Work
 
 log = logging.getLogger("contact.client")
 

@@ -8,8 +8,8 @@ only to the client registered as NAME. Ctrl-C (or SIGTERM) stops it.
 `--help` lists the limits, timeouts and TLS options.
 
 Read it top-down: `ContactServicer` is the article's three rpcs, each a thin
-translation to the gRPC-free `Router` (contact/router.py); `ContactServer`
-is the server you can use from your own code (contact/server.py: submit a
+translation to the gRPC-free `Router` (contact/queue/router.py); `ContactServer`
+is the server you can use from your own code (contact/server/core.py: submit a
 task, get a handle to await its answer); `main` is the command line,
 feeding it typed lines.
 """
@@ -34,17 +34,16 @@ from contact import (
     cli,
     contact_pb2,
     contact_pb2_grpc,
-    metadata,
     one_line_error,
     text_problem,
 )
-from contact.journal import JournalError
 from contact.logtext import REPEATS, Quoted
-from contact.router import REPLACED, SHUTDOWN, Outcome, QueueFullError, Router, Task
-from contact.server import PORT, Server
-from contact.sessions import owned_by, registration
-from contact.stdin import read_tasks
-from contact.tasks import (
+from contact.queue.journal import JournalError
+from contact.queue.router import REPLACED, SHUTDOWN, Outcome, QueueFullError, Router, Task
+from contact.server import checks
+from contact.server.checks import owned_by, registration
+from contact.server.core import PORT, Server
+from contact.server.handles import (
     Answer,
     TaskCancelledError,
     TaskError,
@@ -53,6 +52,7 @@ from contact.tasks import (
     TaskNotAnsweredError,
     ThreadsafeHandle,
 )
+from contact.server.typed import read_tasks
 
 __all__ = [  # what code that uses the server imports from here
     "Answer",
@@ -80,18 +80,18 @@ class ContactServicer(contact_pb2_grpc.ContactServicer):
         self, request: contact_pb2.Empty, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[contact_pb2.ServerMsg]:
         """Registration: keep the stream open and push each task down it."""
-        name = await metadata.client_name(context)
-        window = await metadata.requested_window(context)
+        name = await checks.client_name(context)
+        window = await checks.requested_window(context)
         if self._router.closed:
             await context.abort(grpc.StatusCode.UNAVAILABLE, "the server is shutting down")
         session = self._router.connect(
             name,
             window,
-            accepts_cancel=metadata.says_yes(context, ACCEPTS_CANCEL_KEY),
-            reports_start=metadata.says_yes(context, REPORTS_START_KEY),
+            accepts_cancel=checks.says_yes(context, ACCEPTS_CANCEL_KEY),
+            reports_start=checks.says_yes(context, REPORTS_START_KEY),
         )
         peer = context.peer()
-        host = metadata.peer_host(peer)  # lines are limited by host: a reconnect storm is brief
+        host = checks.peer_host(peer)  # lines are limited by host: a reconnect storm is brief
         REPEATS.log(log, INFO, "connect", host, "client %s connected from %s", name, peer)
         try:
             # Echoing the name tells the client its registration was accepted;
@@ -123,7 +123,7 @@ class ContactServicer(contact_pb2_grpc.ContactServicer):
     ) -> contact_pb2.Empty:
         """The client's answers, one per task, each naming its task by id,
         and the tasks it has begun (if it reports that)."""
-        name = await metadata.client_name(context)
+        name = await checks.client_name(context)
         session = await registration(self._router, name, context)
         try:
             async with owned_by(session, context, self.calls):  # ends with its registration
@@ -133,7 +133,7 @@ class ContactServicer(contact_pb2_grpc.ContactServicer):
                         if not result.id:  # only that
                             continue
                     if problem := text_problem(result.ret):
-                        await metadata.refuse(
+                        await checks.refuse(
                             context,
                             grpc.StatusCode.INVALID_ARGUMENT,
                             f"the answer to task {Quoted(result.id)} from {name}: {problem}",
@@ -146,7 +146,7 @@ class ContactServicer(contact_pb2_grpc.ContactServicer):
                             f"task {result.id} was never given to {name}",
                         )
         except DecodeError as err:
-            await metadata.refuse_malformed(context, name, err)
+            await checks.refuse_malformed(context, name, err)
         return contact_pb2.Empty()
 
     async def sendStatus(
@@ -155,7 +155,7 @@ class ContactServicer(contact_pb2_grpc.ContactServicer):
         context: grpc.aio.ServicerContext,
     ) -> AsyncIterator[contact_pb2.Result]:
         """The client's own messages; each one is answered."""
-        name = await metadata.client_name(context)
+        name = await checks.client_name(context)
         session = await registration(self._router, name, context)
         try:
             async with owned_by(session, context, self.calls):  # ends with its registration
@@ -168,7 +168,7 @@ class ContactServicer(contact_pb2_grpc.ContactServicer):
                         f"{self._router.queued()} queued"
                     )
         except DecodeError as err:
-            await metadata.refuse_malformed(context, name, err)
+            await checks.refuse_malformed(context, name, err)
 
 
 SENT, WITHDRAWN = "sent to", "withdrawn from"
@@ -184,7 +184,7 @@ def message_for(task: Task) -> contact_pb2.ServerMsg:
 class ContactServer(Server):
     """The server to use from your own code, with these rpcs: `async with
     ContactServer(port=0) as server`, then `await server.ask("hello")`
-    (contact/server.py has the rest)."""
+    (contact/server/core.py has the rest)."""
 
     servicer = ContactServicer
 

@@ -1,12 +1,18 @@
 """The contact contract: contact.proto, the stubs generated from it, and the
 few rules both sides must agree on that a .proto file cannot express.
 
-The other modules of this package are the machinery the two scripts import,
-one job each: `router` (the queue, no gRPC), `journal` (unfinished tasks
-on disk, for --journal), `sessions` (calls bound to a registration),
-`metadata` (what a call must carry), `options` (gRPC settings), `tasks`
-(task handles, outcomes and errors for code that submits), `tls`,
-`stdin`, `logtext`, `streams`, `retry`, `signals`, `cli` and `handler`.
+The rest of the package is the machinery the two scripts import, one job
+per module, in three parts and a few modules both sides share:
+
+- `queue/`: which client gets which task, and where tasks are kept until
+  each has its outcome (in memory, or an SQLite journal); no gRPC.
+- `server/`: the server you use from code, task handles, the checks on
+  each call, tasks typed on standard input.
+- `client/`: the client's work across reconnections, the pool that runs
+  your handler, its streams and retries.
+- shared: `options` (gRPC settings of both sides), `tls`, `logtext` (log
+  lines), `signals` (Ctrl-C and SIGTERM), `cli` (the command lines).
+
 None of them imports a script.
 
 Regenerate the stubs with `make proto`; never edit contact_pb2*.py by hand.

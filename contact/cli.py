@@ -13,12 +13,12 @@ from typing import Any
 import grpc
 
 from contact import CLIENT_NAME, CLIENT_NAME_RULE
-from contact.journal import SYNC, SYNC_MODES
+from contact.client.work import CONCURRENCY, MAX_BACKOFF, STATUS_EVERY
 from contact.logtext import BatchedHandler
-from contact.router import MAX_ATTEMPTS, MAX_QUEUED, TASK_TIMEOUT_SECONDS
-from contact.server import GRACE_SECONDS, MAX_IN_FLIGHT
+from contact.queue.journal import SYNC, SYNC_MODES
+from contact.queue.router import MAX_ATTEMPTS, MAX_QUEUED, TASK_TIMEOUT_SECONDS
+from contact.server.core import GRACE_SECONDS, MAX_IN_FLIGHT
 from contact.tls import channel_credentials, server_credentials
-from contact.work import CONCURRENCY, MAX_BACKOFF, STATUS_EVERY
 
 LOG_FORMAT = "%(asctime)s %(levelname)s %(message)s"
 

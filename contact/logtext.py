@@ -8,6 +8,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Callable
+from typing import Any
 
 # The scripts' log lines are written together, at most this long after they
 # are logged: too little for a person to see, and under load one write
@@ -205,3 +206,10 @@ def write_held_lines() -> None:
     for handler in logging.getLogger().handlers:
         if isinstance(handler, BatchedHandler):
             handler.flush()
+
+
+def retrieved(future: asyncio.Future[Any]) -> None:
+    """Mark a future's outcome as seen, so that asyncio does not log an
+    error nobody asked for ("Future exception was never retrieved")."""
+    if not future.cancelled():
+        future.exception()

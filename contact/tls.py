@@ -66,17 +66,3 @@ def warn_if_exposed(host: str, credentials: grpc.ServerCredentials | None) -> No
             "every task and register under any name. Use --tls-cert and --tls-key. !!!",
             host,
         )
-
-
-def listen(
-    server: grpc.aio.Server, host: str, port: int, credentials: grpc.ServerCredentials | None
-) -> int:
-    """Bind `server` to host:port, with TLS if there are credentials; return
-    the port (the one chosen, for port 0). Raise OSError if it cannot."""
-    address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-    try:
-        if credentials is None:
-            return int(server.add_insecure_port(address))
-        return int(server.add_secure_port(address, credentials))
-    except RuntimeError as err:  # how grpc says a port cannot be bound
-        raise OSError(f"cannot listen on {address}: {err}") from err

@@ -42,11 +42,11 @@ from typing import Any
 import grpc
 import psutil
 
-import contact.work
+import contact.client.work
 import contact_client
 from contact import CLIENT_ID_KEY, cli, contact_pb2, contact_pb2_grpc
 from contact.options import SERVER_OPTIONS
-from contact.router import Outcome, Router
+from contact.queue.router import Outcome, Router
 from contact_server import ContactServer, ContactServicer
 from tests.measure import own_peak_rss_mb
 
@@ -280,7 +280,7 @@ def measure(impl: str, mode: str, clients: int, tasks: int) -> dict[str, float]:
             share = clients // processes + (index < clients % processes)
             arguments = [*command, "clients", str(port), str(share), f"c{index}"]
             if impl.startswith("project-shipped"):  # its prefetch follows the last "-p"
-                prefetch = impl.partition("-p")[2] or str(contact.work.PREFETCH)
+                prefetch = impl.partition("-p")[2] or str(contact.client.work.PREFETCH)
                 arguments = [*command, "shipped", str(port), prefetch, f"c{index}"]
             helpers.append(subprocess.Popen(arguments, cwd=ROOT, stderr=subprocess.DEVNULL))
         line = server.stdout.readline()

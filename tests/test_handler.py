@@ -1,4 +1,4 @@
-"""Unit tests of the client's handler pools (contact/handler.py) and of its
+"""Unit tests of the client's handler pools (contact/client/handler.py) and of its
 Work: what a handler does becomes a Result, withdrawn tasks free their
 worker, and the window is enforced per registration."""
 
@@ -10,9 +10,9 @@ import threading
 import pytest
 
 from contact import contact_pb2
-from contact.handler import handler_pool
-from contact.streams import StreamEndedError
-from contact.work import Work
+from contact.client.handler import handler_pool
+from contact.client.streams import StreamEndedError
+from contact.client.work import Work
 
 
 def task(text: str, task_id: str) -> contact_pb2.ServerMsg:
@@ -140,7 +140,7 @@ def test_a_task_dropped_before_it_started_runs_when_sent_again_after_a_reconnect
 
 
 def test_a_registration_s_window_counts_its_own_tasks_and_a_lost_one_drops_what_waits() -> None:
-    """The client's side of the window (contact/work.py): more than the
+    """The client's side of the window (contact/client/work.py): more than the
     window from one registration is a protocol error; a task still running
     from the last counts again only if the server sends it again."""
     started, release = threading.Event(), threading.Event()

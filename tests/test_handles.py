@@ -17,8 +17,8 @@ from typing import Any
 
 import pytest
 
-import contact.server
-from contact.journal import Journal
+import contact.server.core
+from contact.queue.journal import Journal
 from contact_server import (
     Answer,
     ContactServer,
@@ -324,7 +324,7 @@ def test_serve_until_stopped_stops_on_sigterm_and_gives_the_signal_back(
 def test_a_full_queue_makes_submit_wait_and_ask_and_submit_threadsafe_give_up_in_time(
     monkeypatch: pytest.MonkeyPatch, store: dict[str, Any]
 ) -> None:
-    monkeypatch.setattr(contact.server, "LOOP_REPLY_SECONDS", 0.5)
+    monkeypatch.setattr(contact.server.core, "LOOP_REPLY_SECONDS", 0.5)
 
     async def scenario() -> None:
         async with ContactServer(port=0, grace=0, max_queued=1, **store) as server:

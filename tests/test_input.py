@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from contact import MAX_TEXT_BYTES
-from contact.stdin import line_batches, parse_task
+from contact.server.typed import line_batches, parse_task
 
 
 @pytest.mark.parametrize(

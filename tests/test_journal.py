@@ -26,10 +26,10 @@ from pathlib import Path
 
 import pytest
 
-from contact import journal as journal_module
-from contact.journal import Journal, JournalError
 from contact.logtext import BatchedHandler
-from contact.router import Task
+from contact.queue import journal as journal_module
+from contact.queue.journal import Journal, JournalError
+from contact.queue.router import Task
 from contact_server import ContactServer
 from tests.processes import ROOT, Process, free_port, start_server
 

@@ -120,8 +120,8 @@ def test_copy_into_a_project_and_add_a_field(processes: list[Process], tmp_path:
     # Your field is kept in a journal too, and read back after a restart.
     keep_and_read_back = """
 import asyncio
-from contact.journal import Journal
-from contact.router import Task
+from contact.queue.journal import Journal
+from contact.queue.router import Task
 
 async def keep() -> None:
     journal = Journal("tasks.journal")

@@ -7,7 +7,7 @@ import asyncio
 import pytest
 
 from contact import WITHDRAWN
-from contact.router import REPLACED, SHUTDOWN, Outcome, QueueFullError, Router, Session, Task
+from contact.queue.router import REPLACED, SHUTDOWN, Outcome, QueueFullError, Router, Session, Task
 
 
 def assigned(session: Session) -> list[str]:

@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule
 
 from contact import WITHDRAWN
-from contact.router import Outcome, Router, Task
+from contact.queue.router import Outcome, Router, Task
 
 NAMES = st.sampled_from(["ann", "bob", "cy", "dee"])
 LEASE = 10.0  # seconds of the fake clock

@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from contact.server import Server
+from contact.server.core import Server
 from contact_server import ContactServer, TaskNotAnsweredError
 
 

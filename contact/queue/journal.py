@@ -29,8 +29,8 @@ from pathlib import Path
 
 from contact import contact_pb2
 from contact.logtext import counted, write_held_lines
-from contact.router import Task
-from contact.store import TaskStore
+from contact.queue.router import Task
+from contact.queue.store import TaskStore
 
 log = logging.getLogger("contact.journal")
 

@@ -14,9 +14,9 @@ import logging
 from collections import deque
 
 from contact import WITHDRAWN, contact_pb2
-from contact.handler import Handler, handler_pool
+from contact.client.handler import Handler, handler_pool
+from contact.client.streams import StreamEndedError
 from contact.logtext import Quoted
-from contact.streams import StreamEndedError
 
 log = logging.getLogger("contact.client")
 

@@ -176,7 +176,7 @@ class Router:
       `on_requeued(task)`.
 
     Everything lives in memory: delivery is at-least-once while the process
-    runs (and across restarts, with a journal: contact/journal.py). All
+    runs (and across restarts, with a journal: contact/queue/journal.py). All
     methods are synchronous and must be called from one thread (the event
     loop's); `Session.next_task` is the only one that waits.
     """

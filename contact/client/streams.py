@@ -1,18 +1,19 @@
 """Helpers for the client's long-lived streams: confirming the registration,
-telling why the server ended a stream, hanging up politely, and running the
-streams side by side."""
+telling why the server ended a stream, hanging up politely, running the
+streams side by side, and when to retry a lost connection."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Awaitable, Coroutine
+import random
+from collections.abc import Awaitable, Coroutine, Iterator
 from typing import Any, NoReturn, TypeVar
 
 import grpc
 
 from contact import CLIENT_ID_KEY
-from contact.tasks import retrieved
+from contact.logtext import retrieved
 
 # How long the server gets to acknowledge our half-close before we cancel:
 # cancelling a call the server has not finished makes grpc.aio log a
@@ -25,6 +26,20 @@ ANSWER_WITHIN_SECONDS = 5.0
 # When a call fails, how long to wait for getTask's own status (which says
 # why: shutdown, takeover) before reporting the failure as it came.
 REGISTRATION_STATUS_SECONDS = 0.25
+
+
+# The first wait before a retry; it doubles up to the client's --max-backoff.
+INITIAL_BACKOFF_SECONDS = 0.25
+
+# Status codes that retrying will not cure: the client stops and says why.
+FINAL_CODES = frozenset(
+    {
+        grpc.StatusCode.INVALID_ARGUMENT,  # the server refused our name or window
+        grpc.StatusCode.PERMISSION_DENIED,  # a name our certificate does not carry
+        grpc.StatusCode.UNIMPLEMENTED,  # not a contact server
+        grpc.StatusCode.ABORTED,  # another client registered under our name
+    }
+)
 
 
 T = TypeVar("T")
@@ -119,3 +134,12 @@ async def registration_failure(tasks: grpc.aio.UnaryStreamCall) -> Exception | N
     except asyncio.TimeoutError:
         return None
     return None if code == grpc.StatusCode.OK else await failure_of(tasks, "task")
+
+
+def backoff(cap: float, initial: float = INITIAL_BACKOFF_SECONDS) -> Iterator[float]:
+    """Delays before each retry: doubling from `initial` up to `cap`, each
+    scaled by a random 0.5-1.0 so that many clients do not retry in step."""
+    delay = min(initial, cap)
+    while True:
+        yield delay * random.uniform(0.5, 1.0)
+        delay = min(cap, delay * 2)

@@ -86,13 +86,6 @@ def check_task(text: str, target: str | None, fields: dict[str, Any]) -> None:
         raise ValueError(f"task not submitted: with its fields it is over {limit} bytes")
 
 
-def retrieved(future: asyncio.Future[Any]) -> None:
-    """Mark a future's outcome as seen, so that asyncio does not log an
-    error nobody asked for ("Future exception was never retrieved")."""
-    if not future.cancelled():
-        future.exception()
-
-
 class TaskHandle:
     """A submitted task: `id` is the id the server logs for it; `await
     handle` (or `result`) gives its answer; `cancel` withdraws it.

@@ -3,10 +3,10 @@ held by the server without asking which kind it is.
 
 - `MemoryStore` (the default) keeps nothing beyond the process: a restart
   starts empty.
-- `Journal` (contact/journal.py, `--journal FILE`) keeps every unfinished
+- `Journal` (contact/queue/journal.py, `--journal FILE`) keeps every unfinished
   task in an SQLite file, so that a restart on it queues them again.
 
-The server (contact/server.py) opens one from the option the scripts pass
+The server (contact/server/core.py) opens one from the option the scripts pass
 through, and reports each change of a task to it in the order the crash
 rule needs: a task is `added` (and durable) before it is logged as queued; it is
 `finished` only once its answer is logged and handed on, so a crash in
@@ -19,7 +19,7 @@ import abc
 import asyncio
 import secrets
 
-from contact.router import Task
+from contact.queue.router import Task
 
 
 class TaskStore(abc.ABC):

@@ -3,7 +3,7 @@ submit a task and get a handle to await its answer or cancel it, or `ask`
 and await the answer; started and stopped by `async with`.
 
 It holds the Router (which client gets which task) and one TaskStore
-(contact/store.py: what is kept, in memory or in a journal file), and turns
+(contact/queue/store.py: what is kept, in memory or in a journal file), and turns
 what the Router reports into log lines, task handles' outcomes, the
 `on_answer` hook and the store's records.
 """
@@ -19,20 +19,19 @@ from typing import Any, Protocol, TypeVar
 import grpc
 
 from contact import contact_pb2_grpc
-from contact.journal import SYNC, Journal
-from contact.logtext import REPEATS, Quoted, summarise_grpc_decode_errors
+from contact.logtext import REPEATS, Quoted, retrieved, summarise_grpc_decode_errors
 from contact.options import SERVER_OPTIONS
-from contact.router import (
+from contact.queue.journal import SYNC, Journal
+from contact.queue.router import (
     MAX_ATTEMPTS,
     MAX_QUEUED,
     TASK_TIMEOUT_SECONDS,
     Router,
     Task,
 )
-from contact.sessions import end_calls
-from contact.signals import on_stop_signal
-from contact.store import MemoryStore, TaskStore
-from contact.tasks import (
+from contact.queue.store import MemoryStore, TaskStore
+from contact.server.checks import end_calls
+from contact.server.handles import (
     LOOP_REPLY_SECONDS,
     Answer,
     TaskCancelledError,
@@ -43,9 +42,9 @@ from contact.tasks import (
     ThreadsafeHandle,
     check_task,
     on_loop,
-    retrieved,
 )
-from contact.tls import listen, warn_if_exposed
+from contact.signals import on_stop_signal
+from contact.tls import warn_if_exposed
 
 log = logging.getLogger("contact.server")
 
@@ -82,7 +81,7 @@ class Server:
             answer = await server.ask("hello")
 
     With `journal` (a file name), every unfinished task is kept in that file
-    (contact/journal.py): a server started again on it, after a crash or a
+    (contact/queue/journal.py): a server started again on it, after a crash or a
     clean stop, queues them again. Entering raises JournalError if the file
     cannot be used. `on_answer(Answer)` is called on the server's loop for
     every answer and every failure, those to recovered tasks included. With
@@ -352,3 +351,17 @@ class Server:
         log.info("stopped; tasks never answered: %d%s", len(unanswered), kept)
         if self._signals_back is not None:  # a signal now is the program's again
             self._signals_back()
+
+
+def listen(
+    server: grpc.aio.Server, host: str, port: int, credentials: grpc.ServerCredentials | None
+) -> int:
+    """Bind `server` to host:port, with TLS if there are credentials; return
+    the port (the one chosen, for port 0). Raise OSError if it cannot."""
+    address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    try:
+        if credentials is None:
+            return int(server.add_insecure_port(address))
+        return int(server.add_secure_port(address, credentials))
+    except RuntimeError as err:  # how grpc says a port cannot be bound
+        raise OSError(f"cannot listen on {address}: {err}") from err
