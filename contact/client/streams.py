@@ -49,11 +49,30 @@ class StreamEndedError(Exception):
     """The server ended a stream without an error, or stopped answering; reconnect."""
 
 
+async def within(awaitable: Awaitable[T], seconds: float) -> T:
+    """Await `awaitable` for at most `seconds` (then cancel it and raise
+    asyncio.TimeoutError), as asyncio.wait_for does, but never lose a
+    cancellation of the caller: before Python 3.12, wait_for returns the
+    result when the cancellation arrives as the awaited thing finishes, and
+    a client given Ctrl-C in the middle of a reconnect went on retrying."""
+    future = asyncio.ensure_future(awaitable)
+    future.add_done_callback(retrieved)  # given up on, its error is no news
+    try:
+        done, _ = await asyncio.wait({future}, timeout=seconds)
+    except asyncio.CancelledError:
+        future.cancel()
+        raise
+    if not done:
+        future.cancel()
+        raise asyncio.TimeoutError
+    return future.result()
+
+
 async def answered(answer: Awaitable[T], what: str, seconds: float = ANSWER_WITHIN_SECONDS) -> T:
     """Await the server's `answer` to `what`, for at most `seconds`: a server
     that accepts a call but never answers it is as good as gone."""
     try:
-        return await asyncio.wait_for(answer, seconds)
+        return await within(answer, seconds)
     except asyncio.TimeoutError:
         raise StreamEndedError(f"no answer to {what} in {seconds:.0f} s") from None
 
@@ -88,7 +107,7 @@ async def hang_up(*calls: grpc.aio.Call) -> None:
             await call.code()
 
     with contextlib.suppress(asyncio.TimeoutError):
-        await asyncio.wait_for(asyncio.gather(*(finish(call) for call in calls)), HANG_UP_SECONDS)
+        await within(asyncio.gather(*(finish(call) for call in calls)), HANG_UP_SECONDS)
     for call in calls:
         call.cancel()
 
@@ -130,7 +149,7 @@ async def registration_failure(tasks: grpc.aio.UnaryStreamCall) -> Exception | N
     takeover), each with its own status; getTask's says why. Its error, if
     it ended with one, given a moment to arrive."""
     try:
-        code = await asyncio.wait_for(asyncio.shield(tasks.code()), REGISTRATION_STATUS_SECONDS)
+        code = await within(asyncio.shield(tasks.code()), REGISTRATION_STATUS_SECONDS)
     except asyncio.TimeoutError:
         return None
     return None if code == grpc.StatusCode.OK else await failure_of(tasks, "task")
