@@ -1,6 +1,7 @@
 """Log lines: text from outside (task texts, answers, status lines, ids)
-made safe to put in one, repeated lines limited (REPEATS), and the scripts'
-handler that writes lines in batches."""
+made safe to put in one, repeated lines limited (REPEATS), the scripts'
+handler that writes lines in batches, and `retrieved`, which keeps asyncio
+from logging errors nobody asked for."""
 
 from __future__ import annotations
 
