@@ -92,6 +92,7 @@ async def one_connection(
             # says so is not waited for long.
             await streams.answered(results, "the last answers")
         except (grpc.aio.AioRpcError, StreamEndedError) as err:
+            await work.last_write_settled()  # the answer on its way may be the last
             reason = None if work.done() else await streams.registration_failure(tasks)
             if not work.done():  # (the last answer's write may have ended meanwhile)
                 raise (reason or err) from None
@@ -124,7 +125,7 @@ async def send_answers(results: grpc.aio.StreamUnaryCall, work: Work) -> None:
         # Shielded, its bookkeeping in a callback: a write that completes as
         # another call's failure cancels this coroutine still counts.
         writing = asyncio.ensure_future(results.write(work.next_message()))
-        writing.add_done_callback(work.written)
+        work.sending(writing)
         try:
             await asyncio.shield(writing)
         except asyncio.InvalidStateError:  # the server has ended the stream

@@ -171,3 +171,27 @@ def test_a_registration_s_window_counts_its_own_tasks_and_a_lost_one_drops_what_
         work.handlers.close()
 
     asyncio.run(scenario())
+
+
+def test_a_failed_connection_waits_for_the_last_answers_write_before_it_decides() -> None:
+    """A server that stops as it reads the last answer fails the other calls
+    first: the client waits for that write's outcome, so it knows the task
+    limit is reached, and does not retry for ever."""
+
+    def echo(task: contact_pb2.ServerMsg) -> str:
+        return task.task
+
+    async def scenario() -> None:
+        work = Work(echo, concurrency=1, window=1, max_tasks=1)
+        work.unsent.append(contact_pb2.Result(id="1", ret="ANSWER"))
+        loop = asyncio.get_running_loop()
+        writing: asyncio.Future[None] = loop.create_future()
+        work.sending(writing)
+        loop.call_later(0.05, writing.set_result, None)  # the write ends after the failure
+        assert not work.done()
+        await work.last_write_settled()
+        assert work.done()
+        await work.last_write_settled()  # nothing on: returns at once
+        work.handlers.close()
+
+    asyncio.run(asyncio.wait_for(scenario(), 5))

@@ -15,7 +15,7 @@ from collections import deque
 
 from contact import WITHDRAWN, contact_pb2
 from contact.client.handler import Handler, handler_pool
-from contact.client.streams import StreamEndedError
+from contact.client.streams import HANG_UP_SECONDS, StreamEndedError
 from contact.logtext import Quoted
 
 log = logging.getLogger("contact.client")
@@ -49,6 +49,7 @@ class Work:
         self.reports_start = False
         self.begun: list[str] = []
         self.unsent: deque[contact_pb2.Result] = deque()
+        self.writing: asyncio.Future[None] | None = None  # the write of unsent[0], if one is on
         self.answer_ready = asyncio.Event()
         self.answered = 0  # answers and failures sent
         self.max_tasks = max_tasks  # return once this many are answered; None: never
@@ -128,6 +129,20 @@ class Work:
         self.unsent[0].started.extend(self.begun)
         self.begun.clear()
         return self.unsent[0]
+
+    def sending(self, writing: asyncio.Future[None]) -> None:
+        """`writing` writes the message `next_message` gave: what it sent is
+        forgotten once it has (see `written`)."""
+        self.writing = writing
+        writing.add_done_callback(self.written)
+
+    async def last_write_settled(self) -> None:
+        """When the connection fails: wait (briefly) for the outcome of a
+        write still on, which may be the last answer asked for. A server that
+        stops as it reads that answer fails the other calls first, and a
+        client that decided before the write ended retried for ever."""
+        if self.writing is not None and not self.writing.done():
+            await asyncio.wait({self.writing}, timeout=HANG_UP_SECONDS)
 
     def written(self, writing: asyncio.Future[None]) -> None:
         """The first unsent message's write has ended: forget it if it went
