@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import signal
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -10,12 +9,6 @@ from typing import Any
 import pytest
 
 from tests.processes import Process, start_client, start_server
-
-# The tests send SIGINT as Ctrl-C does. A shell that starts the suite in the
-# background has SIGINT ignored, and every process started from it would
-# inherit that (a `run()` client then ignores SIGINT): handle it as Python
-# does by default, so that the processes started here begin with it again.
-signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 @pytest.fixture

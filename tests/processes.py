@@ -13,6 +13,12 @@ import threading
 import time
 from pathlib import Path
 
+# The tests, soak and demo send SIGINT as Ctrl-C does. A shell that starts
+# them in the background has SIGINT ignored, and every process started from
+# it would inherit that (a `run()` client then ignores SIGINT): handle it as
+# Python does by default, so that the processes started here begin with it.
+signal.signal(signal.SIGINT, signal.default_int_handler)
+
 ROOT = Path(__file__).resolve().parent.parent
 
 

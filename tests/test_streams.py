@@ -1,7 +1,6 @@
 """The client's bounded waits (contact/client/streams.py `within`): a
 cancellation is never lost, which asyncio.wait_for before Python 3.12 may
-do when the awaited thing finishes in the same instant (a client given
-Ctrl-C during a reconnect then went on retrying)."""
+do when the awaited thing finishes in the same instant."""
 
 from __future__ import annotations
 

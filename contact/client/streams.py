@@ -1,6 +1,7 @@
 """Helpers for the client's long-lived streams: confirming the registration,
 telling why the server ended a stream, hanging up politely, running the
-streams side by side, and when to retry a lost connection."""
+streams side by side, bounded waits that never lose a cancellation
+(`within`, `answered`), and when to retry a lost connection."""
 
 from __future__ import annotations
 
@@ -50,11 +51,11 @@ class StreamEndedError(Exception):
 
 
 async def within(awaitable: Awaitable[T], seconds: float) -> T:
-    """Await `awaitable` for at most `seconds` (then cancel it and raise
-    asyncio.TimeoutError), as asyncio.wait_for does, but never lose a
-    cancellation of the caller: before Python 3.12, wait_for returns the
-    result when the cancellation arrives as the awaited thing finishes, and
-    a client given Ctrl-C in the middle of a reconnect went on retrying."""
+    """Await `awaitable` for at most `seconds`, then cancel it (without
+    waiting for it to end: bounded) and raise asyncio.TimeoutError. Unlike
+    asyncio.wait_for, it never loses a cancellation of the caller: before
+    Python 3.12, wait_for returns the result when the cancellation arrives
+    as the awaited thing finishes."""
     future = asyncio.ensure_future(awaitable)
     future.add_done_callback(retrieved)  # given up on, its error is no news
     try:

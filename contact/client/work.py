@@ -141,12 +141,18 @@ class Work:
         write still on, which may be the last answer asked for. A server that
         stops as it reads that answer fails the other calls first, and a
         client that decided before the write ended retried for ever."""
-        if self.writing is not None and not self.writing.done():
+        last = self.max_tasks is not None and self.answered + 1 >= self.max_tasks
+        if last and self.writing is not None and not self.writing.done():
             await asyncio.wait({self.writing}, timeout=HANG_UP_SECONDS)
 
     def written(self, writing: asyncio.Future[None]) -> None:
         """The first unsent message's write has ended: forget it if it went
-        out (a lost connection keeps it, to send on the next)."""
+        out (a lost connection keeps it, to send on the next). A write of an
+        earlier connection that ends late is ignored: its message is sent
+        again, and the server ignores the repeat."""
+        if writing is not self.writing:
+            return
+        self.writing = None
         if not writing.cancelled() and writing.exception() is None:
             sent = self.unsent.popleft()
             self.answered += bool(sent.id) and sent.error != WITHDRAWN  # answers only

@@ -5,7 +5,7 @@ and await the answer; started and stopped by `async with`.
 It holds the Router (which client gets which task) and one TaskStore
 (contact/queue/store.py: what is kept, in memory or in a journal file), and turns
 what the Router reports into log lines, task handles' outcomes, the
-`on_answer` hook and the store's records.
+`on_answer` hook and the store's records. `listen` binds its port.
 """
 
 from __future__ import annotations
