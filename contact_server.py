@@ -8,10 +8,10 @@ only to the client registered as NAME. Ctrl-C (or SIGTERM) stops it.
 `--help` lists the limits, timeouts and TLS options.
 
 Read it top-down: `ContactServicer` is the article's three rpcs, each a thin
-translation to the gRPC-free `Router` (contact/queue/router.py); `ContactServer`
-is the server you can use from your own code (contact/server/core.py: submit a
-task, get a handle to await its answer); `main` is the command line,
-feeding it typed lines.
+translation to the gRPC-free `Dispatcher` (contact/queue/dispatcher.py: which
+client gets which task of the queue); `ContactServer` is the server you can
+use from your own code (contact/server/core.py: submit a task, get a handle
+to await its answer); `main` is the command line, feeding it typed lines.
 """
 
 from __future__ import annotations
@@ -38,20 +38,21 @@ from contact import (
     text_problem,
 )
 from contact.logtext import REPEATS, Quoted
-from contact.queue.journal import JournalError
-from contact.queue.router import REPLACED, SHUTDOWN, Outcome, QueueFullError, Router, Task
-from contact.server import checks
-from contact.server.checks import owned_by, registration
-from contact.server.core import PORT, Server
-from contact.server.handles import (
-    Answer,
+from contact.queue.base import (
+    Outcome,
+    QueueFullError,
+    Task,
     TaskCancelledError,
     TaskError,
     TaskFailedError,
-    TaskHandle,
     TaskNotAnsweredError,
-    ThreadsafeHandle,
 )
+from contact.queue.dispatcher import REPLACED, SHUTDOWN, Dispatcher
+from contact.queue.sqlite import JournalError
+from contact.server import checks
+from contact.server.checks import owned_by, registration
+from contact.server.core import PORT, Server
+from contact.server.handles import Answer, TaskHandle, ThreadsafeHandle
 from contact.server.typed import read_tasks
 
 __all__ = [  # what code that uses the server imports from here
@@ -70,10 +71,10 @@ log = logging.getLogger("contact.server")
 
 
 class ContactServicer(contact_pb2_grpc.ContactServicer):
-    """The three rpcs, each a thin translation between gRPC and the Router."""
+    """The three rpcs, each a thin translation between gRPC and the Dispatcher."""
 
-    def __init__(self, router: Router) -> None:
-        self._router = router
+    def __init__(self, dispatcher: Dispatcher) -> None:
+        self._dispatcher = dispatcher
         self.calls: set[asyncio.Task[Any]] = set()  # open tellResult and sendStatus calls
 
     async def getTask(
@@ -82,9 +83,9 @@ class ContactServicer(contact_pb2_grpc.ContactServicer):
         """Registration: keep the stream open and push each task down it."""
         name = await checks.client_name(context)
         window = await checks.requested_window(context)
-        if self._router.closed:
+        if self._dispatcher.closed:
             await context.abort(grpc.StatusCode.UNAVAILABLE, "the server is shutting down")
-        session = self._router.connect(
+        session = self._dispatcher.connect(
             name,
             window,
             accepts_cancel=checks.says_yes(context, ACCEPTS_CANCEL_KEY),
@@ -106,7 +107,7 @@ class ContactServicer(contact_pb2_grpc.ContactServicer):
         finally:
             # Reached however the stream ends: client exit or crash, keepalive
             # timeout, takeover or shutdown. Unanswered tasks go back.
-            self._router.disconnect(session)
+            self._dispatcher.disconnect(session)
             line = "client %s disconnected (%s)"
             REPEATS.log(log, INFO, "disconnect", host, line, name, session.ended)
         if session.ended == REPLACED:
@@ -124,12 +125,12 @@ class ContactServicer(contact_pb2_grpc.ContactServicer):
         """The client's answers, one per task, each naming its task by id,
         and the tasks it has begun (if it reports that)."""
         name = await checks.client_name(context)
-        session = await registration(self._router, name, context)
+        session = await registration(self._dispatcher, name, context)
         try:
             async with owned_by(session, context, self.calls):  # ends with its registration
                 async for result in request_iterator:
                     if result.started:
-                        self._router.started(session, result.started)
+                        self._dispatcher.started(session, result.started)
                         if not result.id:  # only that
                             continue
                     if problem := text_problem(result.ret):
@@ -139,7 +140,7 @@ class ContactServicer(contact_pb2_grpc.ContactServicer):
                             f"the answer to task {Quoted(result.id)} from {name}: {problem}",
                         )
                     error = one_line_error(result.error)
-                    outcome = self._router.complete(name, result.id, result.ret, error)
+                    outcome = self._dispatcher.complete(name, result.id, result.ret, error)
                     if outcome is Outcome.NOT_GIVEN:
                         await context.abort(
                             grpc.StatusCode.PERMISSION_DENIED,
@@ -156,7 +157,7 @@ class ContactServicer(contact_pb2_grpc.ContactServicer):
     ) -> AsyncIterator[contact_pb2.Result]:
         """The client's own messages; each one is answered."""
         name = await checks.client_name(context)
-        session = await registration(self._router, name, context)
+        session = await registration(self._dispatcher, name, context)
         try:
             async with owned_by(session, context, self.calls):  # ends with its registration
                 async for status in request_iterator:
@@ -165,7 +166,7 @@ class ContactServicer(contact_pb2_grpc.ContactServicer):
                         REPEATS.log(log, DEBUG, "status", name, "status from %s: %s", name, line)
                     yield contact_pb2.Result(
                         ret=f"{len(session.in_flight)} of your tasks in flight, "
-                        f"{self._router.queued()} queued"
+                        f"{self._dispatcher.queued()} queued"
                     )
         except DecodeError as err:
             await checks.refuse_malformed(context, name, err)

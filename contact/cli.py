@@ -15,8 +15,9 @@ import grpc
 from contact import CLIENT_NAME, CLIENT_NAME_RULE
 from contact.client.work import CONCURRENCY, MAX_BACKOFF, STATUS_EVERY
 from contact.logtext import BatchedHandler
-from contact.queue.journal import SYNC, SYNC_MODES
-from contact.queue.router import MAX_ATTEMPTS, MAX_QUEUED, TASK_TIMEOUT_SECONDS
+from contact.queue.base import MAX_ATTEMPTS, MAX_QUEUED
+from contact.queue.dispatcher import TASK_TIMEOUT_SECONDS
+from contact.queue.sqlite import SYNC, SYNC_MODES
 from contact.server.core import GRACE_SECONDS, MAX_IN_FLIGHT
 from contact.tls import channel_credentials, server_credentials
 

@@ -2,7 +2,7 @@
 itself sets on this machine, in the same run.
 
 Two servers, each in a process of its own: `project` is the real server code
-(contact_server's Router and ContactServicer, with its options and logging at
+(contact_server's Dispatcher and ContactServicer, with its options and logging at
 WARNING), and `baseline` is the leanest getTask/tellResult echo written here
 (no queue, no routing, no logging). Clients run in other processes and answer
 each task at once with its own text. Each figure is the median of --repeats
@@ -46,7 +46,9 @@ import contact.client.work
 import contact_client
 from contact import CLIENT_ID_KEY, cli, contact_pb2, contact_pb2_grpc
 from contact.options import SERVER_OPTIONS
-from contact.queue.router import Outcome, Router
+from contact.queue.base import Outcome
+from contact.queue.dispatcher import Dispatcher
+from contact.queue.memory import MemoryQueue
 from contact_server import ContactServer, ContactServicer
 from tests.measure import own_peak_rss_mb
 
@@ -57,11 +59,12 @@ CLIENT_OPTIONS = [("grpc.use_local_subchannel_pool", 1)]  # one connection per c
 # --- the servers under test ---------------------------------------------------
 
 
-class CountingRouter(Router):
-    """The real Router, counting finished tasks so the bench knows when to stop."""
+class CountingDispatcher(Dispatcher):
+    """The real Dispatcher and in-memory queue, counting finished tasks so the
+    bench knows when to stop."""
 
     def __init__(self) -> None:
-        super().__init__()
+        super().__init__(MemoryQueue())
         self.finished = 0
         self.changed = asyncio.Event()
 
@@ -75,20 +78,21 @@ class CountingRouter(Router):
 
 class Project:
     def __init__(self) -> None:
-        self.router = CountingRouter()
-        self.servicer = ContactServicer(self.router)
+        self.dispatcher = CountingDispatcher()
+        self.servicer = ContactServicer(self.dispatcher)
 
     def clients(self) -> int:
-        return len(self.router._sessions)
+        return len(self.dispatcher._sessions)
 
     def submit(self, count: int) -> None:
+        assert isinstance(self.dispatcher.queue, MemoryQueue)
         for number in range(count):
-            self.router.add(f"task {number}")
+            self.dispatcher.queue.add(f"task {number}")
 
     async def wait_finished(self, total: int) -> None:
-        while self.router.finished < total:
-            self.router.changed.clear()
-            await self.router.changed.wait()
+        while self.dispatcher.finished < total:
+            self.dispatcher.changed.clear()
+            await self.dispatcher.changed.wait()
 
 
 class Baseline(contact_pb2_grpc.ContactServicer):  # type: ignore[misc]
@@ -140,7 +144,7 @@ class Served:
         self.awaited = 0  # answers already awaited: latency rounds wait for the new one only
 
     def clients(self) -> int:
-        return len(self.server._router._sessions)
+        return len(self.server._dispatcher._sessions)
 
     def submit(self, count: int) -> None:
         self.answers += [asyncio.ensure_future(self.server.ask(f"task {n}")) for n in range(count)]

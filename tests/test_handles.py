@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 
 import contact.server.core
-from contact.queue.journal import Journal
+from contact.queue.sqlite import SqliteQueue
 from contact_server import (
     Answer,
     ContactServer,
@@ -63,7 +63,7 @@ def test_a_cancelled_queued_task_never_reaches_its_client(
             bob = await started(processes, start_client, "bob", server.port)
             assert await after.result(timeout=20) == "AFTER"
             await wait_for(bob, r"task \S+: 'after' -> 'AFTER'$")
-            assert not server._router.unfinished()
+            assert not server._queue.unfinished()
         assert handle.cancel() is False  # the server is closed
         assert bob.count(r"task \S+: ") == 1, bob.output  # only "after"
         assert "never sent" not in bob.output
@@ -110,15 +110,15 @@ def test_ask_with_a_timeout_gives_up_within_it_and_withdraws_the_task(
             waited = time.monotonic() - began
             print(f"ask(timeout=1) raised after {waited:.2f} s")
             assert waited < 2
-            assert not server._router.unfinished()  # gone, not queued
+            assert not server._queue.unfinished()  # gone, not queued
             # A caller cancelled while it waits withdraws its task too.
             asking = asyncio.ensure_future(server.ask("nor this", target="late"))
-            while not server._router.unfinished():
+            while not server._queue.unfinished():
                 await asyncio.sleep(0)
             asking.cancel()
             with pytest.raises(asyncio.CancelledError):
                 await asking
-            assert not server._router.unfinished()
+            assert not server._queue.unfinished()
             late = await started(processes, start_client, "late", server.port)
             assert await server.ask("after", target="late", timeout=20) == "AFTER"
             await wait_for(late, r"task \S+: 'after' -> 'AFTER'$")
@@ -175,7 +175,7 @@ def test_answers_to_recovered_tasks_reach_the_hook_after_a_restart(
     assert isinstance(heard[1].error, TaskError)
     with pytest.raises(TaskError, match="SystemExit: 2"):
         heard[1].result()
-    reopened = Journal(path)
+    reopened = SqliteQueue(path)
     assert reopened.recovered == []  # answered and failed: nothing left to do
     asyncio.run(reopened.close())
 
@@ -223,7 +223,7 @@ def test_one_bad_task_in_a_journal_batch_does_not_fail_the_others(tmp_path: Path
             assert isinstance(submitted[1], ValueError)
 
     asyncio.run(scenario())
-    reopened = Journal(path)
+    reopened = SqliteQueue(path)
     assert [task.text for task in reopened.recovered] == ["first", "third"]
     asyncio.run(reopened.close())
 
@@ -234,7 +234,7 @@ def test_submit_threadsafe_gives_an_id_and_cancels_from_the_thread(store: dict[s
 
             def plain_code() -> None:
                 answer = server.submit_threadsafe("for nobody", target="nobody")
-                assert answer.id in {task.id for task in server._router.unfinished()}
+                assert answer.id in {task.id for task in server._queue.unfinished()}
                 assert answer.cancel() is True
                 with pytest.raises(TaskCancelledError):
                     answer.result(timeout=5)
@@ -243,7 +243,7 @@ def test_submit_threadsafe_gives_an_id_and_cancels_from_the_thread(store: dict[s
                     server.submit_threadsafe("\ud800")
 
             await asyncio.to_thread(plain_code)
-            assert not server._router.unfinished()
+            assert not server._queue.unfinished()
             with pytest.raises(RuntimeError, match="this is its loop"):
                 server.submit_threadsafe("from the loop itself")
 
@@ -264,10 +264,10 @@ def test_a_submitter_cancelled_during_its_commit_leaves_the_others_of_the_commit
             assert isinstance(await kept, TaskHandle)  # not cancelled with it
             with pytest.raises(asyncio.CancelledError):
                 await cancelled
-            assert [task.text for task in server._router.unfinished()] == ["two"]
+            assert [task.text for task in server._queue.unfinished()] == ["two"]
 
     asyncio.run(scenario())
-    reopened = Journal(path)
+    reopened = SqliteQueue(path)
     assert [task.text for task in reopened.recovered] == ["two"]  # "one" written, then removed
     asyncio.run(reopened.close())
 
@@ -275,8 +275,8 @@ def test_a_submitter_cancelled_during_its_commit_leaves_the_others_of_the_commit
 def test_a_hook_that_cancels_tasks_while_failures_land_breaks_nothing(
     store: dict[str, Any],
 ) -> None:
-    """Failures land while the Router ends a session: the hook that cancels
-    the rest of a batch runs once the Router is done."""
+    """Failures land while the Dispatcher ends a session: the hook that cancels
+    the rest of a batch runs once the Dispatcher is done."""
 
     async def scenario() -> None:
         cancelled: list[bool] = []
@@ -286,10 +286,10 @@ def test_a_hook_that_cancels_tasks_while_failures_land_breaks_nothing(
 
         server = ContactServer(port=0, grace=0, max_attempts=1, on_answer=on_answer, **store)
         async with server:
-            holder = server._router.connect("holder", window=2)
+            holder = server._dispatcher.connect("holder", window=2)
             batch = [await server.submit(f"part {n}") for n in range(3)]
             assert len(holder.in_flight) == 2
-            server._router.disconnect(holder)  # both held parts fail: their first attempt
+            server._dispatcher.disconnect(holder)  # both held parts fail: their first attempt
             for handle in batch[:2]:
                 with pytest.raises(TaskFailedError):
                     await handle
@@ -343,6 +343,6 @@ def test_a_full_queue_makes_submit_wait_and_ask_and_submit_threadsafe_give_up_in
             assert not waiting.done()
             assert first.cancel()  # room: the waiting submit goes in, and no other did
             third = await asyncio.wait_for(waiting, 5)
-            assert server._router.queued() == 1 and third.cancel()
+            assert server._queue.queued() == 1 and third.cancel()
 
     asyncio.run(scenario())

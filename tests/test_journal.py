@@ -27,9 +27,9 @@ from pathlib import Path
 import pytest
 
 from contact.logtext import BatchedHandler
-from contact.queue import journal as journal_module
-from contact.queue.journal import Journal, JournalError
-from contact.queue.router import Task
+from contact.queue import sqlite as sqlite_module
+from contact.queue.base import Task
+from contact.queue.sqlite import JournalError, SqliteQueue
 from contact_server import ContactServer
 from tests.processes import ROOT, Process, free_port, start_server
 
@@ -192,7 +192,7 @@ def make_unusable(journal: Path, kind: str) -> None:
     with contextlib.closing(sqlite3.connect(journal)) as db:
         db.execute("CREATE TABLE notes (text TEXT)")
         if kind == "a journal of another version":
-            db.execute(f"PRAGMA application_id = {journal_module.APPLICATION_ID}")
+            db.execute(f"PRAGMA application_id = {sqlite_module.APPLICATION_ID}")
             db.execute("PRAGMA user_version = 99")
         db.commit()
 
@@ -243,60 +243,107 @@ def test_a_second_server_on_the_same_journal_is_refused_and_the_first_serves_on(
     first.wait_for(r"result from worker: 'STILL HERE'$")
 
 
-# --- The journal module itself, in this process (no gRPC) ---------------------
+# --- The SQLite queue itself (no gRPC) ----------------------------------------
+
+
+HAND_ON_AND_MAYBE_CRASH = """
+import asyncio, os, sys
+from contact.queue.sqlite import SqliteQueue
+
+async def main(crash: bool) -> None:
+    queue, handed = SqliteQueue(sys.argv[1]), asyncio.Event()
+
+    def hand_on(task, client, outcome):
+        print("handed on:", outcome, flush=True)
+        if crash:
+            os._exit(9)  # killed as the answer is handed on
+        handed.set()
+
+    queue.listen(lambda task, client, outcome: None, hand_on)
+    task = await queue.put("hello")
+    queue.take(task, "alice")
+    queue.settle("alice", task.id, "HELLO")
+    await asyncio.wait_for(handed.wait(), 10)
+    await queue.close()
+
+asyncio.run(main(sys.argv[2] == "crash"))
+"""
+
+
+@pytest.mark.parametrize("crash", [True, False])
+def test_an_answer_is_forgotten_only_after_it_is_handed_on(tmp_path: Path, crash: bool) -> None:
+    """The crash rule, in the SQLite queue itself: a process killed as an
+    answer is handed on (an `on_answer` hook, say) finds its task again at
+    the next start; one that handed it on and closed does not."""
+    path = tmp_path / "tasks.journal"
+    done = subprocess.run(
+        [sys.executable, "-c", HAND_ON_AND_MAYBE_CRASH, str(path), "crash" if crash else "no"],
+        cwd=ROOT, capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert done.stdout == "handed on: HELLO\n", done.stdout + done.stderr
+    assert done.returncode == (9 if crash else 0), done.stderr
+    reopened = SqliteQueue(path)
+    try:
+        assert [task.text for task in reopened.recovered] == (["hello"] if crash else [])
+    finally:
+        asyncio.run(reopened.close())
 
 
 def test_a_reopened_journal_gives_back_what_was_unfinished_in_order(tmp_path: Path) -> None:
     path = tmp_path / "tasks.journal"
 
     async def first_run() -> str:
-        journal = Journal(path)
-        tasks = [Task(id=f"{journal.run}-{n}", text=f"t{n}") for n in range(1, 5)]
-        tasks[1].target = "bob"
-        await asyncio.gather(*(journal.added(task) for task in tasks))
-        journal.finished(tasks[0])
-        tasks[1].attempts = 2
-        journal.requeued(tasks[1])
-        tasks[3].attempts = 5
-        journal.failed(tasks[3], "sent 5 times without an answer")
-        await journal.close()
-        return journal.run
+        queue = SqliteQueue(path)
+        one, two, three, four = [
+            await queue.put(f"t{n}", "bob" if n == 2 else None) for n in range(1, 5)
+        ]
+        for task in one, three, four:
+            queue.take(task, "alice")
+        queue.settle("alice", one.id, "answered")
+        for _ in range(2):  # bob died twice holding it
+            queue.take(two, "bob")
+            queue.release(two, charged=True)
+        queue.release(three, charged=False)  # a shutdown, say: no attempt
+        queue.settle("alice", four.id, "", "boom")
+        await queue.close()
+        return queue.run
 
     first = asyncio.run(first_run())
-    journal = Journal(path)
+    queue = SqliteQueue(path)
     try:
-        assert [(t.text, t.target, t.attempts) for t in journal.recovered] == [
+        assert [(t.text, t.target, t.attempts) for t in queue.recovered] == [
             ("t2", "bob", 2),
             ("t3", None, 0),
         ]
-        assert [t.suspect for t in journal.recovered] == [True, False]  # taken back before
-        assert all(t.recovered for t in journal.recovered)
-        assert journal.run != first and journal.earlier_runs == [first]
+        assert [t.suspect for t in queue.recovered] == [True, False]  # taken back before
+        assert all(t.recovered for t in queue.recovered)
+        assert queue.run != first and queue._earlier_runs == {first}
+        assert queue.queued() == 2  # queued again, in their order
     finally:
-        asyncio.run(journal.close())
+        asyncio.run(queue.close())
     with contextlib.closing(sqlite3.connect(path)) as db:
         failed = db.execute("SELECT text, attempts, reason FROM tasks WHERE state = 'failed'")
-        assert failed.fetchall() == [("t4", 5, "sent 5 times without an answer")]
+        assert failed.fetchall() == [("t4", 1, "failed at alice: boom")]
 
 
 def test_only_the_newest_failed_tasks_are_kept(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(journal_module, "KEEP_FAILED", 3)
+    monkeypatch.setattr(sqlite_module, "KEEP_FAILED", 3)
     path = tmp_path / "tasks.journal"
 
     async def fail_five() -> None:
-        journal = Journal(path)
+        queue = SqliteQueue(path, max_attempts=1)
         for n in range(5):
-            task = Task(id=f"x-{n}", text=f"t{n}")
-            await journal.added(task)
-            journal.failed(task, "poison")
-        await journal.close()
+            task = await queue.put(f"t{n}")
+            queue.take(task, "alice")
+            assert not queue.release(task, charged=True)  # out of attempts: failed
+        await queue.close()
 
     asyncio.run(fail_five())
     with contextlib.closing(sqlite3.connect(path)) as db:
-        kept = [row[0] for row in db.execute("SELECT text FROM tasks ORDER BY seq")]
-    assert kept == ["t2", "t3", "t4"]
+        kept = [row for row in db.execute("SELECT text, reason FROM tasks ORDER BY seq")]
+    assert kept == [(f"t{n}", "sent 1 times without an answer") for n in (2, 3, 4)]
 
 
 def test_a_lone_task_is_committed_at_once_and_writes_under_load_share_one(
@@ -307,24 +354,25 @@ def test_a_lone_task_is_committed_at_once_and_writes_under_load_share_one(
     come while a commit is under way share the next."""
 
     async def scenario() -> None:
-        journal = Journal(tmp_path / "tasks.journal")
+        queue = SqliteQueue(tmp_path / "tasks.journal")
         commits: list[int] = []
-        commit = journal._commit
+        commit = queue._commit
 
         def counted(ops: list[tuple[str, tuple[object, ...]]]) -> None:
             commits.append(len(ops))
             commit(ops)
 
-        journal._commit = counted  # type: ignore[method-assign]
-        batches = {journal.added(Task(id=f"x-{n}", text="t")) for n in range(100)}
-        assert len(batches) == 2  # the first at once, the other 99 while it was written
-        await asyncio.gather(*batches)
-        journal.finished(Task(id="x-0", text="t"))  # waits for a batch
-        lone = journal.added(Task(id="x-100", text="t"))
-        assert journal._writing is not None  # begun at once, not after BATCH_SECONDS
+        queue._commit = counted  # type: ignore[method-assign]
+        tasks = await asyncio.gather(*(queue.put("t") for _ in range(100)))
+        assert commits == [1, 99]  # the first at once, the other 99 while it was written
+        queue.take(tasks[0], "alice")
+        queue.settle("alice", tasks[0].id, "done")  # its removal waits for a batch
+        lone = asyncio.create_task(queue.put("lone"))
+        await asyncio.sleep(0)  # (it runs to its wait for the commit)
+        assert queue._writing is not None  # begun at once, not after BATCH_SECONDS
         await lone
         assert commits == [1, 99, 2]
-        await journal.close()
+        await queue.close()
 
     asyncio.run(scenario())
 
@@ -333,21 +381,20 @@ def test_a_failed_write_fails_its_submitters_and_the_next_write_goes_through(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     async def scenario() -> None:
-        journal = Journal(tmp_path / "tasks.journal")
-        pages = journal._db.execute("PRAGMA page_count").fetchone()[0]
-        journal._db.execute(f"PRAGMA max_page_count = {pages + 1}")  # as a full disk would
-        big = [Task(id=f"x-{n}", text=f"{n}" + "x" * 4000) for n in range(10)]
-        outcomes = await asyncio.gather(
-            *(journal.added(task) for task in big), return_exceptions=True
-        )
+        queue = SqliteQueue(tmp_path / "tasks.journal")
+        pages = queue._db.execute("PRAGMA page_count").fetchone()[0]
+        queue._db.execute(f"PRAGMA max_page_count = {pages + 1}")  # as a full disk would
+        big = [f"{n}" + "x" * 4000 for n in range(10)]
+        outcomes = await asyncio.gather(*(queue.put(text) for text in big), return_exceptions=True)
         failed = [o for o in outcomes if isinstance(o, JournalError)]
         assert failed and all("database or disk is full" in str(o) for o in failed)
-        kept = [task.text for task, o in zip(big, outcomes, strict=True) if o is None]
+        kept = [o.text for o in outcomes if isinstance(o, Task)]
         assert len(kept) + len(failed) == len(big)
-        journal._db.execute("PRAGMA max_page_count = 1000000")
-        await journal.added(Task(id="y-1", text="small"))
-        await journal.close()
-        reopened = Journal(tmp_path / "tasks.journal")
+        assert [task.text for task in queue.unfinished()] == kept  # the others were not queued
+        queue._db.execute("PRAGMA max_page_count = 1000000")
+        await queue.put("small")
+        await queue.close()
+        reopened = SqliteQueue(tmp_path / "tasks.journal")
         assert [task.text for task in reopened.recovered] == [*kept, "small"]
         await reopened.close()
 
@@ -362,9 +409,9 @@ def test_submit_returns_once_committed_and_a_result_is_logged_before_its_removal
 
     async def scenario() -> None:
         async with ContactServer(port=0, grace=0, journal=tmp_path / "tasks.journal") as server:
-            journal = server._store
-            assert isinstance(journal, Journal)
-            commit, finished = journal._commit, journal.finished
+            journal = server._queue
+            assert isinstance(journal, SqliteQueue)
+            commit, forget = journal._commit, journal._forget
 
             def noted(ops: list[tuple[str, tuple[object, ...]]]) -> None:
                 commit(ops)
@@ -372,17 +419,17 @@ def test_submit_returns_once_committed_and_a_result_is_logged_before_its_removal
 
             journal._commit = noted  # type: ignore[method-assign]
 
-            def removal(task: Task) -> None:
+            def removal(task: Task, outcome: object) -> None:
                 logged = "result from alice: 'HELLO'" in caplog.text
                 events.append(f"removal written (result logged: {logged}, handed: {answer.done()})")
-                finished(task)
+                forget(task, outcome)  # type: ignore[arg-type]
 
-            journal.finished = removal  # type: ignore[method-assign]
+            journal._forget = removal  # type: ignore[method-assign]
             answer = await server.submit("hello")
             events.append("submit returned")
-            alice = server._router.connect("alice")
+            alice = server._dispatcher.connect("alice")
             task_id = next(iter(alice.in_flight))
-            server._router.complete("alice", task_id, "HELLO")
+            server._dispatcher.complete("alice", task_id, "HELLO")
             assert await answer == "HELLO"
 
     with caplog.at_level(logging.INFO):
@@ -408,20 +455,24 @@ def test_a_removal_is_committed_only_after_the_log_lines_held_before_it_are_writ
     seen_at_commit: list[str] = []
 
     async def scenario() -> None:
-        journal = Journal(tmp_path / "tasks.journal")
-        task = Task(id="x-1", text="hello")
-        await journal.added(task)
-        commit = journal._commit
+        queue = SqliteQueue(tmp_path / "tasks.journal")
+
+        def report(task: Task, client: str, outcome: object) -> None:
+            logging.getLogger("contact.server").info("task x-1 result from alice: 'HELLO'")
+            assert "result from" not in written.getvalue()  # held back, for now
+
+        queue.listen(report)
+        task = await queue.put("hello")
+        commit = queue._commit
 
         def noted(ops: list[tuple[str, tuple[object, ...]]]) -> None:
             seen_at_commit.append(written.getvalue())
             commit(ops)
 
-        journal._commit = noted  # type: ignore[method-assign]
-        logging.getLogger("contact.server").info("task x-1 result from alice: 'HELLO'")
-        assert "result from" not in written.getvalue()  # held back, for now
-        journal.finished(task)
-        await journal.close()
+        queue._commit = noted  # type: ignore[method-assign]
+        queue.take(task, "alice")
+        queue.settle("alice", task.id, "HELLO")
+        await queue.close()
 
     root = logging.getLogger()
     root.addHandler(handler)
@@ -434,7 +485,7 @@ def test_a_removal_is_committed_only_after_the_log_lines_held_before_it_are_writ
         root.setLevel(level)
     assert len(seen_at_commit) == 1  # the removal's commit
     assert seen_at_commit[0].endswith("task x-1 result from alice: 'HELLO'\n")
-    assert Journal(tmp_path / "tasks.journal").recovered == []
+    assert SqliteQueue(tmp_path / "tasks.journal").recovered == []
 
 
 @pytest.mark.skipif(sys.platform == "win32", reason="closes file descriptor 2 before exec")
@@ -464,7 +515,7 @@ def test_a_server_whose_standard_error_is_closed_still_queues_and_answers_with_a
         if server.poll() is None:
             server.kill()
             server.wait(10)
-    assert Journal(path).recovered == []  # every answer's removal was committed
+    assert SqliteQueue(path).recovered == []  # every answer's removal was committed
 
 
 def test_a_journal_deleted_while_the_server_runs_is_said_and_nothing_is_reported_kept(

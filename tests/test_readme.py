@@ -120,16 +120,15 @@ def test_copy_into_a_project_and_add_a_field(processes: list[Process], tmp_path:
     # Your field is kept in a journal too, and read back after a restart.
     keep_and_read_back = """
 import asyncio
-from contact.queue.journal import Journal
-from contact.queue.router import Task
+from contact.queue.sqlite import SqliteQueue
 
 async def keep() -> None:
-    journal = Journal("tasks.journal")
-    await journal.added(Task(id="x-1", text="hello", fields={"priority": "high"}))
-    await journal.close()
+    queue = SqliteQueue("tasks.journal")
+    await queue.put("hello", fields={"priority": "high"})
+    await queue.close()
 
 asyncio.run(keep())
-print(Journal("tasks.journal").recovered[0].fields)
+print(SqliteQueue("tasks.journal").recovered[0].fields)
 """
     done = subprocess.run(
         [sys.executable, "-c", keep_and_read_back],

@@ -33,7 +33,7 @@ def test_a_field_the_proto_lacks_is_refused_when_submitted(store: dict[str, Any]
                 await server.submit("text", no_such_field="x")
             with pytest.raises(ValueError, match="the server's to fill"):
                 await server.submit("text", id="mine")
-            assert server._router.queued() == 0
+            assert server._queue.queued() == 0
 
     asyncio.run(scenario())
 
@@ -47,7 +47,7 @@ def test_submit_before_start_and_after_shutdown_is_refused(store: dict[str, Any]
         with pytest.raises(RuntimeError, match="not running"):
             await server.submit("too early")
         async with server:  # (nothing was queued: it starts as usual)
-            assert server._router.queued() == 0
+            assert server._queue.queued() == 0
         with pytest.raises(RuntimeError, match="closed"):
             await server.submit("too late")
 

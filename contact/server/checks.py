@@ -30,7 +30,7 @@ from contact import (
     MAX_IN_FLIGHT_KEY,
 )
 from contact.logtext import REPEATS
-from contact.queue.router import REPLACED, SHUTDOWN, Router, Session
+from contact.queue.dispatcher import REPLACED, SHUTDOWN, Dispatcher, Session
 from contact.tls import certified_name_mismatch
 
 log = logging.getLogger("contact.metadata")
@@ -136,9 +136,11 @@ ENDINGS = {
 LEFT_ENDING = (grpc.StatusCode.FAILED_PRECONDITION, "the registration of {name} ended")
 
 
-async def registration(router: Router, name: str, context: grpc.aio.ServicerContext) -> Session:
+async def registration(
+    dispatcher: Dispatcher, name: str, context: grpc.aio.ServicerContext
+) -> Session:
     """The live session of `name`; refuse the call if it has none."""
-    session = router.session(name)
+    session = dispatcher.session(name)
     if session is None:
         await refuse(
             context,

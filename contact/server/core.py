@@ -2,15 +2,16 @@
 submit a task and get a handle to await its answer or cancel it, or `ask`
 and await the answer; started and stopped by `async with`.
 
-It holds the Router (which client gets which task) and one TaskStore
-(contact/queue/store.py: what is kept, in memory or in a journal file), and turns
-what the Router reports into log lines, task handles' outcomes, the
-`on_answer` hook and the store's records. `listen` binds its port.
+It holds one TaskQueue (contact/queue/base.py: the tasks, in memory or in a
+journal file), never asking which kind, and a Dispatcher in front of it
+(which connected client gets which task); it turns what the queue reports
+into log lines and the `on_answer` hook. `listen` binds its port.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import os
 from collections.abc import Callable
@@ -19,26 +20,25 @@ from typing import Any, Protocol, TypeVar
 import grpc
 
 from contact import contact_pb2_grpc
-from contact.logtext import REPEATS, Quoted, retrieved, summarise_grpc_decode_errors
+from contact.logtext import REPEATS, Quoted, summarise_grpc_decode_errors
 from contact.options import SERVER_OPTIONS
-from contact.queue.journal import SYNC, Journal
-from contact.queue.router import (
+from contact.queue.base import (
     MAX_ATTEMPTS,
     MAX_QUEUED,
-    TASK_TIMEOUT_SECONDS,
-    Router,
     Task,
+    TaskError,
+    TaskFailedError,
+    TaskNotAnsweredError,
+    TaskQueue,
 )
-from contact.queue.store import MemoryStore, TaskStore
+from contact.queue.dispatcher import TASK_TIMEOUT_SECONDS, Dispatcher
+from contact.queue.memory import MemoryQueue
+from contact.queue.sqlite import SYNC, SqliteQueue
 from contact.server.checks import end_calls
 from contact.server.handles import (
     LOOP_REPLY_SECONDS,
     Answer,
-    TaskCancelledError,
-    TaskError,
-    TaskFailedError,
     TaskHandle,
-    TaskNotAnsweredError,
     ThreadsafeHandle,
     check_task,
     on_loop,
@@ -65,10 +65,18 @@ class Servicer(Protocol):
 ServerType = TypeVar("ServerType", bound="Server")  # `async with` gives the subclass
 
 
-def open_store(journal: str | os.PathLike[str] | None, sync: str = SYNC) -> TaskStore:
-    """The store the options ask for: a journal file, or memory. Raises
-    JournalError if the file cannot be used."""
-    return MemoryStore() if journal is None else Journal(journal, sync)
+def open_queue(
+    journal: str | os.PathLike[str] | None,
+    sync: str = SYNC,
+    *,
+    max_attempts: int | None = MAX_ATTEMPTS,
+    max_queued: int | None = MAX_QUEUED,
+) -> TaskQueue:
+    """The queue the options ask for: in a journal file, or in memory.
+    Raises JournalError if the file cannot be used."""
+    if journal is None:
+        return MemoryQueue(max_attempts=max_attempts, max_queued=max_queued)
+    return SqliteQueue(journal, sync, max_attempts=max_attempts, max_queued=max_queued)
 
 
 class Server:
@@ -88,7 +96,7 @@ class Server:
     `max_queued` tasks waiting for a client, `submit` waits for room.
     """
 
-    servicer: Callable[[Router], Servicer]
+    servicer: Callable[[Dispatcher], Servicer]
 
     def __init__(
         self,
@@ -109,27 +117,24 @@ class Server:
             raise TypeError(f"{type(self).__name__} has no servicer: use ContactServer")
         self.host, self.port, self.grace = host, port, grace
         self._credentials = credentials
-        self._journal_file, self._journal_sync = journal, journal_sync
-        self._store: TaskStore = MemoryStore()  # the one asked for, while the server runs
-        self._on_answer = on_answer
-        self._router = Router(
-            max_in_flight,
-            self._answered,
-            task_timeout=task_timeout,
-            max_attempts=max_attempts,
-            on_failed=self._failed,
-            on_requeued=self._requeued,
-            on_error=self._errored,
-            max_queued=max_queued,
+        # The queue and its dispatcher are made as the server starts (a
+        # journal is opened then), from these; made once here, they check them.
+        self._new_queue = functools.partial(
+            open_queue, journal, journal_sync, max_attempts=max_attempts, max_queued=max_queued
         )
-        self._answers: dict[str, asyncio.Future[str]] = {}  # by task id, while awaited
+        self._new_dispatcher = functools.partial(
+            Dispatcher, max_in_flight=max_in_flight, task_timeout=task_timeout
+        )
+        self._new_dispatcher(MemoryQueue(max_attempts=max_attempts, max_queued=max_queued))
+        self._on_answer = on_answer
+        self._closed = False
         self._signals_back: Callable[[], None] | None = None  # ends serve_until_stopped's hold
         self._loop: asyncio.AbstractEventLoop | None = None  # the loop it runs on, once started
 
     @property
     def closed(self) -> bool:
         """Whether the server has begun shutting down (it takes no more tasks)."""
-        return self._router.closed
+        return self._closed
 
     async def submit(
         self, text: str, target: str | None = None, *, wait: bool = True, **fields: Any
@@ -151,24 +156,12 @@ class Server:
         if self._loop is None:  # (with a journal, there is nowhere to keep it yet)
             raise RuntimeError("the server is not running: enter `async with server` first")
         try:
-            await self._router.reserve(wait)
+            task = await self._queue.put(text, target, fields, wait)
         except RuntimeError:
             raise RuntimeError("the server closed while the task waited for room") from None
-        try:
-            task = self._router.new_task(text, target, **fields)
-            await self._kept(task)
-        except BaseException:
-            self._router.unreserve()
-            raise
-        answer = asyncio.get_running_loop().create_future()
-        answer.add_done_callback(retrieved)  # a handle nobody awaits is no error
-        if self._router.closed:  # it closed while the task was being written
-            answer.set_exception(self._not_answered(task))
-            self._router.unreserve()
-        else:
-            self._answers[task.id] = answer
-            self._router.queue(task, reserved=True)
-        return TaskHandle(task.id, answer, lambda: self.cancel(task.id))
+        outcome = self._queue.outcome(task.id)
+        assert outcome is not None  # (nothing could end it yet)
+        return TaskHandle(task.id, outcome, lambda: self.cancel(task.id))
 
     async def ask(
         self, text: str, target: str | None = None, *, timeout: float | None = None, **fields: Any
@@ -188,18 +181,6 @@ class Server:
             return await handle  # its outcome came as the time ran out
         except asyncio.CancelledError:
             handle.cancel()
-            raise
-
-    async def _kept(self, task: Task) -> None:
-        """Wait until `task` is in the store. A journal's commit is shared
-        with other tasks, so a cancelled caller must not cancel it: the task
-        is written, then removed again."""
-        if (kept := self._store.added(task)) is None:
-            return
-        try:
-            await asyncio.shield(kept)
-        except asyncio.CancelledError:
-            self._store.finished(task)
             raise
 
     def submit_threadsafe(
@@ -227,12 +208,10 @@ class Server:
         """Withdraw the task `task_id` (see TaskHandle.cancel); False if it
         has its outcome already, is no task of this server, or the server
         has begun shutting down (the task then stays in the journal, if any)."""
-        task = None if self.closed else self._router.cancel(task_id)
+        task = None if self.closed else self._dispatcher.cancel(task_id)
         if task is None:
             return False
         log.info("task %s cancelled", task.id)
-        self._settle(task, TaskCancelledError(f"task {task.id} was cancelled"))
-        self._store.finished(task)
         return True
 
     async def serve_until_stopped(self) -> None:
@@ -249,81 +228,47 @@ class Server:
 
     # -- how each task ends --
 
-    def _answered(self, task: Task, name: str, text: str) -> None:
-        log.info("task %s result from %s: %s", task.id, name, Quoted(text))
-        self._conclude(task, text, name)
+    def _report(self, task: Task, client: str, outcome: str | TaskNotAnsweredError) -> None:
+        """Log how a task ended (an answer, a client's failure, or no attempts left)."""
+        if isinstance(outcome, str):
+            log.info("task %s result from %s: %s", task.id, client, Quoted(outcome))
+        elif isinstance(outcome, TaskError):
+            log.warning("task %s failed at %s: %s", task.id, client, Quoted(outcome.error))
+        elif isinstance(outcome, TaskFailedError):
+            log.error("task %s failed: %s: %s", task.id, outcome.reason, Quoted(task.text))
 
-    def _errored(self, task: Task, name: str, error: str) -> None:
-        log.warning("task %s failed at %s: %s", task.id, name, Quoted(error))
-        reason = f"failed at {name}: {error}"
-        self._conclude(task, TaskError(f"task {task.id} {reason}", name, error), name, reason)
-
-    def _failed(self, task: Task, reason: str) -> None:
-        self._conclude(task, TaskFailedError(f"task {task.id} failed: {reason}"), "", reason)
-
-    def _conclude(
-        self, task: Task, outcome: str | TaskNotAnsweredError, name: str, reason: str = ""
-    ) -> None:
-        """A task has its answer, or failed (`reason`): hand it to its
-        submitter now; tell the hook and the journal on the loop's next turn,
-        once the Router is done with this change (the hook may cancel tasks)."""
-        self._settle(task, outcome)
-        asyncio.get_running_loop().call_soon(self._record, task, outcome, name, reason)
-
-    def _record(
-        self, task: Task, outcome: str | TaskNotAnsweredError, name: str, reason: str
-    ) -> None:
-        failure = outcome if isinstance(outcome, TaskNotAnsweredError) else None
+    def _hand_on(self, task: Task, client: str, outcome: str | TaskNotAnsweredError) -> None:
+        """Give the `on_answer` hook what became of a task."""
+        assert self._on_answer is not None
+        failure = None if isinstance(outcome, str) else outcome
         text = None if failure else str(outcome)
-        if self._on_answer is not None:
-            answer = Answer(task.id, task.text, name or None, text, failure, task.recovered)
-            try:
-                self._on_answer(answer)
-            except Exception:  # the hook is the user's code: it must not break the server
-                log.exception("the on_answer hook failed on task %s", task.id)
-        if failure is None:  # only now: a crash before this repeats the task
-            self._store.finished(task)
-        else:
-            self._store.failed(task, reason)
-
-    def _requeued(self, task: Task) -> None:
-        self._store.requeued(task)  # its attempts count survives a restart
-
-    def _not_answered(self, task: Task) -> TaskNotAnsweredError:
-        return TaskNotAnsweredError(
-            f"the server closed before task {task.id} was answered{self._store.kept()}"
-        )
-
-    def _settle(self, task: Task, outcome: str | Exception) -> None:
-        """Hand the submitter of `task` its answer, or why there is none."""
-        answer = self._answers.pop(task.id, None)
-        if answer is None or answer.done():  # recovered from a journal, or nobody waits
-            return
-        if isinstance(outcome, Exception):
-            answer.set_exception(outcome)
-        else:
-            answer.set_result(outcome)
+        answer = Answer(task.id, task.text, client or None, text, failure, task.recovered)
+        try:
+            self._on_answer(answer)
+        except Exception:  # the hook is the user's code: it must not break the server
+            log.exception("the on_answer hook failed on task %s", task.id)
 
     async def _housekeeping(self) -> None:
         while True:
             await asyncio.sleep(HOUSEKEEPING_SECONDS)
-            self._router.expire_leases()
+            self._dispatcher.expire_leases()
             REPEATS.flush(log)
 
     async def __aenter__(self: ServerType) -> ServerType:
-        store = open_store(self._journal_file, self._journal_sync)
+        queue = self._new_queue()
+        queue.listen(self._report, None if self._on_answer is None else self._hand_on)
+        self._queue, self._dispatcher = queue, self._new_dispatcher(queue)
         try:
-            self._router.resume(store.run, store.earlier_runs, store.recovered)  # before any client
             summarise_grpc_decode_errors(log)
             self._server = grpc.aio.server(options=SERVER_OPTIONS)  # needs a running loop
-            self._servicer = self.servicer(self._router)
+            self._servicer = self.servicer(self._dispatcher)
             contact_pb2_grpc.add_ContactServicer_to_server(self._servicer, self._server)
             self.port = listen(self._server, self.host, self.port, self._credentials)
             await self._server.start()
         except BaseException:
-            await store.close()  # (a journal's file is locked until then)
+            await queue.close()  # (a journal's file is locked until then)
             raise
-        self._store, self._loop = store, asyncio.get_running_loop()
+        self._loop = asyncio.get_running_loop()
         self._housekeeper = asyncio.create_task(self._housekeeping())
         warn_if_exposed(self.host, self._credentials)
         tls = "" if self._credentials is None else " with TLS"
@@ -331,24 +276,23 @@ class Server:
         return self
 
     async def __aexit__(self, *exc_info: object) -> None:
+        queued = self._queue.queued()
         log.info(
             "shutting down: tasks queued: %d, in flight: %d; open calls get %.0f s to finish",
-            self._router.queued(),
-            self._router.in_flight(),
+            queued,
+            len(self._queue.unfinished()) - queued,
             self.grace,
         )
+        self._closed = True
         self._housekeeper.cancel()
-        self._router.close()  # every getTask call ends: UNAVAILABLE
+        self._dispatcher.close()  # every getTask call ends: UNAVAILABLE
         await end_calls(self._servicer.calls, self.grace)  # answers on their way still land
         await self._server.stop(self.grace)
-        unanswered = self._router.unfinished()
-        for task in unanswered:
-            self._settle(task, self._not_answered(task))
-        kept = self._store.kept() if unanswered else ""
-        await self._store.close()  # makes durable what is pending: answers that just came
-        self._store = MemoryStore()  # reports that come later are of no use to anyone
+        unanswered = len(self._queue.unfinished())
+        kept = self._queue.kept() if unanswered else ""
+        await self._queue.close()  # makes durable what is pending: answers that just came
         REPEATS.flush(log, everything=True)  # no "... and N more" is left unsaid
-        log.info("stopped; tasks never answered: %d%s", len(unanswered), kept)
+        log.info("stopped; tasks never answered: %d%s", unanswered, kept)
         if self._signals_back is not None:  # a signal now is the program's again
             self._signals_back()
 

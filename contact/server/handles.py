@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from contact import CLIENT_NAME, MAX_MESSAGE_BYTES, contact_pb2, text_problem
+from contact.queue.base import TaskNotAnsweredError
 
 # How long plain code in another thread waits for the server's loop to do
 # what it asked (take a task, withdraw one): a journal commit takes
@@ -22,30 +23,6 @@ SERVER_FIELDS = ("task", "id", "attempt", "cancelled")
 # A task's message, its own fields included, leaves this much of the message
 # cap for the id and the attempt (an id is a few dozen bytes).
 MAX_TASK_MESSAGE_BYTES = MAX_MESSAGE_BYTES - 1024
-
-
-class TaskNotAnsweredError(Exception):
-    """The task will never be answered; the message says why (here: the
-    server closed first). The errors below say more."""
-
-
-class TaskError(TaskNotAnsweredError):
-    """The client could not do the task (its handler raised, say); the
-    message is the client's, and the task is not sent again."""
-
-    def __init__(self, message: str, client: str, error: str) -> None:
-        super().__init__(message)
-        self.client = client  # the name of the client that reported it
-        self.error = error  # its reason, as it sent it
-
-
-class TaskFailedError(TaskNotAnsweredError):
-    """The task was sent too many times without an answer (it may be what
-    kills or hangs the clients that take it)."""
-
-
-class TaskCancelledError(TaskNotAnsweredError):
-    """The task was withdrawn with `cancel()` before it had an answer."""
 
 
 @dataclass(frozen=True)

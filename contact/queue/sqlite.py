@@ -1,16 +1,21 @@
-"""The server's journal (`--journal FILE`): every unfinished task in an
-SQLite file, so that a server killed at any instant loses no task it took,
-and picks them up again when it starts on the same file.
+"""The task queue in an SQLite file (`--journal FILE`): `MemoryQueue` with
+every change of a task written to the file too, so that a server killed at
+any instant loses no task it took, and queues them again when it starts on
+the same file.
 
 One row per task, from submission until it is answered or cancelled (the
-row is then deleted) or fails (the row is kept, state 'failed', for inspection, up to
-KEEP_FAILED of them). Writes share transactions, committed one at a time by
-a thread of its own: each takes what came since the last. A new task that
-finds the writer idle is committed at once (its submitter waits for that
-commit); otherwise commits begin at most every BATCH_SECONDS, so under load
-each carries the writes of a few milliseconds.
+row is then deleted) or fails (the row is kept, state 'failed', for
+inspection, up to KEEP_FAILED of them). Writes share transactions,
+committed one at a time by a thread of its own: each takes what came since
+the last. A new task that finds the writer idle is committed at once (its
+submitter waits for that commit); otherwise commits begin at most every
+BATCH_SECONDS, so under load each carries the writes of a few milliseconds.
 
-See docs/guarantees.md ("After a crash") for what survives which crash.
+The crash rule, kept here: a task's row is deleted only once its answer is
+reported, handed on, and its log line written (MemoryQueue._end, and
+`write_held_lines` before each commit), so a crash in between repeats the
+task rather than losing its answer. See docs/guarantees.md ("After a
+crash") for what survives which crash.
 """
 
 from __future__ import annotations
@@ -24,13 +29,19 @@ import os
 import secrets
 import sqlite3
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from contact import contact_pb2
 from contact.logtext import counted, write_held_lines
-from contact.queue.router import Task
-from contact.queue.store import TaskStore
+from contact.queue.base import (
+    MAX_ATTEMPTS,
+    MAX_QUEUED,
+    Task,
+    TaskCancelledError,
+    TaskNotAnsweredError,
+)
+from contact.queue.memory import MemoryQueue
 
 log = logging.getLogger("contact.journal")
 
@@ -83,17 +94,25 @@ class JournalError(Exception):
     """The journal cannot be used; the message says which file and why, in one line."""
 
 
-class Journal(TaskStore):
-    """An open journal, held by this process alone until `close`.
+class SqliteQueue(MemoryQueue):
+    """A queue kept in a file, held by this process alone until `close`.
 
-    Open it, take `recovered` (the tasks to queue again) and `run` (the
-    prefix for new task ids), then report each change of a task; all from
-    the event loop's thread.
+    Opening it reads back the tasks earlier starts left unfinished
+    (`recovered`) and queues them again first; new task ids start anew.
     """
 
-    def __init__(self, path: str | os.PathLike[str], sync: str = SYNC) -> None:
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        sync: str = SYNC,
+        *,
+        max_attempts: int | None = MAX_ATTEMPTS,
+        max_queued: int | None = MAX_QUEUED,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         if sync not in SYNC_MODES:
             raise ValueError(f"sync is one of {', '.join(SYNC_MODES)}")
+        super().__init__(max_attempts=max_attempts, max_queued=max_queued, clock=clock)
         self.path = Path(path)
         self._ops: list[tuple[str, tuple[object, ...]]] = []  # not yet committed, in order
         self._batch: asyncio.Future[None] | None = None  # resolved when `_ops` commit
@@ -107,17 +126,19 @@ class Journal(TaskStore):
         self._file = os.stat(self.path)  # which file it is: one put in its place is another
         self.lost: str | None = None  # why the file can no longer keep tasks, once it cannot
         try:
-            self.run, self.earlier_runs = self._start_run()
+            run, earlier_runs = self._start_run()
             self.recovered = self._read_unfinished()
         except sqlite3.Error as err:
             self._db.close()
             raise self._error(err) from None
-        recovered = counted(len(self.recovered), "unfinished task")
-        log.info("journal %s: %s recovered", self.path, recovered)
+        log.info(
+            "journal %s: %s recovered", self.path, counted(len(self.recovered), "unfinished task")
+        )
+        self.recover(run, earlier_runs, self.recovered)
 
-    # -- what the server reports --
+    # -- what the queue keeps --
 
-    def added(self, task: Task) -> asyncio.Future[None]:
+    def _kept(self, task: Task) -> asyncio.Future[None]:
         """Record a new task; the future resolves once it is committed (and
         raises JournalError if that failed)."""
         fields = contact_pb2.ServerMsg(**task.fields).SerializeToString()
@@ -128,23 +149,22 @@ class Journal(TaskStore):
             self._flush()
         return batch
 
-    def requeued(self, task: Task) -> None:
-        """A task taken back unanswered (its holder left or hung): keep its attempts."""
+    def _requeued(self, task: Task) -> None:
+        """A task given back unanswered (its holder left or hung): keep its attempts."""
         self._write(REQUEUED, task.attempts, task.id)
 
-    def finished(self, task: Task) -> None:
-        """A task was answered, or cancelled: forget it. Call this only once
-        an answer is logged and handed on, so that a crash in between repeats
-        the task rather than losing its answer."""
-        self._write(FINISHED, task.id)
-
-    def failed(self, task: Task, reason: str) -> None:
-        """A task failed for good: keep it, with why, among the newest KEEP_FAILED."""
-        self._write(FAILED, task.attempts, reason, time.time(), task.id)
-        self._write(PRUNE_FAILED, KEEP_FAILED)
+    def _forget(self, task: Task, outcome: str | TaskNotAnsweredError) -> None:
+        """A task ended and was handed on: delete it, or keep a failed one,
+        with why, among the newest KEEP_FAILED."""
+        if isinstance(outcome, (str, TaskCancelledError)):
+            self._write(FINISHED, task.id)
+        else:
+            self._write(FAILED, task.attempts, outcome.reason, time.time(), task.id)
+            self._write(PRUNE_FAILED, KEEP_FAILED)
 
     async def close(self) -> None:
-        """Commit what is pending and let go of the file."""
+        """Fail what is still awaited, commit what is pending and let go of the file."""
+        await super().close()
         if self._timer is not None:
             self._timer.cancel()  # commit now instead
             self._timer = None

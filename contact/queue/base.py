@@ -1,0 +1,201 @@
+"""The task queue's interface, `TaskQueue`: the source of truth for tasks
+(queued, in flight, attempts, outcomes), held by the server without asking
+which kind it is; and what a task is and how it can end.
+
+Two implementations: `MemoryQueue` (contact/queue/memory.py, the default:
+nothing outlives the process) and `SqliteQueue` (contact/queue/sqlite.py,
+`--journal FILE`: every unfinished task in a file, for one server that
+survives crashes). Which connected client gets which task is not the
+queue's business but the Dispatcher's (contact/queue/dispatcher.py): it
+takes tasks from the queue for its clients with room, and gives back those
+a client left unanswered.
+
+Several processes on one queue (a database): `put` commits before it
+returns, as SQLite's does; a server's `take` must then claim the task in
+the database (`SELECT ... FOR UPDATE SKIP LOCKED`), so that no two servers
+take one task, and `head` shows only what this server may claim;
+`ready` is called when another server's `put` is heard of (LISTEN/NOTIFY,
+with a slow poll behind it); an answer may come to a server other than the
+one the task was submitted on, so `outcome` futures resolve where the
+answer is reported, and each server's leases need a heartbeat so that the
+tasks of a server that died are released by the others.
+"""
+
+from __future__ import annotations
+
+import abc
+import asyncio
+import enum
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+# Defaults of the server's --max-attempts and --max-queued (see docs/limits.md).
+MAX_ATTEMPTS = 5  # deliveries without an answer before a task fails for good
+# Tasks waiting for a client, those for names connected nowhere included;
+# past it, submit waits. A queued task costs about 1.3 KB beside its text,
+# so this is some 130 MB of short tasks; it is three times what 1,000
+# clients with full windows of 32 hold in flight.
+MAX_QUEUED = 100_000
+
+
+class QueueFullError(Exception):
+    """The queue holds `max_queued` tasks, and the submitter asked not to wait."""
+
+
+class TaskNotAnsweredError(Exception):
+    """The task will never be answered; the message says why (here: the
+    server closed first). The errors below say more."""
+
+    reason = ""  # why, without the task's id: what a journal keeps
+
+
+class TaskError(TaskNotAnsweredError):
+    """The client could not do the task (its handler raised, say); the
+    message is the client's, and the task is not sent again."""
+
+    def __init__(self, message: str, client: str, error: str) -> None:
+        super().__init__(message)
+        self.client = client  # the name of the client that reported it
+        self.error = error  # its reason, as it sent it
+
+
+class TaskFailedError(TaskNotAnsweredError):
+    """The task was sent too many times without an answer (it may be what
+    kills or hangs the clients that take it)."""
+
+
+class TaskCancelledError(TaskNotAnsweredError):
+    """The task was withdrawn with `cancel()` before it had an answer."""
+
+
+@dataclass(eq=False)
+class Task:
+    """One unit of work, from the moment it is submitted until it has its outcome."""
+
+    id: str
+    text: str
+    target: str | None = None  # the only client that may take it; None: any
+    fields: dict[str, Any] = field(default_factory=dict)  # more ServerMsg fields, as given
+    holder: str | None = None  # the name of the client it is in flight at, if any
+    given_to: set[str] = field(default_factory=set)  # every client it was sent to
+    attempts: int = 0  # how many times it was sent: with the id, its lease's token
+    # Taken back unanswered at least once: it may be what made its holder
+    # die or hang, so it is sent only to a client with nothing else in
+    # flight, and that client gets nothing else until it is answered. Tasks
+    # that merely waited beside it are then not charged for its attempts.
+    suspect: bool = False
+    lease_ends: float = 0.0  # while in flight and leased: when it is taken back unanswered
+    # Read back from a journal at start: before the restart it may have been
+    # sent to any client, so a result for it is accepted from any client.
+    recovered: bool = False
+    # Set on the notice that tells a holder the task was withdrawn (a copy
+    # of the task that goes down its stream after the task itself).
+    cancelled: bool = False
+
+
+class Outcome(enum.Enum):
+    """What became of a result."""
+
+    ACCEPTED = "accepted"  # the first result for a live task: it is finished
+    DUPLICATE = "duplicate"  # the task was already finished by an earlier result
+    UNKNOWN = "unknown"  # no task of this queue ever had this id
+    NOT_GIVEN = "not given"  # a live task that was never sent to this client
+
+
+# How a task ended, as the queue reports it: the task, the client that
+# answered or failed it ("" if none did), and its answer or why it has none.
+Report = Callable[[Task, str, "str | TaskNotAnsweredError"], object]
+
+
+class TaskQueue(abc.ABC):
+    """Every task from `put` until its outcome. Its methods are called from
+    the event loop's thread; only `put` and `close` wait.
+
+    - `put` queues a task and returns once it is as durable as this queue
+      makes tasks (committed, for a file); with `max_queued` tasks queued it
+      waits in turn for room. Tasks for NAME wait for NAME; the others are
+      taken in order, and tasks given back unanswered go to the front.
+    - `head(name)` is the task a client named `name` would take next (its
+      own first); `take` gives it to that client, one attempt more.
+    - `settle` records a client's answer, or its failure, and `release`
+      gives back a task its client left unanswered: `charged`, the send
+      counts as an attempt, and a task out of attempts fails for good.
+    - Each outcome is reported (`report`, at once: the log line), resolves
+      the task's `outcome` future, and is handed on (`hand_on`) on the
+      loop's next turn; only after that does the queue forget the task, so
+      a crash before the hand-on repeats the task rather than losing its
+      answer.
+    """
+
+    closed = False  # it takes no more tasks; answers are still settled
+
+    @abc.abstractmethod
+    def bind(self, ready: Callable[[str | None], object]) -> None:
+        """Call `ready(target)` when a task for `target` (None: for any
+        client) can be taken: the dispatcher's to bind."""
+
+    @abc.abstractmethod
+    def listen(self, report: Report, hand_on: Report | None = None) -> None:
+        """Call `report` as each task ends, and `hand_on` on the loop's next
+        turn (it may withdraw tasks): the server's to bind."""
+
+    @abc.abstractmethod
+    async def put(
+        self,
+        text: str,
+        target: str | None = None,
+        fields: dict[str, Any] | None = None,
+        wait: bool = True,
+    ) -> Task:
+        """Queue a new task once it is durable. Raise QueueFullError if the
+        queue is full and not `wait`, RuntimeError once closed."""
+
+    @abc.abstractmethod
+    def outcome(self, task_id: str) -> asyncio.Future[str] | None:
+        """The future of a task `put` since this start, until it ends."""
+
+    @abc.abstractmethod
+    def head(self, name: str | None) -> Task | None:
+        """The next task for client `name` (None: for any client), not taken."""
+
+    @abc.abstractmethod
+    def take(self, task: Task, name: str) -> None:
+        """Give `task`, from `head`, to client `name`."""
+
+    @abc.abstractmethod
+    def release(self, task: Task, charged: bool) -> bool:
+        """Give back a task taken and not answered; False if that failed it."""
+
+    @abc.abstractmethod
+    def settle(
+        self, name: str, task_id: str, text: str, error: str = ""
+    ) -> tuple[Outcome, Task | None]:
+        """Client `name` answered `task_id` with `text`, or could not do it
+        (`error`); return what became of that, and the task if it ended."""
+
+    @abc.abstractmethod
+    def cancel(self, task_id: str) -> Task | None:
+        """Withdraw an unfinished task; None if there is none (any more)."""
+
+    @abc.abstractmethod
+    def queued(self) -> int:
+        """How many tasks wait for a client."""
+
+    @abc.abstractmethod
+    def unfinished(self) -> list[Task]:
+        """Every task that has no outcome yet."""
+
+    @abc.abstractmethod
+    def stop(self) -> None:
+        """Take no more tasks (`closed`); submitters waiting for room get RuntimeError."""
+
+    @abc.abstractmethod
+    def kept(self) -> str:
+        """What becomes of unfinished tasks at shutdown: words to add after
+        a count of them (with a leading space), or nothing."""
+
+    @abc.abstractmethod
+    async def close(self) -> None:
+        """Fail every outcome still awaited (TaskNotAnsweredError: the server
+        closed first), make what was recorded durable, and let go."""

@@ -1,0 +1,405 @@
+"""The task queue in memory (the default): nothing outlives the process,
+and a restart starts empty. `SqliteQueue` (contact/queue/sqlite.py) is this
+queue with every change also written to a file.
+
+tests/test_router.py says what it must do, with the Dispatcher on top.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import secrets
+import time
+from collections import deque
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from contact.logtext import REPEATS, Quoted, retrieved
+from contact.queue.base import (
+    MAX_ATTEMPTS,
+    MAX_QUEUED,
+    Outcome,
+    QueueFullError,
+    Report,
+    Task,
+    TaskCancelledError,
+    TaskError,
+    TaskFailedError,
+    TaskNotAnsweredError,
+    TaskQueue,
+)
+
+log = logging.getLogger("contact.router")
+
+# A restart lists this many recovered tasks one by one, the newest (which
+# include every line typed just before a kill but never logged as queued),
+# and the rest in one line: 300,000 lines took 3.5 s of a 5.2 s restart.
+RECOVERED_LISTED = 10_000
+
+
+def ignore(*args: object) -> None:
+    """A listener nobody bound."""
+
+
+class MemoryQueue(TaskQueue):
+    """Tasks in memory: in order for any client, in a line of their own for
+    each named client; attempts counted per task. Delivery is at-least-once
+    while the process runs."""
+
+    def __init__(
+        self,
+        *,
+        max_attempts: int | None = MAX_ATTEMPTS,
+        max_queued: int | None = MAX_QUEUED,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        if max_attempts is not None and max_attempts < 1:
+            raise ValueError("max_attempts must be at least 1, or None")
+        if max_queued is not None and max_queued < 1:
+            raise ValueError("max_queued must be at least 1, or None")
+        self.max_attempts, self.max_queued, self._clock = max_attempts, max_queued, clock
+        self._ready: Callable[[str | None], object] = ignore
+        self._report: Report = ignore
+        self._hand_on: Report | None = None
+        self._reserved = 0  # places held by submitters whose tasks are not queued yet
+        self._room_waiters: deque[asyncio.Future[None]] = deque()  # for a place, in turn
+        self._full_since: float | None = None  # when the queue last filled up, while it is full
+        self.run = secrets.token_hex(3)  # the prefix of this start's ids: unique across restarts
+        self._earlier_runs: set[str] = set()  # those of earlier starts: their results are late
+        self._issued = 0
+        self._tasks: dict[str, Task] = {}  # every unfinished task, by id
+        self._outcomes: dict[str, asyncio.Future[str]] = {}  # by task id, until each ends
+        self._queue: deque[Task] = deque()  # tasks for any client, waiting
+        self._waiting: dict[str, deque[Task]] = {}  # tasks for one client, waiting
+        # How many tasks `_waiting` holds in all, kept rather than added up:
+        # every status answer says it, and there may be many names waiting.
+        self._waiting_count = 0
+
+    def bind(self, ready: Callable[[str | None], object]) -> None:
+        self._ready = ready
+
+    def listen(self, report: Report, hand_on: Report | None = None) -> None:
+        self._report, self._hand_on = report, hand_on
+
+    # -- submitting --
+
+    async def put(
+        self,
+        text: str,
+        target: str | None = None,
+        fields: dict[str, Any] | None = None,
+        wait: bool = True,
+    ) -> Task:
+        await self.reserve(wait)
+        try:
+            task = self.new_task(text, target, **(fields or {}))
+            await self._durable(task)
+        except BaseException:
+            self.unreserve()
+            raise
+        outcome = self._outcomes[task.id] = asyncio.get_running_loop().create_future()
+        outcome.add_done_callback(retrieved)  # an outcome nobody awaits is no error
+        self._reserved -= 1
+        if self.closed:  # it closed while the task was being written
+            self._let_in()
+            outcome.set_exception(self._not_answered(task))
+        else:
+            self._log_queued(task)
+            self._enqueue(task)
+        return task
+
+    def add(self, text: str, target: str | None = None, **fields: Any) -> Task:
+        """Queue a task at once, with no room asked for, no outcome future,
+        and no wait until it is durable: for tests and benchmarks."""
+        task = self.new_task(text, target, **fields)
+        self._kept(task)  # (a file's commit, not waited for)
+        self._log_queued(task)
+        self._enqueue(task)
+        return task
+
+    def new_task(self, text: str, target: str | None = None, **fields: Any) -> Task:
+        if self.closed:
+            raise RuntimeError("the queue is closed")
+        self._issued += 1
+        return Task(id=f"{self.run}-{self._issued}", text=text, target=target, fields=fields)
+
+    def outcome(self, task_id: str) -> asyncio.Future[str] | None:
+        return self._outcomes.get(task_id)
+
+    async def reserve(self, wait: bool = True) -> None:
+        """Hold a place in the queue for one more task. With `max_queued`
+        tasks queued or reserved, wait in turn for a place, or raise
+        QueueFullError if not `wait`. Raise RuntimeError once closed."""
+        if self.closed:
+            raise RuntimeError("the queue is closed")
+        if not self._room_waiters and self._has_room():
+            self._reserved += 1
+            return
+        if not wait:
+            raise QueueFullError(f"the queue is full ({self.max_queued} tasks)")
+        if self._full_since is None:
+            self._full_since = self._clock()
+            log.warning(
+                "the queue is full (%d tasks): new tasks wait until clients take some",
+                self.max_queued,
+            )
+        waiter = asyncio.get_running_loop().create_future()
+        self._room_waiters.append(waiter)
+        try:
+            await waiter
+        except asyncio.CancelledError:
+            if waiter.done() and not waiter.cancelled() and waiter.exception() is None:
+                self.unreserve()  # let in, then cancelled: the place goes to the next
+            raise
+
+    def unreserve(self) -> None:
+        """Give back a place `reserve` held, its task not queued after all."""
+        self._reserved -= 1
+        self._let_in()
+
+    def recover(self, run: str, earlier_runs: Sequence[str], tasks: Sequence[Task]) -> None:
+        """Take over from earlier starts (read back from a file), before
+        anything else: new ids start with `run`, results for the ids of
+        `earlier_runs` are known to be late, and `tasks` are queued again."""
+        if self._issued or self._tasks:
+            raise RuntimeError("recover before any task is submitted")
+        self.run, self._earlier_runs = run, set(earlier_runs)
+        unlisted = len(tasks) - RECOVERED_LISTED
+        if unlisted > 0:
+            first, last = tasks[0].id, tasks[unlisted - 1].id
+            log.info("tasks %s to %s recovered (%d, not listed one by one)", first, last, unlisted)
+        for number, task in enumerate(tasks):
+            if number >= unlisted:
+                self._log_queued(task)
+            self._enqueue(task)
+
+    # -- what the dispatcher asks --
+
+    def head(self, name: str | None) -> Task | None:
+        line = (name is not None and self._waiting.get(name)) or self._queue
+        return line[0] if line else None
+
+    def take(self, task: Task, name: str) -> None:
+        if task.target is None:
+            self._queue.popleft()
+        else:
+            line = self._waiting[task.target]
+            line.popleft()
+            self._waiting_count -= 1
+            if not line:
+                del self._waiting[task.target]
+        task.holder = name
+        task.given_to.add(name)
+        task.attempts += 1
+        self._let_in()
+
+    def release(self, task: Task, charged: bool) -> bool:
+        """A `charged` send counts as an attempt: the task becomes suspect,
+        and fails once it has had all its attempts; an uncharged one is as
+        if it never happened. Queued again, it goes to the front."""
+        task.holder = None
+        task.suspect = task.suspect or charged
+        if not charged:
+            task.attempts -= 1
+        elif self.max_attempts is not None and task.attempts >= self.max_attempts:
+            del self._tasks[task.id]
+            reason = f"sent {task.attempts} times without an answer"
+            self._end(task, "", self._failure(TaskFailedError, task, f"failed: {reason}", reason))
+            return False
+        if task.target is None:
+            self._queue.appendleft(task)
+        else:
+            self._waiting.setdefault(task.target, deque()).appendleft(task)
+            self._waiting_count += 1
+        if charged:
+            self._requeued(task)
+        return True
+
+    def settle(
+        self, name: str, task_id: str, text: str, error: str = ""
+    ) -> tuple[Outcome, Task | None]:
+        task = self._tasks.get(task_id)
+        if task is None:
+            outcome = Outcome.DUPLICATE if self._was_issued(task_id) else Outcome.UNKNOWN
+            line = "%s result for task %s from %s ignored"
+            REPEATS.log(
+                log,
+                logging.INFO,
+                "ignored result",
+                name,
+                line,
+                outcome.value,
+                Quoted(task_id),
+                name,
+            )
+            return outcome, None
+        if name not in task.given_to and not task.recovered:
+            log.warning("result for task %s refused: %s was never given it", task_id, name)
+            return Outcome.NOT_GIVEN, None
+        self._remove(task)
+        if error:
+            failure = TaskError(f"task {task.id} failed at {name}: {error}", name, error)
+            failure.reason = f"failed at {name}: {error}"
+            self._end(task, name, failure)
+        else:
+            self._end(task, name, text)
+        return Outcome.ACCEPTED, task
+
+    def cancel(self, task_id: str) -> Task | None:
+        task = self._tasks.get(task_id)
+        if task is None:
+            return None
+        self._remove(task)
+        cancelled = self._failure(TaskCancelledError, task, "was cancelled", "cancelled")
+        if (outcome := self._outcomes.pop(task.id, None)) is not None:
+            outcome.set_exception(cancelled)
+        self._forget(task, cancelled)
+        return task
+
+    # -- counts --
+
+    def queued(self) -> int:
+        return len(self._queue) + self._waiting_count
+
+    def in_flight(self) -> int:
+        """How many tasks are taken and unanswered."""
+        return len(self._tasks) - self.queued()
+
+    def unfinished(self) -> list[Task]:
+        return list(self._tasks.values())
+
+    # -- closing --
+
+    def stop(self) -> None:
+        self.closed = True
+        while self._room_waiters:
+            waiter = self._room_waiters.popleft()
+            if not waiter.done():
+                waiter.set_exception(RuntimeError("the queue is closed"))
+
+    def kept(self) -> str:
+        return ""
+
+    async def close(self) -> None:
+        for task in self.unfinished():
+            if (outcome := self._outcomes.pop(task.id, None)) is not None:
+                outcome.set_exception(self._not_answered(task))
+
+    def _not_answered(self, task: Task) -> TaskNotAnsweredError:
+        return TaskNotAnsweredError(
+            f"the server closed before task {task.id} was answered{self.kept()}"
+        )
+
+    async def _durable(self, task: Task) -> None:
+        """Wait until `task` is kept. A file's commit is shared with other
+        tasks, so a cancelled caller must not cancel it: the task is
+        written, then removed again."""
+        if (kept := self._kept(task)) is None:
+            return
+        try:
+            await asyncio.shield(kept)
+        except asyncio.CancelledError:
+            self._forget(task, "")
+            raise
+
+    # -- what a file keeps (nothing, here) --
+
+    def _kept(self, task: Task) -> asyncio.Future[None] | None:
+        """Keep a new task: None if it is as durable as it gets already, or
+        a future that resolves once it is."""
+        return None  # (a future per task, done at once, was 4% of the server's time)
+
+    def _requeued(self, task: Task) -> None:
+        """A task was given back, charged: keep its attempts."""
+
+    def _forget(self, task: Task, outcome: str | TaskNotAnsweredError) -> None:
+        """A task ended and was handed on: it need not be kept any longer."""
+
+    # -- internals --
+
+    def _end(self, task: Task, client: str, outcome: str | TaskNotAnsweredError) -> None:
+        """Report how a task ended and resolve its future now; hand it on at
+        the loop's next turn, once the caller is done with this change, and
+        only then forget it: a crash before that repeats the task."""
+        self._report(task, client, outcome)
+        if (future := self._outcomes.pop(task.id, None)) is not None:
+            if isinstance(outcome, str):
+                future.set_result(outcome)
+            else:
+                future.set_exception(outcome)
+        if self._hand_on is None:
+            self._forget(task, outcome)
+        else:
+            asyncio.get_running_loop().call_soon(self._handed_on, task, client, outcome)
+
+    def _handed_on(self, task: Task, client: str, outcome: str | TaskNotAnsweredError) -> None:
+        assert self._hand_on is not None
+        try:
+            self._hand_on(task, client, outcome)
+        finally:
+            self._forget(task, outcome)
+
+    @staticmethod
+    def _failure(
+        kind: type[TaskNotAnsweredError], task: Task, words: str, reason: str
+    ) -> TaskNotAnsweredError:
+        failure = kind(f"task {task.id} {words}")
+        failure.reason = reason
+        return failure
+
+    def _has_room(self) -> bool:
+        return self.max_queued is None or self.queued() + self._reserved < self.max_queued
+
+    def _let_in(self) -> None:
+        """Give the places that came free to submitters waiting for one, in turn."""
+        if not self._room_waiters and self._full_since is None:
+            return  # (the common case, on every take)
+        while self._room_waiters and self._has_room():
+            waiter = self._room_waiters.popleft()
+            if not waiter.done():  # (cancelled while it waited)
+                self._reserved += 1
+                waiter.set_result(None)
+        if self._full_since is not None and not self._room_waiters:
+            assert self.max_queued is not None
+            if self.queued() + self._reserved <= self.max_queued // 2:  # not at every task
+                waited = self._clock() - self._full_since
+                log.warning("the queue has room again, after %.1f s full", waited)
+                self._full_since = None
+
+    def _log_queued(self, task: Task) -> None:
+        how = "recovered" if task.recovered else "queued"
+        target = task.target or "any client"
+        log.info("task %s %s for %s: %s", task.id, how, target, Quoted(task.text))
+
+    def _enqueue(self, task: Task) -> None:
+        if self.closed:
+            raise RuntimeError("the queue is closed")
+        self._tasks[task.id] = task
+        if task.target is None:
+            self._queue.append(task)
+        else:
+            self._waiting.setdefault(task.target, deque()).append(task)
+            self._waiting_count += 1
+        self._ready(task.target)
+
+    def _remove(self, task: Task) -> None:
+        """Take a task that has its outcome out of the queue: out of its
+        line, if it waits in one (the dispatcher frees its holder)."""
+        del self._tasks[task.id]
+        if task.holder is None:
+            line = self._queue if task.target is None else self._waiting[task.target]
+            line.remove(task)
+            if task.target is not None:
+                self._waiting_count -= 1
+                if not line:
+                    del self._waiting[task.target]
+            self._let_in()
+
+    def _was_issued(self, task_id: str) -> bool:
+        run, _, number = task_id.rpartition("-")
+        if not (number.isascii() and number.isdigit() and len(number) <= 20):
+            return False  # (int() refuses strings of thousands of digits)
+        if run in self._earlier_runs:
+            return int(number) > 0
+        return run == self.run and 0 < int(number) <= self._issued
