@@ -23,6 +23,7 @@ import grpc
 
 from contact import (
     ACCEPTS_CANCEL_KEY,
+    BATCHES_ANSWERS_KEY,
     CLIENT_ID_KEY,
     MAX_IN_FLIGHT_KEY,
     REPORTS_START_KEY,
@@ -71,11 +72,13 @@ async def one_connection(
             (MAX_IN_FLIGHT_KEY, str(work.window)),
             (ACCEPTS_CANCEL_KEY, "1"),
             (REPORTS_START_KEY, "1"),
+            (BATCHES_ANSWERS_KEY, "1"),
         ),
     )
     try:
         echoed = await streams.confirm_registration(tasks, name)
         work.reports_start = echoed.get(REPORTS_START_KEY) == "1"  # (older servers do not)
+        work.batches = echoed.get(BATCHES_ANSWERS_KEY) == "1"
         registered()
         results = stub.tellResult(metadata=metadata)  # tellResult: one stream of answers
         status = stub.sendStatus(metadata=metadata)  # sendStatus: status lines, each answered

@@ -29,6 +29,7 @@ from google.protobuf.message import DecodeError
 
 from contact import (
     ACCEPTS_CANCEL_KEY,
+    BATCHES_ANSWERS_KEY,
     CLIENT_ID_KEY,
     REPORTS_START_KEY,
     cli,
@@ -96,10 +97,13 @@ class ContactServicer(contact_pb2_grpc.ContactServicer):
         REPEATS.log(log, INFO, "connect", host, "client %s connected from %s", name, peer)
         try:
             # Echoing the name tells the client its registration was accepted;
-            # echoing reports-start, that its reports of starts are heard.
+            # echoing reports-start, that its reports of starts are heard;
+            # batches-answers, that answers may come several to a message.
             echo: tuple[tuple[str, str], ...] = ((CLIENT_ID_KEY, name),)
             if session.reports_start:
                 echo += ((REPORTS_START_KEY, "1"),)
+            if checks.says_yes(context, BATCHES_ANSWERS_KEY):
+                echo += ((BATCHES_ANSWERS_KEY, "1"),)
             await context.send_initial_metadata(echo)
             while (task := await session.next_task()) is not None:
                 log.info("task %s %s %s", task.id, WITHDRAWN if task.cancelled else SENT, name)
@@ -122,30 +126,38 @@ class ContactServicer(contact_pb2_grpc.ContactServicer):
         request_iterator: AsyncIterator[contact_pb2.Result],
         context: grpc.aio.ServicerContext,
     ) -> contact_pb2.Empty:
-        """The client's answers, one per task, each naming its task by id,
-        and the tasks it has begun (if it reports that)."""
+        """The client's answers, one per task (several to a message from a
+        client that batches them), each naming its task by id, and the tasks
+        it has begun (if it reports that)."""
         name = await checks.client_name(context)
         session = await registration(self._dispatcher, name, context)
         try:
             async with owned_by(session, context, self.calls):  # ends with its registration
-                async for result in request_iterator:
-                    if result.started:
-                        self._dispatcher.started(session, result.started)
-                        if not result.id:  # only that
-                            continue
-                    if problem := text_problem(result.ret):
+                async for message in request_iterator:
+                    if any(batched.more for batched in message.more):
                         await checks.refuse(
                             context,
                             grpc.StatusCode.INVALID_ARGUMENT,
-                            f"the answer to task {Quoted(result.id)} from {name}: {problem}",
+                            f"an answer batched by {name} carries a batch of its own",
                         )
-                    error = one_line_error(result.error)
-                    outcome = self._dispatcher.complete(name, result.id, result.ret, error)
-                    if outcome is Outcome.NOT_GIVEN:
-                        await context.abort(
-                            grpc.StatusCode.PERMISSION_DENIED,
-                            f"task {result.id} was never given to {name}",
-                        )
+                    for result in (message, *message.more):
+                        if result.started:
+                            self._dispatcher.started(session, result.started)
+                            if not result.id:  # only that
+                                continue
+                        if problem := text_problem(result.ret):
+                            await checks.refuse(
+                                context,
+                                grpc.StatusCode.INVALID_ARGUMENT,
+                                f"the answer to task {Quoted(result.id)} from {name}: {problem}",
+                            )
+                        error = one_line_error(result.error)
+                        outcome = self._dispatcher.complete(name, result.id, result.ret, error)
+                        if outcome is Outcome.NOT_GIVEN:
+                            await context.abort(
+                                grpc.StatusCode.PERMISSION_DENIED,
+                                f"task {result.id} was never given to {name}",
+                            )
         except DecodeError as err:
             await checks.refuse_malformed(context, name, err)
         return contact_pb2.Empty()

@@ -4,8 +4,9 @@ few rules both sides must agree on that a .proto file cannot express.
 The rest of the package is the machinery the two scripts import, one job
 per module, in three parts and a few modules both sides share:
 
-- `queue/`: which client gets which task, and where tasks are kept until
-  each has its outcome (in memory, or an SQLite journal); no gRPC.
+- `queue/`: the task queue (its interface, and the queue in memory or in
+  an SQLite journal) and the dispatcher that gives its tasks to this
+  server's clients; no gRPC.
 - `server/`: the server you use from code, task handles, the checks on
   each call, tasks typed on standard input.
 - `client/`: the client's work across reconnections, the pool that runs
@@ -43,6 +44,11 @@ WITHDRAWN = "withdrawn by the server"
 # each task (Result.started); a server that understands it echoes it, and
 # leases that client's tasks from when they begin.
 REPORTS_START_KEY = "reports-start"
+
+# getTask carries `batches-answers: 1` from a client that may send several
+# answers in one Result (its `more`); a server that understands it echoes
+# it, and only then does the client batch.
+BATCHES_ANSWERS_KEY = "batches-answers"
 
 # A name: what `@NAME task` addresses on the server. Printable ASCII without
 # spaces, so that it survives metadata, log lines and the `@NAME` syntax.

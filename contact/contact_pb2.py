@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x15\x63ontact/contact.proto\x12\x07\x63ontact\"\x18\n\tClientMsg\x12\x0b\n\x03msg\x18\x01 \x01(\t\"I\n\tServerMsg\x12\x0c\n\x04task\x18\x01 \x01(\t\x12\n\n\x02id\x18\x02 \x01(\t\x12\x0f\n\x07\x61ttempt\x18\x03 \x01(\r\x12\x11\n\tcancelled\x18\x04 \x01(\x08\"\x07\n\x05\x45mpty\"A\n\x06Result\x12\x0b\n\x03ret\x18\x01 \x01(\t\x12\n\n\x02id\x18\x02 \x01(\t\x12\r\n\x05\x65rror\x18\x03 \x01(\t\x12\x0f\n\x07started\x18\x04 \x03(\t2\xa2\x01\n\x07\x43ontact\x12\x35\n\nsendStatus\x12\x12.contact.ClientMsg\x1a\x0f.contact.Result(\x01\x30\x01\x12/\n\x07getTask\x12\x0e.contact.Empty\x1a\x12.contact.ServerMsg0\x01\x12/\n\ntellResult\x12\x0f.contact.Result\x1a\x0e.contact.Empty(\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x15\x63ontact/contact.proto\x12\x07\x63ontact\"\x18\n\tClientMsg\x12\x0b\n\x03msg\x18\x01 \x01(\t\"I\n\tServerMsg\x12\x0c\n\x04task\x18\x01 \x01(\t\x12\n\n\x02id\x18\x02 \x01(\t\x12\x0f\n\x07\x61ttempt\x18\x03 \x01(\r\x12\x11\n\tcancelled\x18\x04 \x01(\x08\"\x07\n\x05\x45mpty\"`\n\x06Result\x12\x0b\n\x03ret\x18\x01 \x01(\t\x12\n\n\x02id\x18\x02 \x01(\t\x12\r\n\x05\x65rror\x18\x03 \x01(\t\x12\x0f\n\x07started\x18\x04 \x03(\t\x12\x1d\n\x04more\x18\x05 \x03(\x0b\x32\x0f.contact.Result2\xa2\x01\n\x07\x43ontact\x12\x35\n\nsendStatus\x12\x12.contact.ClientMsg\x1a\x0f.contact.Result(\x01\x30\x01\x12/\n\x07getTask\x12\x0e.contact.Empty\x1a\x12.contact.ServerMsg0\x01\x12/\n\ntellResult\x12\x0f.contact.Result\x1a\x0e.contact.Empty(\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -38,7 +38,7 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_EMPTY']._serialized_start=135
   _globals['_EMPTY']._serialized_end=142
   _globals['_RESULT']._serialized_start=144
-  _globals['_RESULT']._serialized_end=209
-  _globals['_CONTACT']._serialized_start=212
-  _globals['_CONTACT']._serialized_end=374
+  _globals['_RESULT']._serialized_end=240
+  _globals['_CONTACT']._serialized_start=243
+  _globals['_CONTACT']._serialized_end=405
 # @@protoc_insertion_point(module_scope)

@@ -1,8 +1,8 @@
 from google.protobuf.internal import containers as _containers
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
-from collections.abc import Iterable as _Iterable
-from typing import ClassVar as _ClassVar, Optional as _Optional
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
@@ -29,13 +29,15 @@ class Empty(_message.Message):
     def __init__(self) -> None: ...
 
 class Result(_message.Message):
-    __slots__ = ("ret", "id", "error", "started")
+    __slots__ = ("ret", "id", "error", "started", "more")
     RET_FIELD_NUMBER: _ClassVar[int]
     ID_FIELD_NUMBER: _ClassVar[int]
     ERROR_FIELD_NUMBER: _ClassVar[int]
     STARTED_FIELD_NUMBER: _ClassVar[int]
+    MORE_FIELD_NUMBER: _ClassVar[int]
     ret: str
     id: str
     error: str
     started: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, ret: _Optional[str] = ..., id: _Optional[str] = ..., error: _Optional[str] = ..., started: _Optional[_Iterable[str]] = ...) -> None: ...
+    more: _containers.RepeatedCompositeFieldContainer[Result]
+    def __init__(self, ret: _Optional[str] = ..., id: _Optional[str] = ..., error: _Optional[str] = ..., started: _Optional[_Iterable[str]] = ..., more: _Optional[_Iterable[_Union[Result, _Mapping]]] = ...) -> None: ...

@@ -72,5 +72,8 @@ async def send_raw(
 def expected_for(method: str, raw: bytes) -> grpc.StatusCode:
     """What a well-behaved server answers to `raw`, judged by parsing it here."""
     if parses(method, raw):
+        answers = contact_pb2.Result.FromString(raw).more if method == TELL else []
+        if any(batched.more for batched in answers):
+            return grpc.StatusCode.INVALID_ARGUMENT  # a batch in a batch
         return grpc.StatusCode.CANCELLED if method == GET else grpc.StatusCode.OK
     return grpc.StatusCode.UNKNOWN if method == GET else grpc.StatusCode.INVALID_ARGUMENT

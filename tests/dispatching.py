@@ -2,9 +2,9 @@
 reports are heard the way the dispatcher tests listen for them: an answer,
 a client's failure, a task out of attempts, a task given back charged.
 
-A test module picks the kind with `Kind`; SQLite queues are made in a
-folder of the test's own, and run on an event loop (the `on_loop` marker),
-which their writes need.
+A test picks the kind with the `queue_kind` fixture (tests/conftest.py,
+which sets `Kind`); SQLite queues are made in the test's own folder, and
+the test runs on an event loop, which their writes need.
 """
 
 from __future__ import annotations

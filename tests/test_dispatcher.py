@@ -552,6 +552,7 @@ async def test_past_max_queued_submitters_wait_in_turn_and_go_in_as_clients_take
     dispatcher.close()  # a waiter is not left hanging at shutdown
     with pytest.raises(RuntimeError, match="closed"):
         await late
+    assert dispatcher.queue._reserved == 0  # every place held was filled or given back
 
 
 def test_tasks_behind_a_withdrawn_task_that_never_ends_are_taken_back() -> None:

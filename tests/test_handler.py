@@ -12,7 +12,7 @@ import pytest
 from contact import contact_pb2
 from contact.client.handler import handler_pool
 from contact.client.streams import StreamEndedError
-from contact.client.work import Work
+from contact.client.work import BATCH_BYTES, Work
 
 
 def task(text: str, task_id: str) -> contact_pb2.ServerMsg:
@@ -184,6 +184,7 @@ def test_a_failed_connection_waits_for_the_last_answers_write_before_it_decides(
     async def scenario() -> None:
         work = Work(echo, concurrency=1, window=1, max_tasks=1)
         work.unsent.append(contact_pb2.Result(id="1", ret="ANSWER"))
+        assert work.next_message().id == "1"
         loop = asyncio.get_running_loop()
         writing: asyncio.Future[None] = loop.create_future()
         work.sending(writing)
@@ -192,6 +193,31 @@ def test_a_failed_connection_waits_for_the_last_answers_write_before_it_decides(
         await work.last_write_settled()
         assert work.done()
         await work.last_write_settled()  # nothing on: returns at once
+        work.handlers.close()
+
+    asyncio.run(asyncio.wait_for(scenario(), 5))
+
+
+def test_answers_ready_together_go_in_one_message_to_a_server_that_batches() -> None:
+    def echo(task: contact_pb2.ServerMsg) -> str:
+        return task.task
+
+    async def scenario() -> None:
+        work = Work(echo, concurrency=1, window=8, max_tasks=None)
+        work.unsent.extend(contact_pb2.Result(id=str(n), ret="x") for n in range(3))
+        work.unsent.append(contact_pb2.Result(id="big", ret="y" * BATCH_BYTES))
+        work.unsent.append(contact_pb2.Result(id="4", ret="x"))
+        assert not work.next_message().more  # the server did not echo batches-answers
+        work.batches = True
+        message = work.next_message()
+        assert [message.id, *(answer.id for answer in message.more)] == ["0", "1", "2"]  # not big
+        writing = asyncio.get_running_loop().create_future()
+        work.sending(writing)
+        writing.set_result(None)
+        await asyncio.sleep(0)  # (its done callback runs)
+        assert work.answered == 3
+        alone = work.next_message()  # over BATCH_BYTES with any other: it goes alone
+        assert alone.id == "big" and not alone.more and len(work.unsent) == 2
         work.handlers.close()
 
     asyncio.run(asyncio.wait_for(scenario(), 5))

@@ -176,6 +176,17 @@ def test_a_flood_of_registrations_and_takeovers(
     still_serving()
 
 
+def test_a_batch_inside_a_batched_answer_is_refused(
+    guarded: tuple[Process, int, Callable[[], None]],
+) -> None:
+    srv, port, still_serving = guarded
+    inner = contact_pb2.Result(id="x-2", more=[contact_pb2.Result(id="x-3")])
+    nested = contact_pb2.Result(id="x-1", ret="a", more=[inner]).SerializeToString()
+    assert asyncio.run(send_raw(port, TELL, nested)) is grpc.StatusCode.INVALID_ARGUMENT
+    srv.wait_for(r"an answer batched by attacker carries a batch of its own")
+    still_serving()
+
+
 def test_a_client_cannot_finish_a_task_held_by_another(
     guarded: tuple[Process, int, Callable[[], None]], client: Callable[..., Process]
 ) -> None:

@@ -254,7 +254,8 @@ async def main(crash: bool) -> None:
     queue, handed = SqliteQueue(sys.argv[1]), asyncio.Event()
 
     def hand_on(task, client, outcome):
-        print("handed on:", outcome, flush=True)
+        removal = ("DELETE FROM tasks WHERE id = ?", (task.id,))
+        print("handed on:", outcome, "- removal pending:", removal in queue._ops, flush=True)
         if crash:
             os._exit(9)  # killed as the answer is handed on
         handed.set()
@@ -280,7 +281,7 @@ def test_an_answer_is_forgotten_only_after_it_is_handed_on(tmp_path: Path, crash
         [sys.executable, "-c", HAND_ON_AND_MAYBE_CRASH, str(path), "crash" if crash else "no"],
         cwd=ROOT, capture_output=True, text=True, timeout=60,
     )  # fmt: skip
-    assert done.stdout == "handed on: HELLO\n", done.stdout + done.stderr
+    assert done.stdout == "handed on: HELLO - removal pending: False\n", done.stdout + done.stderr
     assert done.returncode == (9 if crash else 0), done.stderr
     reopened = SqliteQueue(path)
     try:
@@ -342,8 +343,8 @@ def test_only_the_newest_failed_tasks_are_kept(
 
     asyncio.run(fail_five())
     with contextlib.closing(sqlite3.connect(path)) as db:
-        kept = [row for row in db.execute("SELECT text, reason FROM tasks ORDER BY seq")]
-    assert kept == [(f"t{n}", "sent 1 times without an answer") for n in (2, 3, 4)]
+        kept = [row for row in db.execute("SELECT text, attempts, reason FROM tasks ORDER BY seq")]
+    assert kept == [(f"t{n}", 1, "sent 1 times without an answer") for n in (2, 3, 4)]
 
 
 def test_a_lone_task_is_committed_at_once_and_writes_under_load_share_one(

@@ -7,8 +7,10 @@ import asyncio
 import logging
 from typing import Any
 
+import grpc
 import pytest
 
+from contact import BATCHES_ANSWERS_KEY, CLIENT_ID_KEY, contact_pb2, contact_pb2_grpc
 from contact.server.core import Server
 from contact_server import ContactServer, TaskNotAnsweredError
 
@@ -68,3 +70,33 @@ def test_a_busy_port_is_a_clear_error(caplog: pytest.LogCaptureFixture) -> None:
 
     with caplog.at_level(logging.ERROR):
         asyncio.run(scenario())
+
+
+def test_answers_batched_in_one_message_each_count(store: dict[str, Any]) -> None:
+    """A client that asks for batches (as contact_client.py does) hears the
+    echo, and every answer in one message's `more` lands as if sent alone."""
+
+    async def scenario() -> None:
+        async with ContactServer(port=0, grace=0, **store) as server:
+            handles = [await server.submit(f"task {n}") for n in range(3)]
+            metadata = ((CLIENT_ID_KEY, "batcher"),)
+            target = f"127.0.0.1:{server.port}"
+            async with grpc.aio.insecure_channel(target) as channel:
+                stub = contact_pb2_grpc.ContactStub(channel)
+                tasks = stub.getTask(
+                    contact_pb2.Empty(), metadata=(*metadata, (BATCHES_ANSWERS_KEY, "1"))
+                )
+                echoed = dict(await tasks.initial_metadata())
+                assert echoed.get(BATCHES_ANSWERS_KEY) == "1"
+                sent = [await tasks.read() for _ in handles]
+                answers = [contact_pb2.Result(id=task.id, ret=task.task.upper()) for task in sent]
+                results = stub.tellResult(metadata=metadata)
+                await results.write(contact_pb2.Result(id=answers[0].id, ret=answers[0].ret,
+                                                       more=answers[1:]))  # fmt: skip
+                done = await asyncio.wait_for(asyncio.gather(*handles), 5)
+                assert done == ["TASK 0", "TASK 1", "TASK 2"]
+                await results.done_writing()
+                assert await results.code() is grpc.StatusCode.OK
+                tasks.cancel()
+
+    asyncio.run(scenario())

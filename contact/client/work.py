@@ -10,6 +10,7 @@ than `window` tasks of one registration, whatever the server sends.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 from collections import deque
 
@@ -26,6 +27,10 @@ CONCURRENCY = 1  # tasks worked on at once, each in a thread of its own
 PREFETCH = 3  # tasks held ready beyond those: hides the round trip for fast tasks
 STATUS_EVERY = 5.0  # seconds between status lines
 MAX_BACKOFF = 10.0  # the longest wait between retries, seconds
+# Answers ready while the last message was written go in one message, up to
+# this many bytes (a larger answer goes alone): far under the 1 MiB message
+# cap, and enough for hundreds of short answers.
+BATCH_BYTES = 64 * 1024
 
 
 class Work:
@@ -48,8 +53,11 @@ class Work:
         # reports-start): the ids begun, to tell it with the next message.
         self.reports_start = False
         self.begun: list[str] = []
+        # The server takes several answers to a message (it echoed batches-answers).
+        self.batches = False
         self.unsent: deque[contact_pb2.Result] = deque()
-        self.writing: asyncio.Future[None] | None = None  # the write of unsent[0], if one is on
+        self.writing: asyncio.Future[None] | None = None  # the write of a message, if one is on
+        self.in_message = 0  # how many of `unsent` that message carries
         self.answer_ready = asyncio.Event()
         self.answered = 0  # answers and failures sent
         self.max_tasks = max_tasks  # return once this many are answered; None: never
@@ -66,7 +74,7 @@ class Work:
         for task_id in self.handlers.drop_waiting():
             self.running.discard(task_id)
         self.held.clear()
-        self.reports_start, self.begun = False, []
+        self.reports_start, self.batches, self.begun = False, False, []
 
     def start(self, message: contact_pb2.ServerMsg) -> None:
         """Work on a task unless it is already running (the server sent it
@@ -123,12 +131,24 @@ class Work:
     def next_message(self) -> contact_pb2.Result:
         """The first unsent answer, carrying the ids begun since the last
         message (alone, if no answer is ready): one message for an answer
-        and the start of the next task."""
+        and the start of the next task. To a server that takes batches, the
+        answers behind it ride along, up to BATCH_BYTES."""
         if not self.unsent:
             self.unsent.append(contact_pb2.Result())
-        self.unsent[0].started.extend(self.begun)
+        first = self.unsent[0]
+        first.started.extend(self.begun)
         self.begun.clear()
-        return self.unsent[0]
+        del first.more[:]  # (built for a write that failed, maybe to another server)
+        self.in_message = 1
+        if self.batches:
+            room = BATCH_BYTES - first.ByteSize()
+            for answer in itertools.islice(self.unsent, 1, None):
+                room -= answer.ByteSize()
+                if room < 0:
+                    break
+                self.in_message += 1
+            first.more.extend(itertools.islice(self.unsent, 1, self.in_message))
+        return first
 
     def sending(self, writing: asyncio.Future[None]) -> None:
         """`writing` writes the message `next_message` gave: what it sent is
@@ -141,7 +161,7 @@ class Work:
         write still on, which may be the last answer asked for. A server that
         stops as it reads that answer fails the other calls first, and a
         client that decided before the write ended retried for ever."""
-        last = self.max_tasks is not None and self.answered + 1 >= self.max_tasks
+        last = self.max_tasks is not None and self.answered + self.in_message >= self.max_tasks
         if last and self.writing is not None and not self.writing.done():
             await asyncio.wait({self.writing}, timeout=HANG_UP_SECONDS)
 
@@ -154,8 +174,9 @@ class Work:
             return
         self.writing = None
         if not writing.cancelled() and writing.exception() is None:
-            sent = self.unsent.popleft()
-            self.answered += bool(sent.id) and sent.error != WITHDRAWN  # answers only
+            for _ in range(self.in_message):
+                sent = self.unsent.popleft()
+                self.answered += bool(sent.id) and sent.error != WITHDRAWN  # answers only
 
     def _send(self, result: contact_pb2.Result) -> None:
         self.unsent.append(result)

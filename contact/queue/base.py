@@ -121,11 +121,12 @@ class TaskQueue(abc.ABC):
     - `settle` records a client's answer, or its failure, and `release`
       gives back a task its client left unanswered: `charged`, the send
       counts as an attempt, and a task out of attempts fails for good.
-    - Each outcome is reported (`report`, at once: the log line), resolves
-      the task's `outcome` future, and is handed on (`hand_on`) on the
-      loop's next turn; only after that does the queue forget the task, so
-      a crash before the hand-on repeats the task rather than losing its
-      answer.
+    - Each answer or failure is reported (`report`, at once: the log
+      line), resolves the task's `outcome` future, and is handed on
+      (`hand_on`, if one is bound) on the loop's next turn; only after the
+      hand-on returns does the queue forget the task, so a crash before
+      that repeats the task rather than losing its answer. A cancelled
+      task is forgotten at once.
     """
 
     closed = False  # it takes no more tasks; answers are still settled

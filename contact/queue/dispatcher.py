@@ -2,7 +2,7 @@
 clients (sessions), how many tasks each may hold, and which gets which
 task it takes from the TaskQueue (contact/queue/base.py).
 
-Import it, test it (tests/test_router.py says what it must do), or put it
+Import it, test it (tests/test_dispatcher.py says what it must do), or put it
 in front of another TaskQueue: it only asks the queue for tasks and gives
 back the ones a client left.
 """
@@ -19,7 +19,7 @@ from contact import WITHDRAWN
 from contact.logtext import REPEATS, Quoted
 from contact.queue.base import Outcome, Task, TaskQueue
 
-log = logging.getLogger("contact.router")
+log = logging.getLogger("contact.dispatcher")
 
 # Why a session ended.
 LEFT, REPLACED, SHUTDOWN = "left", "replaced", "shutdown"
@@ -325,6 +325,7 @@ class Dispatcher:
         if task.holder is not None:
             holder = self._holder(task)
             self._release(holder, task)
+            task.holder = None
             self._fill(holder)
         else:
             self._ready(task.target)

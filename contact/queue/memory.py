@@ -2,7 +2,8 @@
 and a restart starts empty. `SqliteQueue` (contact/queue/sqlite.py) is this
 queue with every change also written to a file.
 
-tests/test_router.py says what it must do, with the Dispatcher on top.
+tests/test_dispatcher.py says what it must do, with the Dispatcher on top;
+tests/test_journal.py what the SQLite queue adds.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ from contact.queue.base import (
     TaskQueue,
 )
 
-log = logging.getLogger("contact.router")
+log = logging.getLogger("contact.queue")
 
 # A restart lists this many recovered tasks one by one, the newest (which
 # include every line typed just before a kill but never logged as queued),
@@ -62,6 +63,7 @@ class MemoryQueue(TaskQueue):
         self._ready: Callable[[str | None], object] = ignore
         self._report: Report = ignore
         self._hand_on: Report | None = None
+        self._handing_on = 0  # outcomes whose hand-on waits for the loop's next turn
         self._reserved = 0  # places held by submitters whose tasks are not queued yet
         self._room_waiters: deque[asyncio.Future[None]] = deque()  # for a place, in turn
         self._full_since: float | None = None  # when the queue last filled up, while it is full
@@ -182,9 +184,11 @@ class MemoryQueue(TaskQueue):
 
     def take(self, task: Task, name: str) -> None:
         if task.target is None:
+            assert self._queue[0] is task, "take the task `head` gave"
             self._queue.popleft()
         else:
             line = self._waiting[task.target]
+            assert line[0] is task, "take the task `head` gave"
             line.popleft()
             self._waiting_count -= 1
             if not line:
@@ -282,6 +286,9 @@ class MemoryQueue(TaskQueue):
         return ""
 
     async def close(self) -> None:
+        self.stop()
+        while self._handing_on:  # each runs on the next turn; none can begin once stopped
+            await asyncio.sleep(0)
         for task in self.unfinished():
             if (outcome := self._outcomes.pop(task.id, None)) is not None:
                 outcome.set_exception(self._not_answered(task))
@@ -331,14 +338,14 @@ class MemoryQueue(TaskQueue):
         if self._hand_on is None:
             self._forget(task, outcome)
         else:
+            self._handing_on += 1
             asyncio.get_running_loop().call_soon(self._handed_on, task, client, outcome)
 
     def _handed_on(self, task: Task, client: str, outcome: str | TaskNotAnsweredError) -> None:
         assert self._hand_on is not None
-        try:
-            self._hand_on(task, client, outcome)
-        finally:
-            self._forget(task, outcome)
+        self._handing_on -= 1
+        self._hand_on(task, client, outcome)
+        self._forget(task, outcome)  # not if the hand-on raised: the task is kept
 
     @staticmethod
     def _failure(

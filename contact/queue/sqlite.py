@@ -11,10 +11,10 @@ the last. A new task that finds the writer idle is committed at once (its
 submitter waits for that commit); otherwise commits begin at most every
 BATCH_SECONDS, so under load each carries the writes of a few milliseconds.
 
-The crash rule, kept here: a task's row is deleted only once its answer is
-reported, handed on, and its log line written (MemoryQueue._end, and
-`write_held_lines` before each commit), so a crash in between repeats the
-task rather than losing its answer. See docs/guarantees.md ("After a
+The crash rule, kept here: an answered task's row is deleted only once its
+answer is reported, handed on, and its log line written (MemoryQueue._end,
+and `write_held_lines` before each commit), so a crash in between repeats
+the task rather than losing its answer. See docs/guarantees.md ("After a
 crash") for what survives which crash.
 """
 
@@ -125,6 +125,7 @@ class SqliteQueue(MemoryQueue):
         self._db = self._open(sync)
         self._file = os.stat(self.path)  # which file it is: one put in its place is another
         self.lost: str | None = None  # why the file can no longer keep tasks, once it cannot
+        self._let_go = False  # closed: written no more
         try:
             run, earlier_runs = self._start_run()
             self.recovered = self._read_unfinished()
@@ -151,12 +152,16 @@ class SqliteQueue(MemoryQueue):
 
     def _requeued(self, task: Task) -> None:
         """A task given back unanswered (its holder left or hung): keep its attempts."""
-        self._write(REQUEUED, task.attempts, task.id)
+        if not self._let_go:
+            self._write(REQUEUED, task.attempts, task.id)
 
     def _forget(self, task: Task, outcome: str | TaskNotAnsweredError) -> None:
         """A task ended and was handed on: delete it, or keep a failed one,
-        with why, among the newest KEEP_FAILED."""
-        if isinstance(outcome, (str, TaskCancelledError)):
+        with why, among the newest KEEP_FAILED. Once the file is let go,
+        nothing more is written (the task is kept, and comes back)."""
+        if self._let_go:
+            log.debug("journal closed: task %s stays in it", task.id)
+        elif isinstance(outcome, (str, TaskCancelledError)):
             self._write(FINISHED, task.id)
         else:
             self._write(FAILED, task.attempts, outcome.reason, time.time(), task.id)
@@ -175,6 +180,7 @@ class SqliteQueue(MemoryQueue):
             await asyncio.wait([self._writing])
         self._writer.shutdown()
         self._db.close()
+        self._let_go = True
 
     # -- batching: one writer thread, one transaction at a time --
 

@@ -89,7 +89,7 @@ class Server:
             answer = await server.ask("hello")
 
     With `journal` (a file name), every unfinished task is kept in that file
-    (contact/queue/journal.py): a server started again on it, after a crash or a
+    (contact/queue/sqlite.py): a server started again on it, after a crash or a
     clean stop, queues them again. Entering raises JournalError if the file
     cannot be used. `on_answer(Answer)` is called on the server's loop for
     every answer and every failure, those to recovered tasks included. With
@@ -208,7 +208,8 @@ class Server:
         """Withdraw the task `task_id` (see TaskHandle.cancel); False if it
         has its outcome already, is no task of this server, or the server
         has begun shutting down (the task then stays in the journal, if any)."""
-        task = None if self.closed else self._dispatcher.cancel(task_id)
+        running = self._loop is not None and not self.closed
+        task = self._dispatcher.cancel(task_id) if running else None
         if task is None:
             return False
         log.info("task %s cancelled", task.id)
