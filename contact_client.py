@@ -34,7 +34,6 @@ from contact import (
 )
 from contact.client import streams
 from contact.client.handler import Handler
-from contact.client.streams import FINAL_CODES, StreamEndedError, backoff
 from contact.client.work import CONCURRENCY, MAX_BACKOFF, PREFETCH, SERVER, STATUS_EVERY, Work
 from contact.logtext import counted, retrieved
 from contact.options import client_channel
@@ -94,7 +93,7 @@ async def one_connection(
             # Returns once the server has read every answer; one that never
             # says so is not waited for long.
             await streams.answered(results, "the last answers")
-        except (grpc.aio.AioRpcError, StreamEndedError) as err:
+        except (grpc.aio.AioRpcError, streams.StreamEndedError) as err:
             await work.last_write_settled()  # the answer on its way may be the last
             reason = None if work.done() else await streams.registration_failure(tasks)
             if not work.done():  # (the last answer's write may have ended meanwhile)
@@ -178,19 +177,18 @@ async def run(
     RefusedError if the server refuses this client for good.
 
     `handler(task)` gets the whole ServerMsg (`task.attempt` says which
-    delivery this is) and returns the answer; a plain function runs in one of
-    `concurrency` threads, an `async def` on the loop. If it raises, the task
-    fails: its submitter gets TaskError with the message. Each run() has a
-    connection of its own, so many can run in one process."""
+    delivery this is) and returns the answer, in one of `concurrency`
+    threads (an `async def` on the loop); if it raises, the task fails with
+    TaskError. Each run() has a connection of its own: many can share a process."""
     name = name or default_client_name()
     work = Work(handler, concurrency, concurrency + prefetch, max_tasks, status_every)
-    delays, outage = backoff(max_backoff), False  # an outage is said once, not per retry
+    delays, outage = streams.backoff(max_backoff), False  # an outage is said once, not per retry
 
     def registered() -> None:
         nonlocal delays, outage
         log.info("registered with %s as %s", server, name)
         log.debug("%d asyncio tasks alive", len(asyncio.all_tasks()))
-        delays, outage = backoff(max_backoff), False
+        delays, outage = streams.backoff(max_backoff), False
 
     try:
         while True:
@@ -200,10 +198,10 @@ async def run(
                 log.info("answered %s; exiting", counted(work.answered, "task"))
                 return
             except grpc.aio.AioRpcError as err:
-                if err.code() in FINAL_CODES:
+                if err.code() in streams.FINAL_CODES:
                     raise RefusedError(f"{err.code().name}: {err.details()}") from None
                 problem = f"{err.code().name}: {err.details()}"
-            except StreamEndedError as err:
+            except streams.StreamEndedError as err:
                 problem = str(err)
             if not outage:
                 log.warning(

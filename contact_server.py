@@ -51,7 +51,6 @@ from contact.queue.base import (
 from contact.queue.dispatcher import REPLACED, SHUTDOWN, Dispatcher
 from contact.queue.sqlite import JournalError
 from contact.server import checks
-from contact.server.checks import owned_by, registration
 from contact.server.core import PORT, Server
 from contact.server.handles import Answer, TaskHandle, ThreadsafeHandle
 from contact.server.typed import read_tasks
@@ -130,17 +129,11 @@ class ContactServicer(contact_pb2_grpc.ContactServicer):
         client that batches them), each naming its task by id, and the tasks
         it has begun (if it reports that)."""
         name = await checks.client_name(context)
-        session = await registration(self._dispatcher, name, context)
+        session = await checks.registration(self._dispatcher, name, context)
         try:
-            async with owned_by(session, context, self.calls):  # ends with its registration
+            async with checks.owned_by(session, context, self.calls):  # ends with its registration
                 async for message in request_iterator:
-                    if any(batched.more for batched in message.more):
-                        await checks.refuse(
-                            context,
-                            grpc.StatusCode.INVALID_ARGUMENT,
-                            f"an answer batched by {name} carries a batch of its own",
-                        )
-                    for result in (message, *message.more):
+                    for result in await checks.answers_in(message, name, context):
                         if result.started:
                             self._dispatcher.started(session, result.started)
                             if not result.id:  # only that
@@ -169,9 +162,9 @@ class ContactServicer(contact_pb2_grpc.ContactServicer):
     ) -> AsyncIterator[contact_pb2.Result]:
         """The client's own messages; each one is answered."""
         name = await checks.client_name(context)
-        session = await registration(self._dispatcher, name, context)
+        session = await checks.registration(self._dispatcher, name, context)
         try:
-            async with owned_by(session, context, self.calls):  # ends with its registration
+            async with checks.owned_by(session, context, self.calls):  # ends with its registration
                 async for status in request_iterator:
                     if log.isEnabledFor(DEBUG):  # not at INFO: idle clients would fill the terminal
                         line = Quoted(status.msg)

@@ -2,8 +2,9 @@
 
 - What every call must carry in its metadata: the caller's name
   (`client-id`) and, on getTask, the window it asks for (`max-in-flight`).
-  A call that fails a check, or that carries a malformed message, is ended
-  with a clear status and a log line saying why.
+  A call that fails a check, or that carries a malformed message (or a
+  batch of answers inside a batch), is ended with a clear status and a log
+  line saying why.
 - Which registration a call belongs to: a client's tellResult and
   sendStatus calls belong to its registration (its getTask call). Without
   one they are refused, and when it ends (the client left, a newer client
@@ -28,6 +29,7 @@ from contact import (
     CLIENT_NAME,
     CLIENT_NAME_RULE,
     MAX_IN_FLIGHT_KEY,
+    contact_pb2,
 )
 from contact.logtext import REPEATS
 from contact.queue.dispatcher import REPLACED, SHUTDOWN, Dispatcher, Session
@@ -134,6 +136,22 @@ ENDINGS = {
     REPLACED: (grpc.StatusCode.ABORTED, "a newer client registered as {name} replaced this one"),
 }
 LEFT_ENDING = (grpc.StatusCode.FAILED_PRECONDITION, "the registration of {name} ended")
+
+
+async def answers_in(
+    message: contact_pb2.Result, name: str, context: grpc.aio.ServicerContext
+) -> tuple[contact_pb2.Result, ...]:
+    """The answers one tellResult message carries: itself, and those batched
+    in its `more`; refuse the call if one of those carries a batch too."""
+    if not message.more:
+        return (message,)
+    if any(batched.more for batched in message.more):
+        await refuse(
+            context,
+            grpc.StatusCode.INVALID_ARGUMENT,
+            f"an answer batched by {name} carries a batch of its own",
+        )
+    return (message, *message.more)
 
 
 async def registration(
