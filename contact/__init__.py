@@ -12,7 +12,8 @@ per module, in three parts and a few modules both sides share:
 - `client/`: the client's work across reconnections, the pool that runs
   your handler, its streams and retries.
 - shared: `options` (gRPC settings of both sides), `tls`, `logtext` (log
-  lines), `signals` (Ctrl-C and SIGTERM), `cli` (the command lines).
+  lines), `waits` (bounded waits), `signals` (Ctrl-C and SIGTERM), `cli`
+  (the command lines).
 
 None of them imports a script.
 

@@ -1,4 +1,4 @@
-"""The client's bounded waits (contact/client/streams.py `within`): a
+"""The bounded waits of both sides (contact/waits.py `within`): a
 cancellation is never lost, which asyncio.wait_for before Python 3.12 may
 do when the awaited thing finishes in the same instant."""
 
@@ -9,7 +9,7 @@ from collections.abc import Awaitable, Callable
 
 import pytest
 
-from contact.client.streams import within
+from contact.waits import within
 
 
 async def cancelled_as_it_finishes(wait: Callable[[Awaitable[int], float], Awaitable[int]]) -> bool:

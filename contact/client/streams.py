@@ -1,7 +1,7 @@
 """Helpers for the client's long-lived streams: confirming the registration,
 telling why the server ended a stream, hanging up politely, running the
-streams side by side, bounded waits that never lose a cancellation
-(`within`, `answered`), and when to retry a lost connection."""
+streams side by side, the bounded wait for an answer (`answered`, on
+contact/waits.py's `within`), and when to retry a lost connection."""
 
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ import grpc
 
 from contact import CLIENT_ID_KEY
 from contact.logtext import retrieved
+from contact.waits import within
 
 # How long the server gets to acknowledge our half-close before we cancel:
 # cancelling a call the server has not finished makes grpc.aio log a
@@ -48,25 +49,6 @@ T = TypeVar("T")
 
 class StreamEndedError(Exception):
     """The server ended a stream without an error, or stopped answering; reconnect."""
-
-
-async def within(awaitable: Awaitable[T], seconds: float) -> T:
-    """Await `awaitable` for at most `seconds`, then cancel it (without
-    waiting for it to end: bounded) and raise asyncio.TimeoutError. Unlike
-    asyncio.wait_for, it never loses a cancellation of the caller: before
-    Python 3.12, wait_for returns the result when the cancellation arrives
-    as the awaited thing finishes."""
-    future = asyncio.ensure_future(awaitable)
-    future.add_done_callback(retrieved)  # given up on, its error is no news
-    try:
-        done, _ = await asyncio.wait({future}, timeout=seconds)
-    except asyncio.CancelledError:
-        future.cancel()
-        raise
-    if not done:
-        future.cancel()
-        raise asyncio.TimeoutError
-    return future.result()
 
 
 async def answered(answer: Awaitable[T], what: str, seconds: float = ANSWER_WITHIN_SECONDS) -> T:

@@ -45,6 +45,7 @@ from contact.server.handles import (
 )
 from contact.signals import on_stop_signal
 from contact.tls import warn_if_exposed
+from contact.waits import within
 
 log = logging.getLogger("contact.server")
 
@@ -172,7 +173,13 @@ class Server:
         cancelled, is withdrawn."""
         loop = asyncio.get_running_loop()
         ends = None if timeout is None else loop.time() + timeout
-        handle = await asyncio.wait_for(self.submit(text, target, **fields), timeout)
+        submitting = asyncio.ensure_future(self.submit(text, target, **fields))
+        try:
+            handle = await within(asyncio.shield(submitting), timeout)
+        except BaseException:  # timed out or cancelled: a task queued meanwhile is withdrawn
+            submitting.cancel()
+            submitting.add_done_callback(withdraw_if_queued)
+            raise
         try:
             return await handle.result(None if ends is None else max(0.0, ends - loop.time()))
         except asyncio.TimeoutError:
@@ -198,7 +205,7 @@ class Server:
         async def queued() -> ThreadsafeHandle:
             # Timed on the loop, where it is certain whether the task got
             # queued: given up on, it is not queued later with no handle.
-            queued = await asyncio.wait_for(self.submit(text, target, **fields), LOOP_REPLY_SECONDS)
+            queued = await within(self.submit(text, target, **fields), LOOP_REPLY_SECONDS)
             return ThreadsafeHandle(queued, loop)
 
         # (Twice as long here: only a loop stuck for that long is not waited out.)
@@ -296,6 +303,12 @@ class Server:
         log.info("stopped; tasks never answered: %d%s", unanswered, kept)
         if self._signals_back is not None:  # a signal now is the program's again
             self._signals_back()
+
+
+def withdraw_if_queued(submitting: asyncio.Future[TaskHandle]) -> None:
+    """Withdraw the task of a `submit` its caller gave up on, if it got queued."""
+    if not submitting.cancelled() and submitting.exception() is None:
+        submitting.result().cancel()
 
 
 def listen(

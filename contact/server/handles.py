@@ -12,6 +12,7 @@ from typing import Any
 
 from contact import CLIENT_NAME, MAX_MESSAGE_BYTES, contact_pb2, text_problem
 from contact.queue.base import TaskNotAnsweredError
+from contact.waits import within
 
 # How long plain code in another thread waits for the server's loop to do
 # what it asked (take a task, withdraw one): a journal commit takes
@@ -84,7 +85,7 @@ class TaskHandle:
     async def result(self, timeout: float | None = None) -> str:
         """The answer; raise asyncio.TimeoutError (TimeoutError) if it has
         not come within `timeout` seconds. The task stays queued then."""
-        return await asyncio.wait_for(asyncio.shield(self._answer), timeout)
+        return await within(asyncio.shield(self._answer), timeout)
 
     def done(self) -> bool:
         """Whether the task has its outcome (an answer, or why it has none)."""
