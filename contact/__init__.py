@@ -8,7 +8,7 @@ per module, in three parts and a few modules both sides share:
   an SQLite journal) and the dispatcher that gives its tasks to this
   server's clients; no gRPC.
 - `server/`: the server you use from code, task handles, the checks on
-  each call, tasks typed on standard input.
+  each call, the health service, tasks typed on standard input.
 - `client/`: the client's work across reconnections, the pool that runs
   your handler, its streams and retries.
 - shared: `options` (gRPC settings of both sides), `tls`, `logtext` (log

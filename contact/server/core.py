@@ -5,7 +5,8 @@ and await the answer; started and stopped by `async with`.
 It holds one TaskQueue (contact/queue/base.py: the tasks, in memory or in a
 journal file), never asking which kind, and a Dispatcher in front of it
 (which connected client gets which task); it turns what the queue reports
-into log lines and the `on_answer` hook. `listen` binds its port.
+into log lines and the `on_answer` hook. Beside its rpcs it serves the
+standard health service (contact/server/health.py). `listen` binds its port.
 """
 
 from __future__ import annotations
@@ -43,6 +44,7 @@ from contact.server.handles import (
     check_task,
     on_loop,
 )
+from contact.server.health import add_health
 from contact.signals import on_stop_signal
 from contact.tls import warn_if_exposed
 from contact.waits import within
@@ -271,6 +273,7 @@ class Server:
             self._server = grpc.aio.server(options=SERVER_OPTIONS)  # needs a running loop
             self._servicer = self.servicer(self._dispatcher)
             contact_pb2_grpc.add_ContactServicer_to_server(self._servicer, self._server)
+            self._health = add_health(self._server)
             self.port = listen(self._server, self.host, self.port, self._credentials)
             await self._server.start()
         except BaseException:
@@ -292,6 +295,7 @@ class Server:
             self.grace,
         )
         self._closed = True
+        self._health.stop()  # first: NOT_SERVING, and a balancer stops sending clients here
         self._housekeeper.cancel()
         self._dispatcher.close()  # every getTask call ends: UNAVAILABLE
         await end_calls(self._servicer.calls, self.grace)  # answers on their way still land
