@@ -295,10 +295,11 @@ class Server:
             self.grace,
         )
         self._closed = True
-        self._health.stop()  # first: NOT_SERVING, and a balancer stops sending clients here
+        self._health.not_serving()  # first: a balancer stops sending clients here
         self._housekeeper.cancel()
         self._dispatcher.close()  # every getTask call ends: UNAVAILABLE
         await end_calls(self._servicer.calls, self.grace)  # answers on their way still land
+        self._health.end()  # watchers are not waited for
         await self._server.stop(self.grace)
         unanswered = len(self._queue.unfinished())
         kept = self._queue.kept() if unanswered else ""

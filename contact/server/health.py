@@ -5,11 +5,14 @@ balancer stops sending it new clients while the ones it has finish.
 
 It answers for the whole server (the service name "") and for
 contact.Contact by name; any other name gets NOT_FOUND (Check) or
-SERVICE_UNKNOWN (Watch), as the standard says. The messages and stubs are
-grpcio-health-checking's; the servicer is ours because that package's
-`Watch` never ends: at shutdown the server would wait out its whole grace
-for each watcher and then cancel it, which grpc logs with a traceback.
-Here a Watch says NOT_SERVING and then ends normally.
+SERVICE_UNKNOWN (Watch), as the standard says, and List gives both. The
+messages and stubs are grpcio-health-checking's; the servicer is ours
+because that package's `Watch` never ends: at shutdown the server would
+wait out its whole grace for each watcher and then cancel it, which grpc
+logs with a traceback. Here a Watch says NOT_SERVING as the shutdown
+begins, stays open while the server's calls finish (a watcher whose call
+ended normally asks again at once, for as long as the shutdown takes),
+and is ended normally just before the gRPC server stops.
 """
 
 from __future__ import annotations
@@ -34,27 +37,31 @@ SERVICES = ("", CONTACT_SERVICE)  # "": the server as a whole
 
 
 class Health(health_pb2_grpc.HealthServicer):  # type: ignore[misc]
-    """Check and Watch for SERVICES, all of them in one status."""
+    """Check, Watch and List for SERVICES, all of them in one status."""
 
     def __init__(self) -> None:
         self._status: int = SERVING
-        self._stopping = False
+        self._ended = False  # every Watch returns: the server stops now
         self._changed = asyncio.Event()  # set, and replaced, at each change
 
     def _status_of(self, service: str) -> int | None:
         return self._status if service in SERVICES else None
 
-    def stop(self) -> None:
-        """Say NOT_SERVING for good, and end every Watch once it has said so."""
-        self._stopping = True
-        self._set(NOT_SERVING)
+    def not_serving(self) -> None:
+        """Say NOT_SERVING from now on: the server is shutting down."""
         log.debug("health: NOT_SERVING (shutting down)")
+        self._changed_now(NOT_SERVING)
 
-    def _set(self, status: int) -> None:
-        if status != self._status:
-            self._status = status
-            self._changed.set()
-            self._changed = asyncio.Event()
+    def end(self) -> None:
+        """End every Watch, normally, and those that begin from now at once:
+        the gRPC server stops next, and must not wait for them."""
+        self._ended = True
+        self._changed_now(self._status)
+
+    def _changed_now(self, status: int) -> None:
+        self._status = status
+        self._changed.set()
+        self._changed = asyncio.Event()
 
     async def Check(
         self, request: health_pb2.HealthCheckRequest, context: grpc.aio.ServicerContext
@@ -67,7 +74,7 @@ class Health(health_pb2_grpc.HealthServicer):  # type: ignore[misc]
     async def Watch(
         self, request: health_pb2.HealthCheckRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[health_pb2.HealthCheckResponse]:
-        """The status now, then each change; ends once NOT_SERVING is said at shutdown."""
+        """The status now, then each change, until `end`."""
         said: int | None = None
         while True:
             changed = self._changed  # before the status is read: no change is missed
@@ -77,9 +84,17 @@ class Health(health_pb2_grpc.HealthServicer):  # type: ignore[misc]
             if status != said:
                 yield health_pb2.HealthCheckResponse(status=status)
                 said = status
-            if self._stopping:
+            if self._ended:
                 return
             await changed.wait()
+
+    async def List(
+        self, request: health_pb2.HealthListRequest, context: grpc.aio.ServicerContext
+    ) -> health_pb2.HealthListResponse:
+        reply = health_pb2.HealthListResponse()
+        for service in SERVICES:
+            reply.statuses[service].status = self._status
+        return reply
 
 
 def add_health(server: grpc.aio.Server) -> Health:
