@@ -346,3 +346,51 @@ def test_a_full_queue_makes_submit_wait_and_ask_and_submit_threadsafe_give_up_in
             assert server._queue.queued() == 1 and third.cancel()
 
     asyncio.run(scenario())
+
+
+def test_an_ask_cancelled_at_any_moment_leaves_no_task_queued(store: dict[str, Any]) -> None:
+    """Cancelled at each turn of the loop in turn (before its task is queued,
+    as it is queued, while it waits for the answer), `ask` leaves nothing
+    behind: a task queued as its caller gave up is withdrawn."""
+
+    async def scenario() -> None:
+        async with ContactServer(port=0, grace=0, **store) as server:
+            for turns in range(12):
+                asking = asyncio.create_task(server.ask(f"asked {turns}", target="absent"))
+                for _ in range(turns):
+                    await asyncio.sleep(0)
+                asking.cancel()
+                with pytest.raises(asyncio.CancelledError):
+                    await asking
+                ends = time.monotonic() + 5  # a journal's commit may still be on
+                while server._queue.unfinished() and time.monotonic() < ends:
+                    await asyncio.sleep(0.01)
+                assert server._queue.unfinished() == [], f"left queued when cancelled after {turns}"
+
+    asyncio.run(scenario())
+
+
+def test_submit_threadsafe_given_up_on_a_stuck_loop_leaves_no_task_queued(
+    monkeypatch: pytest.MonkeyPatch, store: dict[str, Any]
+) -> None:
+    monkeypatch.setattr(contact.server.core, "LOOP_REPLY_SECONDS", 0.2)
+
+    def submit_from_a_thread(server: ContactServer) -> BaseException | None:
+        try:
+            server.submit_threadsafe("while the loop is stuck", "absent")
+        except BaseException as err:
+            return err
+        return None
+
+    async def scenario() -> None:
+        async with ContactServer(port=0, grace=0, **store) as server:
+            asking = asyncio.get_running_loop().run_in_executor(None, submit_from_a_thread, server)
+            time.sleep(1.0)  # the loop stuck (the fault under test): the thread gives up at 0.4 s
+            error = await asyncio.wait_for(asking, 5)
+            assert isinstance(error, (concurrent.futures.TimeoutError, TimeoutError)), error
+            ends = time.monotonic() + 5  # what the loop does with the given-up submit
+            while server._queue.unfinished() and time.monotonic() < ends:
+                await asyncio.sleep(0.01)
+            assert server._queue.unfinished() == []
+
+    asyncio.run(scenario())

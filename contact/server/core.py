@@ -12,9 +12,11 @@ standard health service (contact/server/health.py). `listen` binds its port.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import functools
 import logging
 import os
+import threading
 from collections.abc import Callable
 from typing import Any, Protocol, TypeVar
 
@@ -175,13 +177,7 @@ class Server:
         cancelled, is withdrawn."""
         loop = asyncio.get_running_loop()
         ends = None if timeout is None else loop.time() + timeout
-        submitting = asyncio.ensure_future(self.submit(text, target, **fields))
-        try:
-            handle = await within(asyncio.shield(submitting), timeout)
-        except BaseException:  # timed out or cancelled: a task queued meanwhile is withdrawn
-            submitting.cancel()
-            submitting.add_done_callback(withdraw_if_queued)
-            raise
+        handle = await self._submit_within(timeout, text, target, fields)
         try:
             return await handle.result(None if ends is None else max(0.0, ends - loop.time()))
         except asyncio.TimeoutError:
@@ -190,6 +186,19 @@ class Server:
             return await handle  # its outcome came as the time ran out
         except asyncio.CancelledError:
             handle.cancel()
+            raise
+
+    async def _submit_within(
+        self, timeout: float | None, text: str, target: str | None, fields: dict[str, Any]
+    ) -> TaskHandle:
+        """`submit`, given up after `timeout` seconds (asyncio.TimeoutError):
+        a task queued as its caller gives up, or is cancelled, is withdrawn."""
+        submitting = asyncio.ensure_future(self.submit(text, target, **fields))
+        try:
+            return await within(asyncio.shield(submitting), timeout)
+        except BaseException:
+            submitting.cancel()
+            submitting.add_done_callback(withdraw_if_queued)
             raise
 
     def submit_threadsafe(
@@ -204,14 +213,32 @@ class Server:
         if loop is None or on_loop(loop):
             raise RuntimeError("the server is not running, or this is its loop: await submit")
 
+        # The handle passes from the loop to this thread under a lock, so
+        # that a task the loop queues after this thread gave up (the loop
+        # was stuck) is withdrawn there, never left queued with no handle.
+        lock, handed, gave_up = threading.Lock(), [], False
+
         async def queued() -> ThreadsafeHandle:
-            # Timed on the loop, where it is certain whether the task got
-            # queued: given up on, it is not queued later with no handle.
-            queued = await within(self.submit(text, target, **fields), LOOP_REPLY_SECONDS)
-            return ThreadsafeHandle(queued, loop)
+            # Timed on the loop too: a submit that waits for room gives up there.
+            queued = await self._submit_within(LOOP_REPLY_SECONDS, text, target, fields)
+            with lock:
+                if gave_up:
+                    queued.cancel()
+                    raise asyncio.TimeoutError
+                handed.append(ThreadsafeHandle(queued, loop))
+            return handed[0]
 
         # (Twice as long here: only a loop stuck for that long is not waited out.)
-        return asyncio.run_coroutine_threadsafe(queued(), loop).result(2 * LOOP_REPLY_SECONDS)
+        submitted = asyncio.run_coroutine_threadsafe(queued(), loop)
+        try:
+            return submitted.result(2 * LOOP_REPLY_SECONDS)
+        except concurrent.futures.TimeoutError:
+            with lock:
+                gave_up = True
+                if handed:  # queued as the time ran out: it counts
+                    return handed[0]
+            submitted.cancel()
+            raise
 
     def cancel(self, task_id: str) -> bool:
         """Withdraw the task `task_id` (see TaskHandle.cancel); False if it
