@@ -22,6 +22,7 @@ import subprocess
 import sys
 import threading
 from dataclasses import dataclass, field
+from datetime import datetime
 from pathlib import Path
 
 import pytest
@@ -39,6 +40,16 @@ CLIENTS = 4
 QUEUED = re.compile(r"task (\S+) (?:queued|recovered) for any client: '(.*)'$")
 RESULT = re.compile(r"task (\S+) result from \S+: '(.*)'$")
 SENT = re.compile(r"task (\S+) sent to \S+$")
+# An answer is logged before its task's removal is committed, and that commit
+# comes within a batch window (5 ms) once the writer is free. The bound is on
+# time, not on answers: in a CI run (tests four at a time) one commit waited
+# while 137 answers came (a bound of 99 answers failed); here it is 3-5 ms.
+REMOVAL_WITHIN_SECONDS = 1.0
+
+
+def logged_at(line: str) -> float:
+    """When a log line was logged (LOG_FORMAT's time), in seconds."""
+    return datetime.strptime(line[:23], "%Y-%m-%d %H:%M:%S,%f").timestamp()
 
 
 @dataclass
@@ -50,6 +61,7 @@ class Run:
     recovered_in_order: list[str] = field(default_factory=list)  # ids, as logged
     listening_at: int = -1  # the line that says the server listens
     answered: list[str] = field(default_factory=list)  # ids, in the order their results came
+    answered_at: dict[str, float] = field(default_factory=dict)  # id -> when its result was logged
     sent: set[str] = field(default_factory=set)
 
     @classmethod
@@ -63,6 +75,7 @@ class Run:
                     run.recovered_in_order.append(match.group(1))
             elif match := RESULT.search(line):
                 run.answered.append(match.group(1))
+                run.answered_at[match.group(1)] = logged_at(line)
                 assert match.group(2) == run.texts[match.group(1)].upper(), line
             elif match := SENT.search(line):
                 run.sent.add(match.group(1))
@@ -140,7 +153,11 @@ def test_tasks_survive_three_kills_of_the_server(processes: list[Process], tmp_p
             f"kill: {len(before.answered)} answered in that run, {len(in_flight)} in flight, "
             f"{len(after.recovered)} recovered, answered again after it: {len(twice)}"
         )
-        assert len(twice) < 100, "few answers lose their commit to a kill"
+        # Only answers of the kill's last moments lose their removal's commit.
+        last = before.answered_at[before.answered[-1]] if before.answered else 0.0
+        waited = max((last - before.answered_at[task_id] for task_id in twice), default=0.0)
+        print(f"  the oldest of those was logged {1000 * waited:.0f} ms before the last answer")
+        assert waited < REMOVAL_WITHIN_SECONDS, "removals wait too long for a commit"
     with contextlib.closing(sqlite3.connect(journal)) as db:
         left_over = db.execute("SELECT count(*) FROM tasks").fetchone()[0]
     assert left_over == 0, "the journal still holds tasks"
