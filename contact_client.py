@@ -187,7 +187,8 @@ async def run(
     def registered() -> None:
         nonlocal delays, outage
         log.info("registered with %s as %s", server, name)
-        log.debug("%d asyncio tasks alive", len(asyncio.all_tasks()))
+        if log.isEnabledFor(logging.DEBUG):  # all_tasks() walks every client's tasks
+            log.debug("%d asyncio tasks alive", len(asyncio.all_tasks()))
         delays, outage = streams.backoff(max_backoff), False
 
     try:

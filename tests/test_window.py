@@ -93,8 +93,11 @@ def test_slow_tasks_are_shared_by_two_default_clients(
     server: tuple[Process, int], processes: list[Process]
 ) -> None:
     """Eight one-second tasks, two clients with the default settings
-    connecting half a second apart: both work, and all are done in about
-    the time two clients need (4.5 s), not one (8 s)."""
+    connecting half a second apart: both work, and all are done about four
+    seconds after the second connects (their half each), not the seven and
+    a half one client would still need. Timed from the second client's
+    registration, since starting a process can take a second on a loaded
+    machine."""
     srv, port = server
     srv.type(*(f"slow {i}" for i in range(8)))
     srv.wait_for(r"queued for any client", count=8)
@@ -104,9 +107,12 @@ def test_slow_tasks_are_shared_by_two_default_clients(
     time.sleep(0.5)  # the scenario itself: the second client comes half a second later
     processes.append(Process("second", *slow, "second", "--sleep", "1"))
     last = srv.wait_for(r"result from \S+: 'SLOW \d'$", count=8, timeout=15)
-    first = srv.wait_for(r"client first connected")
-    took = logged_at(last.string) - logged_at(first.string)
-    print(f"eight one-second tasks, two default clients: {took:.2f} s")
-    assert took <= 5.0
+    first, second = (srv.wait_for(rf"client {name} connected") for name in ("first", "second"))
+    took, since_first = (logged_at(last.string) - logged_at(hi.string) for hi in (second, first))
+    print(
+        f"eight one-second tasks, two default clients: done {took:.2f} s after the second "
+        f"came, {since_first:.2f} s after the first"
+    )
+    assert took <= 4.6
     assert srv.count(r"result from first: ") >= 3
     assert srv.count(r"result from second: ") >= 3
