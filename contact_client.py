@@ -108,8 +108,7 @@ async def one_connection(
 
 async def receive_tasks(tasks: grpc.aio.UnaryStreamCall, work: Work) -> None:
     """Start work on every task the server pushes, as soon as it arrives."""
-    # Each read is shielded: if another call fails first, cancelling this
-    # reader must not cancel getTask, whose own status says why (see above).
+    # Reads are shielded: cancelling this reader must not cancel getTask, whose status says why.
     while True:
         read = asyncio.ensure_future(tasks.read())
         read.add_done_callback(retrieved)  # if abandoned, its error is already known
