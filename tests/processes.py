@@ -11,6 +11,7 @@ import subprocess
 import sys
 import threading
 import time
+from datetime import datetime
 from pathlib import Path
 
 # The tests, soak and demo send SIGINT as Ctrl-C does. A shell that starts
@@ -180,6 +181,13 @@ class Process:
         self.popen.wait(10)
         if self.popen.stdin and not self.popen.stdin.closed:
             self.popen.stdin.close()
+
+
+def logged_at(line: str) -> float:
+    """When a log line was written (LOG_FORMAT's timestamp), in seconds."""
+    stamp = re.match(r"(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3})", line)
+    assert stamp, line
+    return datetime.strptime(stamp.group(1), "%Y-%m-%d %H:%M:%S,%f").timestamp()
 
 
 def free_port() -> int:

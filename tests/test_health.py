@@ -1,18 +1,21 @@
 """The standard gRPC health service, asked as a balancer or a Kubernetes
 probe asks it, of a real contact_server.py process: SERVING while it takes
-clients, NOT_SERVING from the moment SIGTERM begins its shutdown."""
+clients, NOT_SERVING from the moment SIGTERM begins its shutdown, and while
+its queue cannot keep tasks."""
 
 from __future__ import annotations
 
 import asyncio
 import signal
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from contact.server.health import Health
 from tests.processes import Process, start_server
 from tests.test_end_to_end import assert_clean_exit
 
@@ -82,3 +85,52 @@ def test_sigterm_turns_the_server_not_serving_before_it_stops(
     assert_clean_exit(srv)
     assert "ERROR" not in srv.output, srv.output
     worker.wait_for(r"server 127\.0\.0\.1:\d+ unavailable")  # its registration ended too
+
+
+def test_a_server_whose_journal_is_deleted_says_not_serving(
+    processes: list[Process], tmp_path: Path
+) -> None:
+    """Tasks it takes now would be lost at exit: a balancer should send
+    clients to another server (this one needs a restart)."""
+    journal = tmp_path / "tasks.journal"
+    srv, port = start_server("--journal", str(journal))
+    processes.append(srv)
+
+    async def watch_the_journal_go() -> list[int]:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+            watch = health_pb2_grpc.HealthStub(channel).Watch(health_pb2.HealthCheckRequest())
+            seen = [int((await asyncio.wait_for(watch.read(), WAIT_SECONDS)).status)]
+            journal.unlink()  # counted from here: what the watch says next
+            seen.append(int((await asyncio.wait_for(watch.read(), WAIT_SECONDS)).status))
+            watch.cancel()
+        return seen
+
+    assert asyncio.run(watch_the_journal_go()) == [SERVING, NOT_SERVING]
+    srv.wait_for(r"WARNING health: NOT_SERVING: journal \S*tasks\.journal was deleted$")
+    request = health_pb2.HealthCheckRequest(service="contact.Contact")
+    assert asyncio.run(ask(port, "Check", request)).status == NOT_SERVING
+    srv.send(signal.SIGTERM)
+    assert_clean_exit(srv)
+    assert srv.count(r"health: ") == 1, srv.output  # said once, not at each check
+
+
+def test_health_follows_the_queue_until_the_shutdown_begins() -> None:
+    """A queue's trouble may pass (a database reachable again); a shutdown's
+    NOT_SERVING does not."""
+
+    async def statuses() -> list[int]:
+        health = Health()
+
+        async def status() -> int:
+            return int((await health.Check(health_pb2.HealthCheckRequest(), None)).status)
+
+        health.queue_checked("database unreachable")
+        seen = [await status()]
+        health.queue_checked(None)
+        seen.append(await status())
+        health.not_serving()
+        health.queue_checked(None)  # too late: the server is stopping
+        seen.append(await status())
+        return seen
+
+    assert asyncio.run(statuses()) == [NOT_SERVING, SERVING, NOT_SERVING]

@@ -22,7 +22,6 @@ import subprocess
 import sys
 import threading
 from dataclasses import dataclass, field
-from datetime import datetime
 from pathlib import Path
 
 import pytest
@@ -32,7 +31,7 @@ from contact.queue import sqlite as sqlite_module
 from contact.queue.base import Task
 from contact.queue.sqlite import JournalError, SqliteQueue
 from contact_server import ContactServer
-from tests.processes import ROOT, Process, free_port, start_server
+from tests.processes import ROOT, Process, free_port, logged_at, start_server
 
 TASKS = 2_000
 KILLS = 3
@@ -45,11 +44,6 @@ SENT = re.compile(r"task (\S+) sent to \S+$")
 # time, not on answers: in a CI run (tests four at a time) one commit waited
 # while 137 answers came (a bound of 99 answers failed); here it is 3-5 ms.
 REMOVAL_WITHIN_SECONDS = 1.0
-
-
-def logged_at(line: str) -> float:
-    """When a log line was logged (LOG_FORMAT's time), in seconds."""
-    return datetime.strptime(line[:23], "%Y-%m-%d %H:%M:%S,%f").timestamp()
 
 
 @dataclass

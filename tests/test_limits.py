@@ -17,7 +17,7 @@ import pytest
 
 from contact import CLIENT_ID_KEY, contact_pb2, contact_pb2_grpc
 from tests.measure import rss_mb
-from tests.processes import Process, start_server
+from tests.processes import Process, logged_at, start_server
 
 STREAMS = 20_000
 # How many times the shutdown tests run in the suite; CONTACT_REPEAT=30 for
@@ -128,10 +128,12 @@ def test_shutdown_with_clients_that_keep_their_streams_open_is_clean(
     processes.append(srv)
     stayers = [open_streams_and_stay(port, f"stayer-{i}") for i in range(2)]
     srv.wait_for(r"status from stayer-1")
-    started = time.monotonic()
     srv.send(signal.SIGTERM)
     assert srv.exit_code(5) == 0, srv.output
-    assert time.monotonic() - started < 1 + 1.0  # the grace, and a little
+    # Timed by the server's own lines: a loaded machine may take a while
+    # more to end the process, which exit_code's bound covers.
+    began, stopped = (srv.wait_for(line) for line in (r"shutting down", r"stopped;"))
+    assert logged_at(stopped.string) - logged_at(began.string) < 1 + 0.5  # the grace, and a little
     assert "Traceback" not in srv.output and "ERROR" not in srv.output, srv.output
     for end in stayers:
         end()

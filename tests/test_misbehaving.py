@@ -17,9 +17,8 @@ import pytest
 from contact import CLIENT_ID_KEY, MAX_IN_FLIGHT_KEY, contact_pb2, contact_pb2_grpc
 from contact_server import ContactServer, TaskFailedError
 from tests.measure import rss_mb
-from tests.processes import Process, start_server
+from tests.processes import Process, logged_at, start_server
 from tests.proxy import Proxy
-from tests.test_window import logged_at
 
 
 def test_a_client_that_never_answers_loses_its_tasks_when_their_lease_runs_out(

@@ -5,16 +5,14 @@ default client asks for (slow tasks are shared, not hoarded)."""
 from __future__ import annotations
 
 import asyncio
-import re
 import time
 from collections.abc import Callable
-from datetime import datetime
 
 import grpc
 import pytest
 
 from contact import CLIENT_ID_KEY, MAX_IN_FLIGHT_KEY, contact_pb2, contact_pb2_grpc
-from tests.processes import Process, start_server
+from tests.processes import Process, logged_at, start_server
 
 TASKS = 5
 
@@ -80,13 +78,6 @@ def test_a_malformed_max_in_flight_is_refused(
     client("fine", port)
     srv.type("still served")
     srv.wait_for(r"result from fine: 'STILL SERVED'$")
-
-
-def logged_at(line: str) -> float:
-    """The time a log line was written, from its timestamp."""
-    stamp = re.match(r"(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3})", line)
-    assert stamp, line
-    return datetime.strptime(stamp.group(1), "%Y-%m-%d %H:%M:%S,%f").timestamp()
 
 
 def test_slow_tasks_are_shared_by_two_default_clients(

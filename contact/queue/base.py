@@ -191,6 +191,12 @@ class TaskQueue(abc.ABC):
     def stop(self) -> None:
         """Take no more tasks (`closed`); submitters waiting for room get RuntimeError."""
 
+    def trouble(self) -> str | None:
+        """Why this queue cannot keep tasks now (its file was deleted, its
+        database cannot be reached), or None. The server says NOT_SERVING
+        to health checks while there is one."""
+        return None
+
     @abc.abstractmethod
     def kept(self) -> str:
         """What becomes of unfinished tasks at shutdown: words to add after

@@ -236,13 +236,13 @@ class SqliteQueue(MemoryQueue):
             raise self._error(err) from None
 
     def kept(self) -> str:
-        if (lost := self.check()) is not None:
-            return f" (NOT kept: the journal file was {lost})"
+        if self.trouble() is not None:
+            return f" (NOT kept: the journal file was {self.lost})"
         return " (kept in the journal for the next start)"
 
-    def check(self) -> str | None:
-        """Whether the file is still the journal's: None, or why not (once it
-        was deleted or replaced, what is written there is lost at exit)."""
+    def trouble(self) -> str | None:
+        """None while the file is still the journal's, or what became of it
+        (once it was deleted or replaced, what is written there is lost at exit)."""
         if self.lost is None:
             try:
                 now = os.stat(self.path)
@@ -250,13 +250,13 @@ class SqliteQueue(MemoryQueue):
                     self.lost = "replaced by another file"
             except FileNotFoundError:
                 self.lost = "deleted"
-        return self.lost
+        return None if self.lost is None else f"journal {self.path} was {self.lost}"
 
     def _check_file(self) -> None:
         """Commit nothing into a file that is no longer the journal's."""
-        if self.check() is not None:
+        if (trouble := self.trouble()) is not None:
             raise JournalError(
-                f"journal {self.path} was {self.lost} while the server ran: "
+                f"{trouble} while the server ran: "
                 "tasks are no longer kept; restart the server to keep them again"
             )
 

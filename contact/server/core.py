@@ -57,7 +57,9 @@ log = logging.getLogger("contact.server")
 PORT = 50051
 MAX_IN_FLIGHT = 32  # unanswered tasks per client: enough to hide a round trip
 GRACE_SECONDS = 3.0  # open calls get this long to finish at shutdown
-HOUSEKEEPING_SECONDS = 0.5  # how often leases are checked (how late one may run out)
+# How often leases and the queue's health are checked: how late a lease may
+# run out, and a health check notice a queue that cannot keep tasks.
+HOUSEKEEPING_SECONDS = 0.5
 
 
 class Servicer(Protocol):
@@ -289,6 +291,7 @@ class Server:
         while True:
             await asyncio.sleep(HOUSEKEEPING_SECONDS)
             self._dispatcher.expire_leases()
+            self._health.queue_checked(self._queue.trouble())
             REPEATS.flush(log)
 
     async def __aenter__(self: ServerType) -> ServerType:

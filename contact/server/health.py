@@ -1,7 +1,9 @@
 """The standard gRPC health service (grpc.health.v1.Health) that load
 balancers and Kubernetes probes ask: SERVING while the server takes
 clients, NOT_SERVING from the moment it begins to shut down, so that a
-balancer stops sending it new clients while the ones it has finish.
+balancer stops sending it new clients while the ones it has finish, and
+NOT_SERVING while its queue cannot keep tasks (a journal file deleted
+under it), so that a balancer sends them elsewhere.
 
 It answers for the whole server (the service name "") and for
 contact.Contact by name; any other name gets NOT_FOUND (Check) or
@@ -41,6 +43,7 @@ class Health(health_pb2_grpc.HealthServicer):  # type: ignore[misc]
 
     def __init__(self) -> None:
         self._status: int = SERVING
+        self._shutting_down = False  # NOT_SERVING for good
         self._ended = False  # every Watch returns: the server stops now
         self._changed = asyncio.Event()  # set, and replaced, at each change
 
@@ -50,7 +53,20 @@ class Health(health_pb2_grpc.HealthServicer):  # type: ignore[misc]
     def not_serving(self) -> None:
         """Say NOT_SERVING from now on: the server is shutting down."""
         log.debug("health: NOT_SERVING (shutting down)")
+        self._shutting_down = True
         self._changed_now(NOT_SERVING)
+
+    def queue_checked(self, trouble: str | None) -> None:
+        """Follow the queue: NOT_SERVING while it has `trouble` (see
+        TaskQueue.trouble), SERVING again once it has none; each change said."""
+        status = NOT_SERVING if trouble else SERVING
+        if self._shutting_down or status == self._status:
+            return
+        if trouble:
+            log.warning("health: NOT_SERVING: %s", trouble)
+        else:
+            log.info("health: SERVING again")
+        self._changed_now(status)
 
     def end(self) -> None:
         """End every Watch, normally, and those that begin from now at once:
