@@ -9,10 +9,12 @@ the newest version there is used, or the PATH's if there is none.
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import os
 import shutil
 import subprocess
+import sys
 import tempfile
 from pathlib import Path
 
@@ -23,10 +25,13 @@ from tests.processes import free_port
 INSTALL_HINT = "PostgreSQL is not installed: apt-get install postgresql (Debian)"
 DEBIAN_BINARIES = "/usr/lib/postgresql/*/bin"
 # initdb, and pg_ctl's wait for the server to accept connections, take a
-# second or two; generous on a loaded machine, and bounded.
-START_SECONDS = 60
+# second or two: generous on a loaded machine, and bounded (a test that
+# starts one allows for both, see tests/test_postgres.py).
+START_SECONDS = 30
 STOP_SECONDS = 30
 SUPERUSER = "postgres"
+# PostgreSQL refuses to run as root: then its programs run as SUPERUSER.
+AS_ROOT = sys.platform != "win32" and os.geteuid() == 0
 
 
 def binaries() -> Path | None:
@@ -60,36 +65,51 @@ class Postgres:
         self.data = self.folder / "data"
         self.port = free_port()
         self.url = f"postgresql://{SUPERUSER}@127.0.0.1:{self.port}/postgres"
-        if os.geteuid() == 0:
+        try:
+            self._start()
+        except BaseException:
+            with contextlib.suppress(Exception):  # what went wrong is the start's error
+                self.stop()
+            raise
+
+    def _start(self) -> None:
+        if AS_ROOT:
             shutil.chown(self.folder, SUPERUSER)
         self._run(
             "initdb", "-D", str(self.data), "-U", SUPERUSER, "--auth=trust", "--no-sync",
             "-E", "UTF8", "--locale=C",
         )  # fmt: skip
+        # pg_ctl hands `options` to a shell: the quotes keep a folder with spaces whole.
         options = (
-            f"-c listen_addresses=127.0.0.1 -p {self.port} -c unix_socket_directories={self.folder}"
+            f"-c listen_addresses=127.0.0.1 -p {self.port} "
+            f"-c unix_socket_directories='{self.folder}'"
         )
-        log = str(self.folder / "server.log")
-        self._run("pg_ctl", "start", "-w", "-t", str(START_SECONDS), "-D", str(self.data),
-                  "-l", log, "-o", options)  # fmt: skip
+        log = self.folder / "server.log"
+        try:
+            self._run("pg_ctl", "start", "-w", "-t", str(START_SECONDS), "-D", str(self.data),
+                      "-l", str(log), "-o", options)  # fmt: skip
+        except RuntimeError as err:
+            said = log.read_text(errors="replace")[-2000:] if log.exists() else ""
+            raise RuntimeError(f"{err}\nits log: {said}") from None
 
-    def _run(self, program: str, *args: str, timeout: float = START_SECONDS) -> None:
+    def _run(self, program: str, *args: str, seconds: float = START_SECONDS) -> None:
+        """Run one of PostgreSQL's programs (as SUPERUSER if we are root),
+        for at most a little longer than the `seconds` it is told to take."""
         command = [str(self._bin / program), *args]
-        if os.geteuid() == 0:
+        if AS_ROOT:
             command = ["runuser", "-u", SUPERUSER, "--", *command]
-        done = subprocess.run(command, capture_output=True, text=True, timeout=timeout)
+        done = subprocess.run(
+            command, capture_output=True, text=True, timeout=seconds + 5, cwd=self.folder
+        )
         if done.returncode != 0:
             said = done.stderr or done.stdout
             raise RuntimeError(f"{program} failed ({done.returncode}): {said}")
 
-    def log(self) -> str:
-        """What the server wrote to its log so far."""
-        return (self.folder / "server.log").read_text(errors="replace")
-
     def stop(self) -> None:
         """Stop the server at once (no wait for clients) and remove its folder."""
         try:
-            self._run("pg_ctl", "stop", "-m", "immediate", "-w", "-t", str(STOP_SECONDS),
-                      "-D", str(self.data), timeout=STOP_SECONDS + 5)  # fmt: skip
+            if self.data.exists():
+                self._run("pg_ctl", "stop", "-m", "immediate", "-w", "-t", str(STOP_SECONDS),
+                          "-D", str(self.data), seconds=STOP_SECONDS)  # fmt: skip
         finally:
             shutil.rmtree(self.folder, ignore_errors=True)

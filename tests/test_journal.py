@@ -530,6 +530,7 @@ def test_a_server_whose_standard_error_is_closed_still_queues_and_answers_with_a
     assert SqliteQueue(path).recovered == []  # every answer's removal was committed
 
 
+@pytest.mark.skipif(sys.platform == "win32", reason="Windows cannot delete an open file")
 def test_a_journal_deleted_while_the_server_runs_is_said_and_nothing_is_reported_kept(
     processes: list[Process], tmp_path: Path
 ) -> None:

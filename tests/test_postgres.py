@@ -6,9 +6,12 @@ from __future__ import annotations
 
 import subprocess
 
-from tests.postgres import Postgres, installed
+import pytest
+
+from tests.postgres import START_SECONDS, Postgres, installed
 
 
+@pytest.mark.timeout(4 * START_SECONDS)  # initdb, pg_ctl start and stop: each bounded
 def test_a_throwaway_postgresql_answers_on_loopback_and_leaves_nothing() -> None:
     folder = installed()
     server = Postgres(folder)

@@ -194,7 +194,9 @@ class TaskQueue(abc.ABC):
     def trouble(self) -> str | None:
         """Why this queue cannot keep tasks now (its file was deleted, its
         database cannot be reached), or None. The server says NOT_SERVING
-        to health checks while there is one."""
+        to health checks while there is one. Asked on the event loop at
+        every housekeeping tick: it must be cheap and never block (a
+        database queue reports what its connection last saw)."""
         return None
 
     @abc.abstractmethod

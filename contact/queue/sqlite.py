@@ -250,6 +250,8 @@ class SqliteQueue(MemoryQueue):
                     self.lost = "replaced by another file"
             except FileNotFoundError:
                 self.lost = "deleted"
+            except OSError as err:  # (its folder unreadable, say): maybe for a while only
+                return f"journal {self.path} cannot be checked: {err}"
         return None if self.lost is None else f"journal {self.path} was {self.lost}"
 
     def _check_file(self) -> None:

@@ -59,10 +59,10 @@ class Health(health_pb2_grpc.HealthServicer):  # type: ignore[misc]
     def queue_checked(self, trouble: str | None) -> None:
         """Follow the queue: NOT_SERVING while it has `trouble` (see
         TaskQueue.trouble), SERVING again once it has none; each change said."""
-        status = NOT_SERVING if trouble else SERVING
+        status = SERVING if trouble is None else NOT_SERVING
         if self._shutting_down or status == self._status:
             return
-        if trouble:
+        if trouble is not None:
             log.warning("health: NOT_SERVING: %s", trouble)
         else:
             log.info("health: SERVING again")
