@@ -201,7 +201,7 @@ def free_port() -> int:
 def start_server(*args: str, port: int = 0, echo: bool = False) -> tuple[Process, int]:
     """A contact_server.py on 127.0.0.1 (port 0: any free one), once listening."""
     server = Process("server", "contact_server.py", "--port", str(port), *args, echo=echo)
-    listening = server.wait_for(r"listening on 127\.0\.0\.1:(\d+)")
+    listening = started(server, r"listening on 127\.0\.0\.1:(\d+)")
     return server, int(listening.group(1))
 
 
@@ -210,5 +210,15 @@ def start_client(name: str, port: int, *args: str, echo: bool = False) -> Proces
     client = Process(
         name, "contact_client.py", "--server", f"127.0.0.1:{port}", "--name", name, *args, echo=echo
     )
-    client.wait_for(rf"registered with .* as {re.escape(name)}$")
+    started(client, rf"registered with .* as {re.escape(name)}$")
     return client
+
+
+def started(process: Process, pattern: str) -> re.Match[str]:
+    """Wait for `process` to log `pattern`; if it does not, kill it before
+    raising: the test never got it to hand to its clean-up."""
+    try:
+        return process.wait_for(pattern)
+    except BaseException:
+        process.stop()
+        raise
