@@ -530,6 +530,29 @@ def test_a_server_whose_standard_error_is_closed_still_queues_and_answers_with_a
     assert SqliteQueue(path).recovered == []  # every answer's removal was committed
 
 
+def test_a_journal_that_cannot_be_checked_for_a_while_is_trouble_only_meanwhile(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A stat that fails other than with "no such file" (a folder made
+    unreadable, say) is trouble while it lasts, not a journal lost for good."""
+
+    def unreadable(path: object) -> os.stat_result:
+        raise PermissionError(13, "Permission denied", str(path))
+
+    async def check() -> None:
+        queue = SqliteQueue(tmp_path / "tasks.journal")
+        with monkeypatch.context() as patched:
+            patched.setattr(os, "stat", unreadable)
+            trouble = queue.trouble()
+            assert trouble is not None and "cannot be checked: [Errno 13]" in trouble
+            assert queue.kept().startswith(" (perhaps NOT kept: journal ")
+        assert queue.trouble() is None and queue.lost is None
+        assert queue.kept() == " (kept in the journal for the next start)"
+        await queue.close()
+
+    asyncio.run(check())
+
+
 @pytest.mark.skipif(sys.platform == "win32", reason="Windows cannot delete an open file")
 def test_a_journal_deleted_while_the_server_runs_is_said_and_nothing_is_reported_kept(
     processes: list[Process], tmp_path: Path

@@ -236,8 +236,11 @@ class SqliteQueue(MemoryQueue):
             raise self._error(err) from None
 
     def kept(self) -> str:
-        if self.trouble() is not None:
+        trouble = self.trouble()
+        if self.lost is not None:
             return f" (NOT kept: the journal file was {self.lost})"
+        if trouble is not None:
+            return f" (perhaps NOT kept: {trouble})"
         return " (kept in the journal for the next start)"
 
     def trouble(self) -> str | None:
@@ -256,9 +259,10 @@ class SqliteQueue(MemoryQueue):
 
     def _check_file(self) -> None:
         """Commit nothing into a file that is no longer the journal's."""
-        if (trouble := self.trouble()) is not None:
+        self.trouble()  # (a file it cannot check now is left to the commit itself)
+        if self.lost is not None:
             raise JournalError(
-                f"{trouble} while the server ran: "
+                f"journal {self.path} was {self.lost} while the server ran: "
                 "tasks are no longer kept; restart the server to keep them again"
             )
 
