@@ -73,6 +73,6 @@ $(RUNTIME): requirements.txt | $(PY)
 	$(PY) -m pip install --quiet --disable-pip-version-check -r requirements.txt
 	@touch $@
 
-$(DEV): requirements.txt requirements-dev.txt | $(PY)
+$(DEV): requirements.txt requirements-postgres.txt requirements-dev.txt | $(PY)
 	$(PY) -m pip install --quiet --disable-pip-version-check -r requirements-dev.txt
 	@touch $@ $(RUNTIME)

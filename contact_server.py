@@ -2,6 +2,7 @@
 their answers back.
 
     python contact_server.py [--host 127.0.0.1] [--port 50051] [--journal FILE]
+    python contact_server.py --queue postgresql://USER@HOST:PORT/DB   (one of a fleet)
 
 Type one task per line: `TEXT` goes to any connected client, `@NAME TEXT`
 only to the client registered as NAME. Ctrl-C (or SIGTERM) stops it.
@@ -41,6 +42,7 @@ from contact import (
 from contact.logtext import REPEATS, Quoted
 from contact.queue.base import (
     Outcome,
+    QueueError,
     QueueFullError,
     Task,
     TaskCancelledError,
@@ -49,7 +51,6 @@ from contact.queue.base import (
     TaskNotAnsweredError,
 )
 from contact.queue.dispatcher import REPLACED, SHUTDOWN, Dispatcher
-from contact.queue.sqlite import JournalError
 from contact.server import checks
 from contact.server.core import PORT, Server
 from contact.server.handles import Answer, TaskHandle, ThreadsafeHandle
@@ -207,7 +208,7 @@ async def serve(args: argparse.Namespace, credentials: grpc.ServerCredentials | 
             log.info("type a task per line (TEXT or @NAME TEXT)")
             read_tasks(asyncio.get_running_loop(), functools.partial(queue_line, server))
             await server.serve_until_stopped()
-    except (OSError, JournalError) as err:
+    except (OSError, QueueError) as err:
         log.error("%s", err)
         return 1
     return 0
@@ -221,7 +222,7 @@ async def queue_line(server: ContactServer, text: str, target: str | None) -> No
         await server.submit(text, target)  # with a full queue, waits: reading stops meanwhile
     except ValueError as err:
         log.warning("ignored input line: %s", err)
-    except JournalError as err:  # every line, once the journal is lost: said briefly
+    except QueueError as err:  # every line, once the journal or database is lost: said briefly
         REPEATS.log(log, logging.ERROR, "not queued", "stdin", "task not queued: %s", err)
     except RuntimeError as err:  # lines read as it stops: said briefly, however many
         REPEATS.log(log, logging.WARNING, "ignored", "stdin", "ignored input line: %s", err)
@@ -236,9 +237,14 @@ def main() -> int:
     parser.add_argument(
         "--journal", metavar="FILE", help="keep unfinished tasks in this SQLite file"
     )
+    parser.add_argument(
+        "--queue", metavar="URL", help="keep tasks in this PostgreSQL database, with a fleet"
+    )
     cli.add_server_tuning(parser)
     cli.add_common_arguments(parser, server=True)
     args = parser.parse_args()
+    if args.journal and args.queue:
+        parser.error("--journal or --queue, not both")
     credentials = cli.server_tls(parser, args)
     cli.start_logging(args)
     return asyncio.run(serve(args, credentials))

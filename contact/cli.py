@@ -15,7 +15,7 @@ import grpc
 from contact import CLIENT_NAME, CLIENT_NAME_RULE
 from contact.client.work import CONCURRENCY, MAX_BACKOFF, STATUS_EVERY
 from contact.logtext import BatchedHandler
-from contact.queue.base import MAX_ATTEMPTS, MAX_QUEUED
+from contact.queue.base import DEAD_AFTER_SECONDS, MAX_ATTEMPTS, MAX_QUEUED
 from contact.queue.dispatcher import TASK_TIMEOUT_SECONDS
 from contact.queue.sqlite import SYNC, SYNC_MODES
 from contact.server.core import GRACE_SECONDS, MAX_IN_FLIGHT
@@ -100,12 +100,16 @@ def add_server_tuning(parser: argparse.ArgumentParser) -> None:
         "--journal-sync", choices=SYNC_MODES, default=SYNC,
         help="full: a queued task survives power loss; normal: only a crash of the server",
     )
+    option(
+        "--dead-after", type=positive_float, default=DEAD_AFTER_SECONDS, metavar="SECONDS",
+        help="with --queue: take a server of the fleet silent this long for dead",
+    )
     # fmt: on
 
 
 def server_tuning(args: argparse.Namespace) -> dict[str, Any]:
     """The server's keyword arguments from the options of `add_server_tuning`
-    (and --journal)."""
+    (and --journal, --queue)."""
     return {
         "max_in_flight": args.max_in_flight,
         "task_timeout": args.task_timeout or None,
@@ -114,6 +118,8 @@ def server_tuning(args: argparse.Namespace) -> dict[str, Any]:
         "grace": args.grace,
         "journal": args.journal,
         "journal_sync": args.journal_sync,
+        "queue": args.queue,
+        "dead_after": args.dead_after,
     }
 
 

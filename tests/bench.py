@@ -53,6 +53,7 @@ from contact_server import ContactServer, ContactServicer
 from tests.measure import own_peak_rss_mb
 
 ROOT = Path(__file__).resolve().parent.parent
+QUEUE_URL = "CONTACT_BENCH_QUEUE"  # the database of a server-queue measurement
 CLIENT_OPTIONS = [("grpc.use_local_subchannel_pool", 1)]  # one connection per channel
 
 
@@ -137,9 +138,11 @@ class Served:
     """ContactServer as your code uses it: `ask` per task, with --journal
     FILE (`sync` its --journal-sync) or, with `sync` None, without one."""
 
-    def __init__(self, sync: str | None, folder: str) -> None:
+    def __init__(self, sync: str | None, folder: str, queue: str | None = None) -> None:
         journal = None if sync is None else Path(folder, "bench.journal")
-        self.server = ContactServer(port=0, journal=journal, journal_sync=sync or "full")
+        self.server = ContactServer(
+            port=0, journal=journal, journal_sync=sync or "full", queue=queue
+        )
         self.answers: list[asyncio.Future[str]] = []
         self.awaited = 0  # answers already awaited: latency rounds wait for the new one only
 
@@ -166,7 +169,9 @@ async def serve_one_measurement(
         logging.basicConfig(level=logging.WARNING)
     target: Project | Baseline | Served
     if impl.startswith("server"):  # "server", "server-journal-full", "server-journal-normal"
-        target = Served(impl.rpartition("-")[2] if "journal" in impl else None, folder)
+        # "server-queue": with --queue, the database in QUEUE_URL (tests/bench_fleet.py)
+        queue = os.environ[QUEUE_URL] if impl.startswith("server-queue") else None
+        target = Served(impl.rpartition("-")[2] if "journal" in impl else None, folder, queue)
         await target.server.__aenter__()
         port = target.server.port
     else:

@@ -79,6 +79,10 @@ class Postgres:
             "initdb", "-D", str(self.data), "-U", SUPERUSER, "--auth=trust", "--no-sync",
             "-E", "UTF8", "--locale=C",
         )  # fmt: skip
+        self.resume()
+
+    def resume(self) -> None:
+        """Start the server (again, after `halt`), on the same port and data."""
         # pg_ctl hands `options` to a shell: the quotes keep a folder with spaces whole.
         options = (
             f"-c listen_addresses=127.0.0.1 -p {self.port} "
@@ -104,6 +108,24 @@ class Postgres:
         if done.returncode != 0:
             said = done.stderr or done.stdout
             raise RuntimeError(f"{program} failed ({done.returncode}): {said}")
+
+    def halt(self) -> None:
+        """Stop the server as an outage would, keeping its data for `resume`."""
+        self._run("pg_ctl", "stop", "-m", "immediate", "-w", "-t", str(STOP_SECONDS),
+                  "-D", str(self.data), seconds=STOP_SECONDS)  # fmt: skip
+
+    def new_database(self, name: str) -> str:
+        """Make an empty database `name`; return its URL."""
+        self._run("psql", self.url, "-qc", f'CREATE DATABASE "{name}"')
+        return self.url.rsplit("/", 1)[0] + f"/{name}"
+
+    def psql(self, url: str, sql: str) -> str:
+        """What `sql` returns, as psql prints it unaligned (a test's look inside)."""
+        command = [str(self._bin / "psql"), url, "-Atc", sql]
+        done = subprocess.run(command, capture_output=True, text=True, timeout=START_SECONDS)
+        if done.returncode != 0:
+            raise RuntimeError(f"psql failed ({done.returncode}): {done.stderr}")
+        return done.stdout.strip()
 
     def stop(self) -> None:
         """Stop the server at once (no wait for clients) and remove its folder."""

@@ -2,23 +2,19 @@
 (queued, in flight, attempts, outcomes), held by the server without asking
 which kind it is; and what a task is and how it can end.
 
-Two implementations: `MemoryQueue` (contact/queue/memory.py, the default:
-nothing outlives the process) and `SqliteQueue` (contact/queue/sqlite.py,
+Three implementations: `MemoryQueue` (contact/queue/memory.py, the default:
+nothing outlives the process), `SqliteQueue` (contact/queue/sqlite.py,
 `--journal FILE`: every unfinished task in a file, for one server that
-survives crashes). Which connected client gets which task is not the
-queue's business but the Dispatcher's (contact/queue/dispatcher.py): it
-takes tasks from the queue for its clients with room, and gives back those
-a client left unanswered.
+survives crashes) and `PostgresQueue` (contact/queue/postgres.py, `--queue
+postgresql://...`: several servers serving one fleet). Which connected
+client gets which task is not the queue's business but the Dispatcher's
+(contact/queue/dispatcher.py): it takes tasks from the queue for its
+clients with room, and gives back those a client left unanswered.
 
-Several processes on one queue (a database): `put` commits before it
-returns, as SQLite's does; a server's `take` must then claim the task in
-the database (`SELECT ... FOR UPDATE SKIP LOCKED`), so that no two servers
-take one task, and `head` shows only what this server may claim;
-`ready` is called when another server's `put` is heard of (LISTEN/NOTIFY,
-with a slow poll behind it); an answer may come to a server other than the
-one the task was submitted on, so `outcome` futures resolve where the
-answer is reported, and each server's leases need a heartbeat so that the
-tasks of a server that died are released by the others.
+Several servers on one queue (the database one): `head` shows only what
+this server claimed for its clients, and a `head` that finds nothing for a
+client with room is what makes it claim more; `ready` is called when a
+task queued anywhere can be claimed here.
 """
 
 from __future__ import annotations
@@ -37,6 +33,16 @@ MAX_ATTEMPTS = 5  # deliveries without an answer before a task fails for good
 # so this is some 130 MB of short tasks; it is three times what 1,000
 # clients with full windows of 32 hold in flight.
 MAX_QUEUED = 100_000
+# The default of --dead-after, for a fleet on one database: a server whose
+# heartbeat (every 2 s) is this old is taken for dead, and the tasks it held
+# are queued again. A few missed beats, so that a busy database or a long
+# pause is not a death; well inside the 15 s a fleet promises.
+DEAD_AFTER_SECONDS = 10.0
+
+
+class QueueError(Exception):
+    """The queue cannot keep tasks (its file or database cannot be used);
+    the message says which and why, in one line."""
 
 
 class QueueFullError(Exception):
@@ -132,9 +138,16 @@ class TaskQueue(abc.ABC):
     closed = False  # it takes no more tasks; answers are still settled
 
     @abc.abstractmethod
-    def bind(self, ready: Callable[[str | None], object]) -> None:
+    def bind(
+        self, ready: Callable[[str | None], object], room: Callable[[], int] | None = None
+    ) -> None:
         """Call `ready(target)` when a task for `target` (None: for any
-        client) can be taken: the dispatcher's to bind."""
+        client) can be taken; `room()` says how many more tasks this
+        server's clients can take now: the dispatcher's to bind."""
+
+    async def start(self) -> None:  # noqa: B027 (most queues need no start)
+        """Connect to what keeps the tasks, if that needs waiting for (a
+        database); raise QueueError, in one line, if it cannot be used."""
 
     @abc.abstractmethod
     def listen(self, report: Report, hand_on: Report | None = None) -> None:

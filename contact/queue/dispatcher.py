@@ -150,8 +150,10 @@ class Dispatcher:
         # (only loads some client has); each bucket keeps the order its
         # clients arrived in, so the least loaded client with room is the
         # first of the lowest bucket, found without a scan of every client.
-        self._by_load: dict[int, dict[Session, None]] = {}
-        queue.bind(self._ready)
+        # Each maps to the room it had when placed, and `_room` is their sum.
+        self._by_load: dict[int, dict[Session, int]] = {}
+        self._room = 0
+        queue.bind(self._ready, self.room)
 
     # -- what the server calls --
 
@@ -299,6 +301,10 @@ class Dispatcher:
         """How many tasks wait for a client."""
         return self.queue.queued()
 
+    def room(self) -> int:
+        """How many more tasks the connected clients can take now, in all."""
+        return self._room
+
     def in_flight(self, name: str) -> int:
         """How many tasks are sent and unanswered at client `name`."""
         session = self._sessions.get(name)
@@ -335,14 +341,16 @@ class Dispatcher:
     def _place(self, session: Session) -> None:
         """Put `session` at the end of the bucket of its load, if it has room."""
         if session.has_room():
-            self._by_load.setdefault(len(session.in_flight), {})[session] = None
+            room = session.window - len(session.in_flight) - len(session.withdrawn)
+            self._by_load.setdefault(len(session.in_flight), {})[session] = room
+            self._room += room
 
     def _unplace(self, session: Session) -> None:
         """Take `session` out of the bucket of its load, if it is in one."""
         load = len(session.in_flight)
         bucket = self._by_load.get(load)
         if bucket is not None and session in bucket:
-            del bucket[session]
+            self._room -= bucket.pop(session)
             if not bucket:
                 del self._by_load[load]
 

@@ -43,6 +43,13 @@ def ignore(*args: object) -> None:
     """A listener nobody bound."""
 
 
+def client_failure(task: Task, client: str, error: str) -> TaskError:
+    """What a client's failure of `task` is to its submitter."""
+    failure = TaskError(f"task {task.id} failed at {client}: {error}", client, error)
+    failure.reason = f"failed at {client}: {error}"
+    return failure
+
+
 class MemoryQueue(TaskQueue):
     """Tasks in memory: in order for any client, in a line of their own for
     each named client; attempts counted per task. Delivery is at-least-once
@@ -78,7 +85,9 @@ class MemoryQueue(TaskQueue):
         # every status answer says it, and there may be many names waiting.
         self._waiting_count = 0
 
-    def bind(self, ready: Callable[[str | None], object]) -> None:
+    def bind(
+        self, ready: Callable[[str | None], object], room: Callable[[], int] | None = None
+    ) -> None:
         self._ready = ready
 
     def listen(self, report: Report, hand_on: Report | None = None) -> None:
@@ -107,8 +116,7 @@ class MemoryQueue(TaskQueue):
             self._let_in()
             outcome.set_exception(self._not_answered(task))
         else:
-            self._log_queued(task)
-            self._enqueue(task)
+            self._queued_new(task)
         return task
 
     def add(self, text: str, target: str | None = None, **fields: Any) -> Task:
@@ -116,8 +124,7 @@ class MemoryQueue(TaskQueue):
         and no wait until it is durable: for tests and benchmarks."""
         task = self.new_task(text, target, **fields)
         self._kept(task)  # (a file's commit, not waited for)
-        self._log_queued(task)
-        self._enqueue(task)
+        self._queued_new(task)
         return task
 
     def new_task(self, text: str, target: str | None = None, **fields: Any) -> Task:
@@ -243,9 +250,7 @@ class MemoryQueue(TaskQueue):
             return Outcome.NOT_GIVEN, None
         self._remove(task)
         if error:
-            failure = TaskError(f"task {task.id} failed at {name}: {error}", name, error)
-            failure.reason = f"failed at {name}: {error}"
-            self._end(task, name, failure)
+            self._end(task, name, client_failure(task, name, error))
         else:
             self._end(task, name, text)
         return Outcome.ACCEPTED, task
@@ -311,6 +316,11 @@ class MemoryQueue(TaskQueue):
             raise
 
     # -- what a file keeps (nothing, here) --
+
+    def _queued_new(self, task: Task) -> None:
+        """A new task is kept: log it, and queue it here."""
+        self._log_queued(task)
+        self._enqueue(task)
 
     def _kept(self, task: Task) -> asyncio.Future[None] | None:
         """Keep a new task: None if it is as durable as it gets already, or

@@ -37,6 +37,7 @@ from contact.logtext import counted, write_held_lines
 from contact.queue.base import (
     MAX_ATTEMPTS,
     MAX_QUEUED,
+    QueueError,
     Task,
     TaskCancelledError,
     TaskNotAnsweredError,
@@ -90,7 +91,7 @@ PRUNE_FAILED = """DELETE FROM tasks WHERE state = 'failed' AND seq NOT IN
     (SELECT seq FROM tasks WHERE state = 'failed' ORDER BY seq DESC LIMIT ?)"""
 
 
-class JournalError(Exception):
+class JournalError(QueueError):
     """The journal cannot be used; the message says which file and why, in one line."""
 
 

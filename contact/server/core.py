@@ -26,6 +26,7 @@ from contact import contact_pb2_grpc
 from contact.logtext import REPEATS, Quoted, summarise_grpc_decode_errors
 from contact.options import SERVER_OPTIONS
 from contact.queue.base import (
+    DEAD_AFTER_SECONDS,
     MAX_ATTEMPTS,
     MAX_QUEUED,
     Task,
@@ -76,14 +77,24 @@ def open_queue(
     journal: str | os.PathLike[str] | None,
     sync: str = SYNC,
     *,
+    queue: str | None = None,
+    dead_after: float = DEAD_AFTER_SECONDS,
     max_attempts: int | None = MAX_ATTEMPTS,
     max_queued: int | None = MAX_QUEUED,
 ) -> TaskQueue:
-    """The queue the options ask for: in a journal file, or in memory.
-    Raises JournalError if the file cannot be used."""
+    """The queue the options ask for: in a PostgreSQL database (`queue`, a
+    URL), in a journal file, or in memory. Raises QueueError if it cannot
+    be used (a database is connected to by the queue's `start`)."""
+    limits: dict[str, Any] = {"max_attempts": max_attempts, "max_queued": max_queued}
+    if queue is not None:
+        if journal is not None:
+            raise ValueError("a queue in a database, or a journal: not both")
+        from contact.queue.postgres import PostgresQueue  # (its driver only if asked for)
+
+        return PostgresQueue(queue, dead_after=dead_after, **limits)
     if journal is None:
-        return MemoryQueue(max_attempts=max_attempts, max_queued=max_queued)
-    return SqliteQueue(journal, sync, max_attempts=max_attempts, max_queued=max_queued)
+        return MemoryQueue(**limits)
+    return SqliteQueue(journal, sync, **limits)
 
 
 class Server:
@@ -97,10 +108,14 @@ class Server:
 
     With `journal` (a file name), every unfinished task is kept in that file
     (contact/queue/sqlite.py): a server started again on it, after a crash or a
-    clean stop, queues them again. Entering raises JournalError if the file
-    cannot be used. `on_answer(Answer)` is called on the server's loop for
-    every answer and every failure, those to recovered tasks included. With
-    `max_queued` tasks waiting for a client, `submit` waits for room.
+    clean stop, queues them again. With `queue` (a postgresql:// URL), the
+    tasks live in that database, and every server started on it serves one
+    fleet (docs/fleet.md): one silent for `dead_after` seconds is taken
+    for dead, and its tasks are queued again. Entering raises QueueError
+    (JournalError for a file) if the queue cannot be used.
+    `on_answer(Answer)` is called on the server's loop for every answer and
+    every failure, those to recovered tasks included. With `max_queued`
+    tasks waiting for a client, `submit` waits for room.
     """
 
     servicer: Callable[[Dispatcher], Servicer]
@@ -118,6 +133,8 @@ class Server:
         credentials: grpc.ServerCredentials | None = None,
         journal: str | os.PathLike[str] | None = None,
         journal_sync: str = SYNC,
+        queue: str | None = None,
+        dead_after: float = DEAD_AFTER_SECONDS,
         on_answer: Callable[[Answer], object] | None = None,
     ) -> None:
         if not hasattr(self, "servicer"):
@@ -127,8 +144,16 @@ class Server:
         # The queue and its dispatcher are made as the server starts (a
         # journal is opened then), from these; made once here, they check them.
         self._new_queue = functools.partial(
-            open_queue, journal, journal_sync, max_attempts=max_attempts, max_queued=max_queued
+            open_queue,
+            journal,
+            journal_sync,
+            queue=queue,
+            dead_after=dead_after,
+            max_attempts=max_attempts,
+            max_queued=max_queued,
         )
+        if queue is not None and journal is not None:
+            raise ValueError("a queue in a database, or a journal: not both")
         self._new_dispatcher = functools.partial(
             Dispatcher, max_in_flight=max_in_flight, task_timeout=task_timeout
         )
@@ -299,6 +324,7 @@ class Server:
         queue.listen(self._report, None if self._on_answer is None else self._hand_on)
         self._queue, self._dispatcher = queue, self._new_dispatcher(queue)
         try:
+            await queue.start()
             summarise_grpc_decode_errors(log)
             self._server = grpc.aio.server(options=SERVER_OPTIONS)  # needs a running loop
             self._servicer = self.servicer(self._dispatcher)
@@ -317,11 +343,11 @@ class Server:
         return self
 
     async def __aexit__(self, *exc_info: object) -> None:
-        queued = self._queue.queued()
+        in_flight = sum(task.holder is not None for task in self._queue.unfinished())
         log.info(
             "shutting down: tasks queued: %d, in flight: %d; open calls get %.0f s to finish",
-            queued,
-            len(self._queue.unfinished()) - queued,
+            self._queue.queued(),
+            in_flight,
             self.grace,
         )
         self._closed = True

@@ -1,0 +1,767 @@
+"""The task queue in PostgreSQL (`--queue postgresql://...`): every server
+started on one database serves one fleet. Tasks live in the database; each
+server claims, for the clients connected to it, what they have room for,
+and keeps what it claimed in a MemoryQueue of its own (the local lines the
+Dispatcher takes from, synchronously, as with the other queues).
+
+- A task is inserted, and committed, before `put` returns (writes share
+  transactions, as the journal's do), with a NOTIFY that wakes every server.
+- A server whose clients have room (the Dispatcher found nothing local for
+  them) claims the oldest queued tasks for any client, or for the names
+  connected to it, with `FOR UPDATE SKIP LOCKED`: no two servers claim one
+  task. Claimed tasks no client here took within HOLD_SECONDS go back.
+- An answer is settled where it arrives. If the task was submitted on
+  another server, its row keeps the answer (state 'ended') and that server
+  is notified: it logs it, resolves its handle, calls its hooks, and only
+  then deletes the row (the crash rule of sqlite.py, across servers).
+- Every server writes a heartbeat by the database's clock; one silent for
+  `dead_after` seconds is declared dead by the others, which queue its
+  claimed tasks again and report the answers that were waiting for it.
+- NOTIFY is only a hint: a slow poll behind it (POLL_SECONDS) finds what a
+  lost notification or a reconnection missed.
+
+docs/fleet.md says what a fleet promises, and what it does not.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import importlib
+import logging
+import re
+import secrets
+import time
+import urllib.parse
+from collections.abc import Callable
+from typing import Any
+
+from contact import contact_pb2
+from contact.logtext import write_held_lines
+from contact.queue.base import (
+    DEAD_AFTER_SECONDS,
+    MAX_ATTEMPTS,
+    MAX_QUEUED,
+    QueueError,
+    Task,
+    TaskCancelledError,
+    TaskFailedError,
+    TaskNotAnsweredError,
+)
+from contact.queue.memory import MemoryQueue, client_failure
+
+log = logging.getLogger("contact.fleet")
+
+VERSION = 1  # of the schema below; a database with another is refused
+# The key of the advisory lock held while the schema is checked or made:
+# concurrent CREATE TABLE IF NOT EXISTS can fail, so servers take turns.
+SCHEMA_LOCK = 0x636F6E74  # "cont"
+# Connecting at start gives up after this long (an address that never
+# answers would otherwise hang the start for minutes).
+CONNECT_SECONDS = 10.0
+# A statement the database has not answered in this long fails (the
+# connection is then made again): a hung database is a lost one.
+QUERY_SECONDS = 30.0
+# How often a server says it is alive (by the database's clock); others take
+# it for dead after --dead-after (DEAD_AFTER_SECONDS) without one.
+HEARTBEAT_SECONDS = 2.0
+# The slow poll behind NOTIFY: how late a lost notification is made up for.
+POLL_SECONDS = 1.0
+# The most tasks one claim takes (also bounded by the room of this server's
+# clients): large enough to keep full windows fed in one round trip.
+CLAIM_BATCH = 256
+# The poll wakes the clients of at most this many names with tasks queued.
+POLL_TARGETS = 10_000
+# Claimed tasks no client here took for this long go back to the database,
+# for the clients of other servers (their names moved, or all are busy).
+HOLD_SECONDS = 1.0
+# Writes begin a transaction at most this often under load (see sqlite.py).
+BATCH_SECONDS = 0.005
+# After a failed write or heartbeat, wait this long before trying again,
+# doubling up to RETRY_MAX_SECONDS: a database that is down is not hammered.
+RETRY_SECONDS = 0.25
+RETRY_MAX_SECONDS = 5.0
+# At shutdown, the last writes (tasks given back, answers) get this long to
+# commit; a database still unreachable then loses them (the fleet's
+# heartbeat rule queues the tasks again, and repeats those answers' tasks).
+CLOSE_SECONDS = 5.0
+# Failed tasks kept for inspection (the newest), as in the journal.
+KEEP_FAILED = 1000
+WRITER, CLAIMER, BEATER, LISTENER = "writer", "claimer", "beater", "listener"
+CHANNEL = "contact"  # the NOTIFY channel: "q" + target (a task to claim), "e" + server (ended)
+
+SCHEMA = (
+    "CREATE TABLE contact_schema (version integer NOT NULL)",
+    """CREATE TABLE contact_servers (
+    id text PRIMARY KEY,  -- the run prefix of the server's task ids
+    heartbeat timestamptz NOT NULL  -- by the database's clock
+    )""",
+    """CREATE TABLE contact_tasks (
+    seq bigserial PRIMARY KEY,  -- submission order
+    id text NOT NULL UNIQUE,
+    text text NOT NULL,
+    target text,  -- the only client that may take it; NULL: any
+    fields bytea NOT NULL,  -- further ServerMsg fields, as a serialized ServerMsg
+    attempts integer NOT NULL DEFAULT 0,  -- sends that ended without an answer
+    recovered boolean NOT NULL DEFAULT false,  -- sent before: any client may answer it
+    state text NOT NULL CHECK (state IN ('queued', 'claimed', 'ended', 'failed', 'cancelled')),
+    submitted_by text NOT NULL,  -- the server that reports its outcome
+    claimed_by text,  -- the server that holds it, while 'claimed'
+    client text,  -- who answered or failed it
+    answer text,
+    error text,  -- the client's reason for failing it
+    reason text,  -- why it ended without an answer
+    ended_at timestamptz
+    )""",
+    # What a claim reads, oldest first: tasks for any client, and those for names.
+    """CREATE INDEX contact_tasks_for_any ON contact_tasks (seq)
+    WHERE state = 'queued' AND target IS NULL""",
+    "CREATE INDEX contact_tasks_for_names ON contact_tasks (target, seq) WHERE state = 'queued'",
+    # Every task queued (new, given back, or of a server that died) and every
+    # answer waiting for its submitter wakes the servers. Notifications go
+    # out when the transaction commits, each payload once.
+    f"""CREATE FUNCTION contact_notify() RETURNS trigger LANGUAGE plpgsql AS $$
+    BEGIN
+        IF NEW.state = 'queued' THEN
+            PERFORM pg_notify('{CHANNEL}', 'q' || coalesce(NEW.target, ''));
+        ELSIF NEW.state = 'ended' THEN
+            PERFORM pg_notify('{CHANNEL}', 'e' || NEW.submitted_by);
+        END IF;
+        RETURN NULL;
+    END $$""",
+    """CREATE TRIGGER contact_notify AFTER INSERT OR UPDATE OF state, submitted_by
+    ON contact_tasks FOR EACH ROW EXECUTE FUNCTION contact_notify()""",
+    "CREATE INDEX contact_tasks_claimed ON contact_tasks (claimed_by) WHERE state = 'claimed'",
+    "CREATE INDEX contact_tasks_ended ON contact_tasks (submitted_by) WHERE state = 'ended'",
+)
+TABLES = ("contact_schema", "contact_servers", "contact_tasks")
+
+INSERT = """INSERT INTO contact_tasks (id, text, target, fields, state, submitted_by)
+    VALUES ($1, $2, $3, $4, 'queued', $5) ON CONFLICT (id) DO NOTHING"""
+# Writes about a claimed task hold only while this server still holds it
+# (it may have been taken for dead, and the task claimed by another).
+FINISHED = """DELETE FROM contact_tasks
+    WHERE id = $1 AND (state IN ('queued', 'ended') OR claimed_by = $2)"""
+FAILED = """UPDATE contact_tasks SET state = 'failed', attempts = $3, reason = $4,
+    ended_at = now(), claimed_by = NULL WHERE id = $1 AND (state = 'ended' OR claimed_by = $2)"""
+PRUNE_FAILED = """DELETE FROM contact_tasks WHERE state = 'failed' AND seq <
+    (SELECT seq FROM contact_tasks WHERE state = 'failed' ORDER BY seq DESC OFFSET $1 LIMIT 1)"""
+ENDED = """UPDATE contact_tasks SET state = 'ended', attempts = $3, client = $4, answer = $5,
+    error = $6, reason = $7, ended_at = now(), claimed_by = NULL
+    WHERE id = $1 AND state = 'claimed' AND claimed_by = $2"""
+REQUEUED = "UPDATE contact_tasks SET attempts = $3 WHERE id = $1 AND claimed_by = $2"
+GIVEN_BACK = """UPDATE contact_tasks SET state = 'queued', claimed_by = NULL, attempts = $3,
+    recovered = recovered OR $4 WHERE id = $1 AND state = 'claimed' AND claimed_by = $2"""
+CANCELLED = """UPDATE contact_tasks SET state = 'cancelled'
+    WHERE id = $1 AND state = 'claimed' AND claimed_by <> $2"""
+CANCELLED_QUEUED = "DELETE FROM contact_tasks WHERE id = $1 AND state IN ('queued', 'cancelled')"
+# The oldest $3 tasks for any client ($2, the names, unused: both claims
+# take the same arguments), in order from their index.
+CLAIM_FOR_ANY = """UPDATE contact_tasks t SET state = 'claimed', claimed_by = $1
+    FROM (SELECT seq FROM contact_tasks WHERE state = 'queued' AND target IS NULL
+          ORDER BY seq LIMIT $3 FOR UPDATE SKIP LOCKED) c
+    WHERE t.seq = c.seq AND $2::text[] IS NOT NULL
+    RETURNING t.seq, t.id, t.text, t.target, t.fields, t.attempts, t.recovered, t.submitted_by"""
+# The oldest $3 tasks for any client or for the names $2, each kind read in
+# order from its own index (one scan with an OR read every queued task).
+# Rows locked and not among the oldest $3 are let go as the statement ends.
+CLAIM = """WITH for_any AS (
+        SELECT seq FROM contact_tasks WHERE state = 'queued' AND target IS NULL
+        ORDER BY seq LIMIT $3 FOR UPDATE SKIP LOCKED),
+    for_names AS (
+        SELECT seq FROM contact_tasks WHERE state = 'queued' AND target = ANY($2::text[])
+        ORDER BY seq LIMIT $3 FOR UPDATE SKIP LOCKED)
+    UPDATE contact_tasks t SET state = 'claimed', claimed_by = $1
+    FROM (SELECT seq FROM for_any UNION ALL SELECT seq FROM for_names ORDER BY seq LIMIT $3) c
+    WHERE t.seq = c.seq
+    RETURNING t.seq, t.id, t.text, t.target, t.fields, t.attempts, t.recovered, t.submitted_by"""
+ENDED_HERE = """SELECT seq, id, text, target, fields, attempts, client, answer, error, reason
+    FROM contact_tasks WHERE state = 'ended' AND submitted_by = $1 ORDER BY seq LIMIT $2"""
+LEAVE = "DELETE FROM contact_servers WHERE id = $1"
+HEARTBEAT = "UPDATE contact_servers SET heartbeat = now() WHERE id = $1"
+REGISTER = """INSERT INTO contact_servers VALUES ($1, now())
+    ON CONFLICT (id) DO UPDATE SET heartbeat = now()"""
+LIVE = "NOT EXISTS (SELECT 1 FROM contact_servers s WHERE s.id = {column})"
+BURY = """DELETE FROM contact_servers
+    WHERE heartbeat < now() - $1 * interval '1 second' RETURNING id"""
+ORPHANS_REQUEUED = f"""UPDATE contact_tasks
+    SET state = 'queued', claimed_by = NULL, recovered = true
+    WHERE state = 'claimed' AND {LIVE.format(column="claimed_by")} RETURNING target"""
+ORPHANS_CANCELLED = (
+    f"DELETE FROM contact_tasks WHERE state = 'cancelled' AND {LIVE.format(column='claimed_by')}"
+)
+ORPHANS_ADOPTED = f"""UPDATE contact_tasks SET submitted_by = $1
+    WHERE state = 'ended' AND {LIVE.format(column="submitted_by")}"""
+QUEUED_TARGETS = """SELECT DISTINCT target FROM contact_tasks
+    WHERE state = 'queued' AND target IS NOT NULL LIMIT $1"""
+COUNT_QUEUED = "SELECT count(*) FROM contact_tasks WHERE state = 'queued'"
+# The ids a server of the fleet issues: its run prefix (8 hex digits), a
+# dash, a number; a result for one not held here is late, not unknown.
+FLEET_ID = re.compile(r"[0-9a-f]{8}-[0-9]{1,20}")
+
+
+def runs_of(
+    ops: list[tuple[str, tuple[object, ...]]],
+) -> list[tuple[str, list[tuple[object, ...]]]]:
+    """`ops` in runs of one statement, in order: each run is one executemany."""
+    runs: list[tuple[str, list[tuple[object, ...]]]] = []
+    for sql, params in ops:
+        if runs and runs[-1][0] is sql:
+            runs[-1][1].append(params)
+        else:
+            runs.append((sql, [params]))
+    return runs
+
+
+def where(url: str) -> str:
+    """The database of `url` as a log line may show it: no password."""
+    parts = urllib.parse.urlsplit(url)
+    host = parts.hostname or "localhost"
+    return (
+        f"{parts.username + '@' if parts.username else ''}{host}:{parts.port or 5432}{parts.path}"
+    )
+
+
+class PostgresQueue(MemoryQueue):
+    """A queue in a PostgreSQL database, shared by every server started on
+    it: `start` connects (QueueError, in one line, if it cannot), and
+    `close` gives back what this server held and lets go."""
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        dead_after: float = DEAD_AFTER_SECONDS,
+        max_attempts: int | None = MAX_ATTEMPTS,
+        max_queued: int | None = MAX_QUEUED,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        try:  # imported here: only --queue needs it (requirements-postgres.txt)
+            self._driver: Any = importlib.import_module("asyncpg")
+        except ImportError:
+            raise QueueError(
+                "--queue needs the asyncpg driver: pip install -r requirements-postgres.txt"
+            ) from None
+        # What a lost or refused connection raises, and a wait that gave up.
+        self._failures: tuple[type[Exception], ...] = (
+            OSError,
+            asyncio.TimeoutError,
+            self._driver.PostgresError,
+            self._driver.InterfaceError,
+        )
+        if urllib.parse.urlsplit(url).scheme not in ("postgresql", "postgres"):
+            raise QueueError(f"--queue takes a postgresql://USER@HOST:PORT/DB URL, not {url!r}")
+        if not dead_after > HEARTBEAT_SECONDS:
+            raise ValueError(f"dead_after must be more than {HEARTBEAT_SECONDS} s (the heartbeat)")
+        super().__init__(max_attempts=max_attempts, max_queued=max_queued, clock=clock)
+        self.url, self.dead_after = url, dead_after
+        self.run = secrets.token_hex(4)  # this server's id in the fleet, and its ids' prefix
+        self._room: Callable[[], int] = lambda: CLAIM_BATCH
+        # asyncpg connections, one per chore (WRITER, CLAIMER, BEATER,
+        # LISTENER), so that none waits for another's round trip; each made
+        # again when needed after it was lost. (A pool would reset each
+        # connection on every release: a query more per transaction.)
+        self._connections: dict[str, Any] = {}
+        self._chores: list[asyncio.Task[None]] = []
+        self._trouble: str | None = None
+        # Writes not yet committed, in order, and the future of their commit.
+        self._ops: list[tuple[str, tuple[object, ...]]] = []
+        self._batch: asyncio.Future[None] | None = None
+        self._wrote = asyncio.Event()  # there are writes to commit
+        self._drained = asyncio.Event()  # every write so far is committed
+        # Claims: the names that found nothing here, whether any client did,
+        # and whether the last claim found the database empty (then only a
+        # notification or the poll claims again).
+        self._wanted: set[str] = set()
+        self._want_any = False
+        self._empty = False
+        self._claim_wanted = asyncio.Event()
+        self._last_claim = 0.0  # when the last claim began (time.monotonic)
+        self._polling = False  # the next round polls
+        self._poll_timer: asyncio.TimerHandle | None = None
+        self._held_since: dict[str, float] = {}  # claimed tasks here, untaken: since when
+        self._submitter: dict[str, str] = {}  # claimed tasks here submitted elsewhere: by whom
+        self._reporting: set[str] = set()  # ended rows reported here, not yet deleted
+        self._in_database = 0  # tasks queued fleet-wide, as last counted (plus those put since)
+
+    # -- starting --
+
+    async def start(self) -> None:
+        """Connect, check or make the schema, and join the fleet."""
+        try:
+            await asyncio.wait_for(self._join(), CONNECT_SECONDS)
+        except self._failures as err:
+            await self._let_go()
+            why = str(err) or type(err).__name__
+            if isinstance(err, asyncio.TimeoutError):
+                why = f"no answer within {CONNECT_SECONDS:.0f} s"
+            raise QueueError(f"cannot use the database {where(self.url)}: {why}") from None
+        loop = asyncio.get_running_loop()
+        for chore in (self._writing(), self._claiming(), self._beating()):
+            self._chores.append(loop.create_task(chore))
+            self._chores[-1].add_done_callback(self._chore_ended)
+        log.info(
+            "fleet database %s: joined as server %s (dead after %.0f s of silence)",
+            where(self.url),
+            self.run,
+            self.dead_after,
+        )
+
+    async def _join(self) -> None:
+        """Connect, check (or make) the schema, say this server is alive, listen."""
+        db = await self._connected(BEATER)
+        await self._check_or_create(db)
+        await db.execute(REGISTER, self.run)
+        await self._listen()
+
+    async def _connected(self, chore: str) -> Any:
+        """The connection of `chore`, made (again) if it has none open."""
+        db = self._connections.get(chore)
+        if db is None or db.is_closed():
+            # Each attempt gives up after CONNECT_SECONDS, and each statement
+            # after QUERY_SECONDS. A claim or a heartbeat lost with the
+            # database's machine is only redone: they do not wait for its disk.
+            settings = {} if chore == WRITER else {"synchronous_commit": "off"}
+            db = await self._driver.connect(
+                self.url,
+                timeout=CONNECT_SECONDS,
+                command_timeout=QUERY_SECONDS,
+                server_settings=settings,
+            )
+            self._connections[chore] = db
+        return db
+
+    async def _listen(self) -> None:
+        """LISTEN on a connection of its own (a pooled one would be handed
+        to other work), made again once it was lost."""
+        listener = self._connections.get(LISTENER)
+        if listener is None or listener.is_closed():
+            listener = await self._connected(LISTENER)
+            await listener.add_listener(CHANNEL, self._heard)
+
+    def _chore_ended(self, chore: asyncio.Task[None]) -> None:
+        """A chore ends only when cancelled at close: a failure is a bug, said
+        loudly, and the queue is in trouble from then on."""
+        if not chore.cancelled() and (failure := chore.exception()) is not None:
+            log.critical("the fleet's %s failed", chore.get_coro(), exc_info=failure)
+            self._trouble = f"a bug: {failure!r} (see the log)"
+
+    async def _check_or_create(self, db: Any) -> None:
+        async with db.transaction():
+            await db.execute("SELECT pg_advisory_xact_lock($1)", SCHEMA_LOCK)
+            found = {
+                row[0]
+                for row in await db.fetch(
+                    "SELECT table_name FROM information_schema.tables"
+                    " WHERE table_schema = current_schema() AND table_name = ANY($1::text[])",
+                    list(TABLES),
+                )
+            }
+            if not found:
+                for statement in SCHEMA:
+                    await db.execute(statement)
+                await db.execute("INSERT INTO contact_schema VALUES ($1)", VERSION)
+                log.info("fleet database %s: tables made (schema %d)", where(self.url), VERSION)
+                return
+            version = None
+            if "contact_schema" in found:
+                version = await db.fetchval("SELECT max(version) FROM contact_schema")
+            if version != VERSION or found != set(TABLES):
+                raise QueueError(
+                    f"the database {where(self.url)} has contact tables of a schema this "
+                    f"server does not know (version {version}; it knows {VERSION})"
+                )
+
+    # -- what the interface asks --
+
+    def bind(
+        self, ready: Callable[[str | None], object], room: Callable[[], int] | None = None
+    ) -> None:
+        super().bind(ready)
+        if room is not None:
+            self._room = room
+
+    def head(self, name: str | None) -> Task | None:
+        task = super().head(name)
+        if task is None and not self.closed:  # a client here has room: claim for it
+            if name is not None:
+                self._wanted.add(name)
+            self._want_any = True
+            if not self._empty:
+                self._claim_wanted.set()
+        return task
+
+    def take(self, task: Task, name: str) -> None:
+        super().take(task, name)
+        self._held_since.pop(task.id, None)
+
+    def release(self, task: Task, charged: bool) -> bool:
+        kept = super().release(task, charged)
+        if kept:
+            self._held_since[task.id] = self._clock()
+        return kept
+
+    def queued(self) -> int:
+        """Tasks waiting here, and fleet-wide in the database (as last counted)."""
+        return super().queued() + self._in_database
+
+    def trouble(self) -> str | None:
+        return self._trouble
+
+    def kept(self) -> str:
+        if self._trouble is not None:
+            return f" (perhaps NOT kept: {self._trouble})"
+        return " (kept in the database, for the fleet)"
+
+    def cancel(self, task_id: str) -> Task | None:
+        task = super().cancel(task_id)
+        if task is not None or (outcome := self._outcomes.pop(task_id, None)) is None:
+            return task
+        # Submitted here, held in the database or by another server: withdrawn
+        # there (the other server's client is not told: its answer is dropped).
+        task = Task(id=task_id, text="")
+        outcome.set_exception(self._failure(TaskCancelledError, task, "was cancelled", "cancelled"))
+        self._write(CANCELLED, task_id, self.run)
+        self._write(CANCELLED_QUEUED, task_id)
+        return task
+
+    def stop(self) -> None:
+        super().stop()
+        self._claim_wanted.set()  # (the claimer sees it is closed, and ends)
+
+    async def close(self) -> None:
+        """Give back every task held here, fail the outcomes still awaited,
+        commit what is pending, leave the fleet and let go."""
+        self.stop()
+        while self._handing_on:  # each runs on the next turn; none can begin once stopped
+            await asyncio.sleep(0)
+        for task in self.unfinished():
+            self._give_back(task)
+        for task_id, outcome in list(self._outcomes.items()):
+            outcome.set_exception(
+                TaskNotAnsweredError(
+                    f"the server closed before task {task_id} was answered{self.kept()}"
+                )
+            )
+        self._outcomes.clear()
+        if self._chores:  # (joined the fleet: leave it)
+            self._write(LEAVE, self.run)
+            try:
+                await asyncio.wait_for(self._drained.wait(), CLOSE_SECONDS)
+            except asyncio.TimeoutError:
+                log.error(
+                    "the database %s took no writes for %.0f s: the last ones are lost",
+                    where(self.url),
+                    CLOSE_SECONDS,
+                )
+        await self._let_go()
+
+    async def _let_go(self) -> None:
+        if self._poll_timer is not None:
+            self._poll_timer.cancel()
+        for chore in self._chores:
+            chore.cancel()
+        await asyncio.gather(*self._chores, return_exceptions=True)
+        for db in self._connections.values():
+            with contextlib.suppress(Exception):  # (one that is lost: nothing to close)
+                await asyncio.wait_for(db.close(), RETRY_MAX_SECONDS)
+
+    # -- what the queue keeps --
+
+    def _queued_new(self, task: Task) -> None:
+        """A task put here is in the database, for whichever server claims it."""
+        self._log_queued(task)
+        self._in_database += 1
+
+    def _kept(self, task: Task) -> asyncio.Future[None]:
+        fields = contact_pb2.ServerMsg(**task.fields).SerializeToString()
+        batch = self._write(INSERT, task.id, task.text, task.target, fields, self.run)
+        return batch
+
+    def _requeued(self, task: Task) -> None:
+        self._write(REQUEUED, task.id, self.run, task.attempts)
+
+    def _forget(self, task: Task, outcome: str | TaskNotAnsweredError) -> None:
+        self._held_since.pop(task.id, None)
+        if isinstance(outcome, (str, TaskCancelledError)):
+            self._write(FINISHED, task.id, self.run)
+        else:
+            self._write(FAILED, task.id, self.run, task.attempts, outcome.reason)
+            self._write(PRUNE_FAILED, KEEP_FAILED)
+
+    def _end(self, task: Task, client: str, outcome: str | TaskNotAnsweredError) -> None:
+        """Report here a task submitted here (or whose server is gone: then
+        the reaper hands it here); hand another server's back to it."""
+        submitter = self._submitter.pop(task.id, self.run)
+        if submitter == self.run:
+            super()._end(task, client, outcome)
+            return
+        answer = outcome if isinstance(outcome, str) else None
+        error = getattr(outcome, "error", None)
+        reason = None if isinstance(outcome, str) else outcome.reason
+        log.debug("task %s ended at %s: reported by server %s", task.id, client, submitter)
+        self._write(ENDED, task.id, self.run, task.attempts, client, answer, error, reason)
+        self._write(CANCELLED_QUEUED, task.id)  # (withdrawn meanwhile: the row goes)
+
+    def _was_issued(self, task_id: str) -> bool:
+        """Another server's ids are the fleet's: a result for one not held
+        here is late (answered already, or taken back)."""
+        if task_id.startswith(f"{self.run}-"):
+            return super()._was_issued(task_id)
+        return FLEET_ID.fullmatch(task_id) is not None
+
+    def _give_back(self, task: Task) -> None:
+        """Put a task claimed here and not taken back in the database, queued."""
+        self._remove(task)
+        self._held_since.pop(task.id, None)
+        self._submitter.pop(task.id, None)
+        self._write(GIVEN_BACK, task.id, self.run, task.attempts, bool(task.given_to))
+
+    # -- batched writes: one transaction at a time --
+
+    def _write(self, sql: str, *params: object) -> asyncio.Future[None]:
+        self._ops.append((sql, params))
+        if self._batch is None:
+            self._batch = asyncio.get_running_loop().create_future()
+            self._batch.add_done_callback(lambda batch: batch.cancelled() or batch.exception())
+        self._drained.clear()
+        self._wrote.set()
+        return self._batch
+
+    async def _writing(self) -> None:
+        """Commit the pending writes, one transaction at a time, at most every
+        BATCH_SECONDS."""
+        while True:
+            await self._wrote.wait()
+            started = time.monotonic()
+            await self._flush()
+            await asyncio.sleep(max(0.0, started + BATCH_SECONDS - time.monotonic()))
+
+    async def _flush(self) -> None:
+        """Commit until nothing is pending, one transaction at a time. A
+        failed transaction is tried again after a backoff, without its new
+        tasks: their submitters are told (a task is queued once it is
+        committed, or not at all)."""
+        backoff = RETRY_SECONDS
+        while self._ops:
+            ops, batch = self._ops, self._batch
+            self._ops, self._batch = [], None
+            self._wrote.clear()
+            try:
+                await self._commit(ops)
+            except self._failures as err:
+                failure = self._in_trouble(err)
+                if batch is not None and not batch.done():
+                    batch.set_exception(failure)
+                self._ops[:0] = [op for op in ops if op[0] is not INSERT]
+                await asyncio.sleep(backoff)
+                backoff = min(2 * backoff, RETRY_MAX_SECONDS)
+                continue
+            if batch is not None and not batch.done():
+                batch.set_result(None)
+        self._drained.set()
+
+    async def _commit(self, ops: list[tuple[str, tuple[object, ...]]]) -> None:
+        """One transaction of `ops`, in order, each run of one statement in
+        one go. Only new tasks wait for the disk: the rest (answers, tasks
+        given back) is undone by a power loss of the database's machine at
+        worst, which repeats those tasks rather than losing any."""
+        write_held_lines()  # answers are in the log before their rows leave
+        db = await self._connected(WRITER)
+        async with db.transaction():
+            if not any(sql is INSERT for sql, _ in ops):
+                await db.execute("SET LOCAL synchronous_commit TO off")
+            for sql, rows in runs_of(ops):
+                await db.executemany(sql, rows)
+
+    def _in_trouble(self, err: Exception) -> QueueError:
+        """Say once that the database cannot be reached (health says it until
+        a heartbeat gets through); return that as an error for submitters."""
+        failure = QueueError(f"the database {where(self.url)} cannot be reached: {err}")
+        if self._trouble is None:
+            log.error("%s; trying again", failure)
+        self._trouble = str(failure)
+        return failure
+
+    # -- claiming --
+
+    def _heard(self, connection: object, pid: int, channel: str, payload: str) -> None:
+        """A notification: a task was queued (for a target, or any), or an
+        answer waits for this server."""
+        if self.closed:
+            return
+        if payload.startswith("e"):
+            if payload[1:] == self.run:
+                self._report_ended_soon()
+            return
+        self._empty = False
+        self._ready(payload[1:] or None)  # the dispatcher asks `head`: a claim, if it has room
+
+    def _report_ended_soon(self) -> None:
+        self._claim_wanted.set()
+        self._ended_waiting = True
+
+    _ended_waiting = True  # at start: answers may wait from an earlier life
+
+    async def _claiming(self) -> None:
+        """Claim what this server's clients asked for, report answers that
+        wait for it, and give back what none of them took; a poll at
+        POLL_SECONDS stands in for lost notifications."""
+        self._poll_due()
+        while not self.closed:
+            await self._claim_wanted.wait()
+            # Under load, claims begin at most every BATCH_SECONDS: room
+            # freed by several answers is filled by one claim, not one each.
+            began = time.monotonic()
+            await asyncio.sleep(max(0.0, self._last_claim + BATCH_SECONDS - began))
+            self._last_claim = time.monotonic()
+            self._claim_wanted.clear()
+            if self.closed:
+                return
+            try:
+                if self._polling:
+                    self._polling = False
+                    await self._poll()
+                await self._claim_round()
+            except self._failures as err:
+                self._in_trouble(err)
+                await asyncio.sleep(RETRY_SECONDS)
+
+    async def _claim_round(self) -> None:
+        self._give_back_unwanted()
+        if self._ended_waiting:
+            self._ended_waiting = False
+            await self._report_ended()
+        if not (self._want_any or self._wanted):
+            self._empty = False  # (the poll: claim again on the next request)
+            return
+        names, self._wanted, self._want_any = sorted(self._wanted), set(), False
+        room = max(1, min(CLAIM_BATCH, self._room() - super().queued()))
+        claim = CLAIM if names else CLAIM_FOR_ANY  # (the planner reads the simpler one better)
+        rows = await (await self._connected(CLAIMER)).fetch(claim, self.run, names, room)
+        self._empty = len(rows) < room
+        for row in sorted(rows, key=lambda row: row["seq"]):
+            if self.closed:  # claimed as it closed: back at once
+                self._write(GIVEN_BACK, row["id"], self.run, row["attempts"], False)
+            else:
+                self._adopt(row)
+        if not self._empty:
+            self._claim_wanted.set()
+
+    def _poll_due(self) -> None:
+        """Poll on the next round, and again POLL_SECONDS later."""
+        self._polling = True
+        self._claim_wanted.set()
+        self._poll_timer = asyncio.get_running_loop().call_later(POLL_SECONDS, self._poll_due)
+
+    async def _poll(self) -> None:
+        """What notifications would have said: answers may wait for this
+        server, and tasks for any client or for these names are queued."""
+        self._ended_waiting, self._empty = True, False
+        claimer = await self._connected(CLAIMER)
+        targets = await claimer.fetch(QUEUED_TARGETS, POLL_TARGETS)
+        self._ready(None)  # the dispatcher asks `head` for its clients with room
+        for row in targets:
+            self._ready(row["target"])
+
+    def _adopt(self, row: Any) -> None:
+        """A task this server claimed: into its local lines, for its clients."""
+        message = contact_pb2.ServerMsg.FromString(row["fields"])
+        task = Task(
+            id=row["id"],
+            text=row["text"],
+            target=row["target"],
+            fields={field.name: value for field, value in message.ListFields()},
+            attempts=row["attempts"],
+            suspect=row["attempts"] > 0,
+            recovered=row["recovered"],
+        )
+        if row["submitted_by"] != self.run:
+            self._submitter[task.id] = row["submitted_by"]
+        elif task.id in self._outcomes:
+            self._in_database = max(0, self._in_database - 1)
+        self._held_since[task.id] = self._clock()
+        self._enqueue(task)
+
+    def _give_back_unwanted(self) -> None:
+        """Claimed tasks no client here took for HOLD_SECONDS go back."""
+        if not self._held_since:
+            return
+        old = self._clock() - HOLD_SECONDS
+        for task_id, since in list(self._held_since.items()):
+            task = self._tasks.get(task_id)
+            if since <= old and task is not None and task.holder is None:
+                self._give_back(task)
+
+    async def _report_ended(self) -> None:
+        """Report the answers other servers received for tasks submitted here."""
+        rows = await (await self._connected(CLAIMER)).fetch(ENDED_HERE, self.run, CLAIM_BATCH)
+        for row in rows:
+            if row["id"] in self._reporting:
+                continue
+            self._reporting.add(row["id"])
+            task = Task(
+                id=row["id"], text=row["text"], target=row["target"], attempts=row["attempts"]
+            )
+            client = row["client"] or ""
+            outcome: str | TaskNotAnsweredError
+            if row["answer"] is not None:
+                outcome = row["answer"]
+            elif row["error"] is not None:
+                outcome = client_failure(task, client, row["error"])
+            else:
+                reason = row["reason"] or "ended"
+                outcome = self._failure(TaskFailedError, task, f"failed: {reason}", reason)
+            super()._end(task, client, outcome)
+            self._wrote_then(row["id"])
+        if len(rows) == CLAIM_BATCH:
+            self._report_ended_soon()
+
+    def _wrote_then(self, task_id: str) -> None:
+        """Forget that `task_id` was reported once its row is gone."""
+        batch = self._batch
+        if batch is None:
+            self._reporting.discard(task_id)
+        else:
+            batch.add_done_callback(lambda _: self._reporting.discard(task_id))
+
+    # -- heartbeats --
+
+    async def _beating(self) -> None:
+        """Say this server is alive; declare dead those silent too long."""
+        while True:
+            await asyncio.sleep(HEARTBEAT_SECONDS)
+            try:
+                await self._beat()
+                await self._listen()  # (the poll stands in meanwhile)
+            except self._failures as err:
+                self._in_trouble(err)
+                continue
+            if self._trouble is not None:
+                log.warning("the database %s can be reached again", where(self.url))
+                self._trouble = None
+                self._empty = False
+                self._claim_wanted.set()
+
+    async def _beat(self) -> None:
+        db = await self._connected(BEATER)
+        async with db.transaction():
+            if await db.execute(HEARTBEAT, self.run) == "UPDATE 0":
+                log.error(
+                    "this server was taken for dead by the fleet (no heartbeat for %.0f s):"
+                    " its claimed tasks were queued again",
+                    self.dead_after,
+                )
+                await db.execute(REGISTER, self.run)
+            dead = [row["id"] for row in await db.fetch(BURY, self.dead_after)]
+            requeued = await db.fetch(ORPHANS_REQUEUED)
+            await db.execute(ORPHANS_CANCELLED)
+            adopted = await db.execute(ORPHANS_ADOPTED, self.run)
+        for server in dead:
+            log.warning("server %s declared dead: no heartbeat for %.0f s", server, self.dead_after)
+        if requeued:
+            log.warning("%d tasks of servers that are gone queued again", len(requeued))
+        if adopted != "UPDATE 0":
+            self._report_ended_soon()
+        self._in_database = await db.fetchval(COUNT_QUEUED)
+        self._let_in()

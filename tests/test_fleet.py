@@ -1,0 +1,199 @@
+"""A fleet: several contact_server.py processes started with `--queue` on one
+throwaway PostgreSQL (tests/postgres.py), with real client processes. Each
+test has a database of its own; what docs/fleet.md promises, point by point."""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import signal
+import socket
+import time
+from collections.abc import Iterator
+
+import pytest
+from grpc_health.v1 import health_pb2
+
+from contact.queue.postgres import CONNECT_SECONDS, HEARTBEAT_SECONDS
+from tests.postgres import Postgres, installed
+from tests.processes import Process, free_port, start_client, start_server
+from tests.test_health import NOT_SERVING, SERVING, ask
+
+# Short, so that the tests of a death do not wait ten seconds; a server is
+# declared dead at the first heartbeat of another after this.
+DEAD_AFTER = 3.0
+# How long after a kill its tasks are answered at the latest: declared dead,
+# at a survivor's next heartbeat, then claimed and answered (a loaded
+# machine's slack on top).
+TAKEN_OVER_SECONDS = DEAD_AFTER + HEARTBEAT_SECONDS + 5.0
+
+
+@pytest.fixture(scope="module")
+def postgres() -> Iterator[Postgres]:
+    server = Postgres(installed())
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def database(postgres: Postgres, request: pytest.FixtureRequest) -> str:
+    """The URL of an empty database of this test's own."""
+    return postgres.new_database(re.sub(r"\W", "_", request.node.name)[-60:].lower())
+
+
+def fleet_server(processes: list[Process], url: str, *args: str) -> tuple[Process, int]:
+    server, port = start_server("--queue", url, "--dead-after", str(DEAD_AFTER), *args)
+    processes.append(server)
+    return server, port
+
+
+def fleet_client(processes: list[Process], name: str, port: int) -> Process:
+    client = start_client(name, port)
+    processes.append(client)
+    return client
+
+
+def typed(server: Process, *lines: str) -> list[str]:
+    """Type `lines` into `server`; return their tasks' ids once it logged
+    them queued (committed: it logs them only then)."""
+    first = server.count(" queued for ")
+    server.type(*lines)
+    server.wait_for(r" queued for ", count=first + len(lines))
+    return re.findall(r"task (\S+) queued for ", server.output)[first : first + len(lines)]
+
+
+def test_a_task_typed_on_one_server_is_answered_by_a_client_of_another(
+    processes: list[Process], database: str
+) -> None:
+    a, _ = fleet_server(processes, database)
+    b, port_b = fleet_server(processes, database)
+    fleet_client(processes, "carol", port_b)
+    first, second = typed(a, "hello fleet", "@carol just carol")
+    # Each result is logged where its task was typed; the server that
+    # pushed it and heard the answer only says it sent it.
+    a.wait_for(rf"task {first} result from carol: 'HELLO FLEET'")
+    a.wait_for(rf"task {second} result from carol: 'JUST CAROL'")
+    assert b.count(rf"task {first} sent to carol") == 1
+    assert b.count("result from") == 0
+
+
+def test_a_task_for_a_name_waits_in_the_database_until_it_connects_anywhere(
+    processes: list[Process], database: str, postgres: Postgres
+) -> None:
+    a, _ = fleet_server(processes, database)
+    _, port_b = fleet_server(processes, database)
+    fleet_client(processes, "carol", port_b)  # another name: not for her
+    (task,) = typed(a, "@dave for dave")
+    state = postgres.psql(database, f"SELECT state FROM contact_tasks WHERE id = '{task}'")
+    assert state == "queued"
+    fleet_client(processes, "dave", port_b)
+    a.wait_for(rf"task {task} result from dave: 'FOR DAVE'")
+
+
+def test_a_killed_servers_tasks_are_answered_through_another_within_the_bound(
+    processes: list[Process], database: str
+) -> None:
+    a, port_a = fleet_server(processes, database)
+    b, port_b = fleet_server(processes, database)
+    bob = fleet_client(processes, "bob", port_a)
+    bob.freeze()  # holds what it is sent, unanswered
+    tasks = typed(a, "one", "two", "three")
+    for task in tasks:
+        a.wait_for(rf"task {task} sent to bob")
+    fleet_client(processes, "carol", port_b)
+    a.send(signal.SIGKILL)
+    bob.send(signal.SIGKILL)
+    killed = time.monotonic()
+    b.wait_for(r"server \S+ declared dead", timeout=TAKEN_OVER_SECONDS)
+    for task, text in zip(tasks, ("ONE", "TWO", "THREE"), strict=True):
+        left = TAKEN_OVER_SECONDS - (time.monotonic() - killed)
+        b.wait_for(rf"task {task} result from carol: '{text}'", timeout=max(0.1, left))
+
+
+def test_every_server_killed_and_a_new_one_started_loses_nothing(
+    processes: list[Process], database: str
+) -> None:
+    a, _ = fleet_server(processes, database)
+    b, _ = fleet_server(processes, database)
+    tasks = typed(a, "from a 1", "from a 2") + typed(b, "from b 1", "@erin from b 2")
+    a.send(signal.SIGKILL)
+    b.send(signal.SIGKILL)
+    c, port_c = fleet_server(processes, database)
+    fleet_client(processes, "erin", port_c)
+    # The killed servers' answers are logged by the one that is left, once
+    # it has declared them dead.
+    for task in tasks:
+        c.wait_for(rf"task {task} result from erin: 'FROM [AB] \d'", timeout=TAKEN_OVER_SECONDS)
+    assert c.count(r"declared dead") == 2
+
+
+def test_servers_started_at_once_on_a_new_database_all_join(
+    processes: list[Process], database: str
+) -> None:
+    servers = [
+        Process("server", "contact_server.py", "--port", "0", "--queue", database) for _ in range(3)
+    ]
+    processes.extend(servers)
+    for server in servers:  # the schema was made once, under a lock
+        server.wait_for(r"listening on 127\.0\.0\.1:\d+")
+    assert sum(server.count("tables made") for server in servers) == 1
+
+
+def test_a_database_of_a_schema_it_does_not_know_is_refused(
+    processes: list[Process], database: str, postgres: Postgres
+) -> None:
+    postgres.psql(database, "CREATE TABLE contact_schema (version integer)")
+    postgres.psql(database, "INSERT INTO contact_schema VALUES (99)")
+    server = Process("server", "contact_server.py", "--port", "0", "--queue", database)
+    processes.append(server)
+    assert server.exit_code(30) == 1
+    assert "schema this server does not know (version 99" in server.output
+    assert "Traceback" not in server.output
+
+
+def test_a_database_that_cannot_be_reached_at_start_is_one_line_and_exit_1(
+    processes: list[Process],
+) -> None:
+    with socket.socket() as silent:  # accepts connections and never answers
+        silent.bind(("127.0.0.1", 0))
+        silent.listen()
+        urls = {
+            f"postgresql://postgres@127.0.0.1:{free_port()}/none": "cannot use the database",
+            f"postgresql://postgres@127.0.0.1:{silent.getsockname()[1]}/none": "no answer within",
+            "mysql://root@127.0.0.1/db": "takes a postgresql://",
+        }
+        servers = {
+            url: Process("server", "contact_server.py", "--port", "0", "--queue", url)
+            for url in urls
+        }
+        processes.extend(servers.values())
+        for url, said in urls.items():
+            server = servers[url]
+            assert server.exit_code(CONNECT_SECONDS + 20) == 1, server.output
+            errors = [line for line in server.output.splitlines() if " ERROR " in line]
+            assert len(errors) == 1 and said in errors[0], server.output
+            assert "Traceback" not in server.output
+
+
+def test_a_database_lost_while_running_is_reported_and_nothing_committed_is_lost(
+    processes: list[Process], postgres: Postgres, database: str
+) -> None:
+    server, port = fleet_server(processes, database)
+    bob = fleet_client(processes, "bob", port)
+    (before,) = typed(server, "before")
+    server.wait_for(rf"task {before} result from bob")
+    postgres.halt()
+    try:
+        down = 3 * HEARTBEAT_SECONDS + 10  # noticed at a heartbeat at the latest
+        server.wait_for(r"health: NOT_SERVING: .*cannot be reached", timeout=down)
+        check = health_pb2.HealthCheckRequest(service="")
+        assert asyncio.run(ask(port, "Check", check)).status == NOT_SERVING
+        server.type("while down")
+        server.wait_for(r"task not queued: the database .* cannot be reached")
+    finally:
+        postgres.resume()
+    server.wait_for(r"health: SERVING again", timeout=3 * HEARTBEAT_SECONDS + 10)
+    assert asyncio.run(ask(port, "Check", health_pb2.HealthCheckRequest())).status == SERVING
+    (after,) = typed(server, "after")
+    server.wait_for(rf"task {after} result from bob: 'AFTER'")
+    assert bob.count("unavailable") == 0  # its stream was kept throughout
