@@ -86,6 +86,7 @@ class ContactServicer(contact_pb2_grpc.ContactServicer):
         window = await checks.requested_window(context)
         if self._dispatcher.closed:
             await context.abort(grpc.StatusCode.UNAVAILABLE, "the server is shutting down")
+        registration = await self._register(name, context)  # (a fleet: recorded in its database)
         session = self._dispatcher.connect(
             name,
             window,
@@ -112,6 +113,7 @@ class ContactServicer(contact_pb2_grpc.ContactServicer):
             # Reached however the stream ends: client exit or crash, keepalive
             # timeout, takeover or shutdown. Unanswered tasks go back.
             self._dispatcher.disconnect(session)
+            self._dispatcher.queue.unregister(name, registration)
             line = "client %s disconnected (%s)"
             REPEATS.log(log, INFO, "disconnect", host, line, name, session.ended)
         if session.ended == REPLACED:
@@ -120,6 +122,15 @@ class ContactServicer(contact_pb2_grpc.ContactServicer):
             )
         if session.ended == SHUTDOWN:
             await context.abort(grpc.StatusCode.UNAVAILABLE, "the server is shutting down")
+
+    async def _register(self, name: str, context: grpc.aio.ServicerContext) -> int:
+        """Record NAME's registration with the queue (a fleet's database: its
+        older session on another server ends); UNAVAILABLE if it cannot."""
+        try:
+            return await self._dispatcher.queue.register(name)
+        except QueueError as err:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, f"cannot register {name}: {err}")
+            raise  # (abort raises)
 
     async def tellResult(
         self,

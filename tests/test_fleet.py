@@ -197,3 +197,43 @@ def test_a_database_lost_while_running_is_reported_and_nothing_committed_is_lost
     (after,) = typed(server, "after")
     server.wait_for(rf"task {after} result from bob: 'AFTER'")
     assert bob.count("unavailable") == 0  # its stream was kept throughout
+
+
+def test_a_name_registering_on_another_server_takes_over_within_5_s(
+    processes: list[Process], database: str
+) -> None:
+    a, port_a = fleet_server(processes, database)
+    b, port_b = fleet_server(processes, database)
+    old = fleet_client(processes, "twin", port_a)
+    old.freeze()  # holds what it is sent, unanswered
+    (task,) = typed(a, "held by the old twin")
+    a.wait_for(rf"task {task} sent to twin")
+    fleet_client(processes, "twin", port_b)
+    registered = time.monotonic()
+    a.wait_for(rf"task {task} requeued \(twin replaced\)", timeout=5)
+    assert time.monotonic() - registered < 5
+    a.wait_for(rf"task {task} result from twin: 'HELD BY THE OLD TWIN'")
+    assert b.count(rf"task {task} sent to twin") == 1
+    old.thaw()
+    assert old.exit_code(10) == 1
+    old.wait_for(r"refused this client: ABORTED: a newer client registered as twin")
+
+
+def test_a_server_stopped_cleanly_gives_its_tasks_to_the_fleet_at_once(
+    processes: list[Process], database: str
+) -> None:
+    a, port_a = fleet_server(processes, database, "--grace", "1")
+    b, port_b = fleet_server(processes, database)
+    bob = fleet_client(processes, "bob", port_a)
+    bob.freeze()
+    tasks = typed(a, "first", "second")
+    for task in tasks:
+        a.wait_for(rf"task {task} sent to bob")
+    fleet_client(processes, "carol", port_b)
+    a.send(signal.SIGTERM)
+    assert a.exit_code(10) == 0
+    a.wait_for(r"stopped; tasks never answered: 2 \(kept in the database, for the fleet\)")
+    for task, text in zip(tasks, ("FIRST", "SECOND"), strict=True):
+        # Well before the others would take it for dead: it left the fleet.
+        b.wait_for(rf"task {task} result from carol: '{text}'", timeout=DEAD_AFTER)
+    assert b.count("declared dead") == 0

@@ -139,15 +139,28 @@ class TaskQueue(abc.ABC):
 
     @abc.abstractmethod
     def bind(
-        self, ready: Callable[[str | None], object], room: Callable[[], int] | None = None
+        self,
+        ready: Callable[[str | None], object],
+        room: Callable[[], int] | None = None,
+        moved: Callable[[str], object] | None = None,
     ) -> None:
         """Call `ready(target)` when a task for `target` (None: for any
         client) can be taken; `room()` says how many more tasks this
-        server's clients can take now: the dispatcher's to bind."""
+        server's clients can take now; call `moved(name)` when NAME
+        registered on another server of a fleet: the dispatcher's to bind."""
 
     async def start(self) -> None:  # noqa: B027 (most queues need no start)
         """Connect to what keeps the tasks, if that needs waiting for (a
         database); raise QueueError, in one line, if it cannot be used."""
+
+    async def register(self, name: str) -> int:
+        """Record, where the fleet can see it, that NAME is connected here
+        (its older session on another server then ends); return this
+        registration's number, for `unregister`. Alone, nothing to record."""
+        return 0
+
+    def unregister(self, name: str, registration: int) -> None:  # noqa: B027 (as register)
+        """NAME's session `registration` (from `register`) ended here."""
 
     @abc.abstractmethod
     def listen(self, report: Report, hand_on: Report | None = None) -> None:

@@ -153,7 +153,7 @@ class Dispatcher:
         # Each maps to the room it had when placed, and `_room` is their sum.
         self._by_load: dict[int, dict[Session, int]] = {}
         self._room = 0
-        queue.bind(self._ready, self.room)
+        queue.bind(self._ready, self.room, self._moved)
 
     # -- what the server calls --
 
@@ -318,6 +318,13 @@ class Dispatcher:
             self._spread()
         elif (session := self._sessions.get(target)) is not None:
             self._fill(session)
+
+    def _moved(self, name: str) -> None:
+        """NAME registered on another server of the fleet: its session here
+        ends as if a newer one had registered here."""
+        session = self._sessions.get(name)
+        if session is not None:
+            self.disconnect(session, REPLACED)
 
     def _holder(self, task: Task) -> Session:
         holder = self._sessions[task.holder] if task.holder is not None else None

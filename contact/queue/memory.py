@@ -86,7 +86,10 @@ class MemoryQueue(TaskQueue):
         self._waiting_count = 0
 
     def bind(
-        self, ready: Callable[[str | None], object], room: Callable[[], int] | None = None
+        self,
+        ready: Callable[[str | None], object],
+        room: Callable[[], int] | None = None,
+        moved: Callable[[str], object] | None = None,
     ) -> None:
         self._ready = ready
 

@@ -88,6 +88,7 @@ CLOSE_SECONDS = 5.0
 # Failed tasks kept for inspection (the newest), as in the journal.
 KEEP_FAILED = 1000
 WRITER, CLAIMER, BEATER, LISTENER = "writer", "claimer", "beater", "listener"
+REGISTRAR = "registrar"  # (registrations wait for nothing else)
 CHANNEL = "contact"  # the NOTIFY channel: "q" + target (a task to claim), "e" + server (ended)
 
 SCHEMA = (
@@ -113,6 +114,18 @@ SCHEMA = (
     reason text,  -- why it ended without an answer
     ended_at timestamptz
     )""",
+    """CREATE TABLE contact_clients (
+    name text PRIMARY KEY,  -- a client's name
+    server text NOT NULL,  -- the server its live registration is on
+    registration bigint NOT NULL  -- counts its registrations: a newer one wins
+    )""",
+    f"""CREATE FUNCTION contact_registered() RETURNS trigger LANGUAGE plpgsql AS $$
+    BEGIN
+        PERFORM pg_notify('{CHANNEL}', 'r' || NEW.server || ':' || NEW.name);
+        RETURN NULL;
+    END $$""",
+    """CREATE TRIGGER contact_registered AFTER INSERT OR UPDATE ON contact_clients
+    FOR EACH ROW EXECUTE FUNCTION contact_registered()""",
     # What a claim reads, oldest first: tasks for any client, and those for names.
     """CREATE INDEX contact_tasks_for_any ON contact_tasks (seq)
     WHERE state = 'queued' AND target IS NULL""",
@@ -134,7 +147,7 @@ SCHEMA = (
     "CREATE INDEX contact_tasks_claimed ON contact_tasks (claimed_by) WHERE state = 'claimed'",
     "CREATE INDEX contact_tasks_ended ON contact_tasks (submitted_by) WHERE state = 'ended'",
 )
-TABLES = ("contact_schema", "contact_servers", "contact_tasks")
+TABLES = ("contact_schema", "contact_servers", "contact_tasks", "contact_clients")
 
 INSERT = """INSERT INTO contact_tasks (id, text, target, fields, state, submitted_by)
     VALUES ($1, $2, $3, $4, 'queued', $5) ON CONFLICT (id) DO NOTHING"""
@@ -163,13 +176,16 @@ CLAIM_FOR_ANY = """UPDATE contact_tasks t SET state = 'claimed', claimed_by = $1
     WHERE t.seq = c.seq AND $2::text[] IS NOT NULL
     RETURNING t.seq, t.id, t.text, t.target, t.fields, t.attempts, t.recovered, t.submitted_by"""
 # The oldest $3 tasks for any client or for the names $2, each kind read in
-# order from its own index (one scan with an OR read every queued task).
+# order from its own index (one scan with an OR read every queued task);
+# a name's only while its registration is on this server, so that a task
+# for it never goes to a session another server's newer one replaced.
 # Rows locked and not among the oldest $3 are let go as the statement ends.
 CLAIM = """WITH for_any AS (
         SELECT seq FROM contact_tasks WHERE state = 'queued' AND target IS NULL
         ORDER BY seq LIMIT $3 FOR UPDATE SKIP LOCKED),
     for_names AS (
         SELECT seq FROM contact_tasks WHERE state = 'queued' AND target = ANY($2::text[])
+            AND EXISTS (SELECT 1 FROM contact_clients c WHERE c.name = target AND c.server = $1)
         ORDER BY seq LIMIT $3 FOR UPDATE SKIP LOCKED)
     UPDATE contact_tasks t SET state = 'claimed', claimed_by = $1
     FROM (SELECT seq FROM for_any UNION ALL SELECT seq FROM for_names ORDER BY seq LIMIT $3) c
@@ -178,6 +194,11 @@ CLAIM = """WITH for_any AS (
 ENDED_HERE = """SELECT seq, id, text, target, fields, attempts, client, answer, error, reason
     FROM contact_tasks WHERE state = 'ended' AND submitted_by = $1 ORDER BY seq LIMIT $2"""
 LEAVE = "DELETE FROM contact_servers WHERE id = $1"
+REGISTER_NAME = """INSERT INTO contact_clients VALUES ($1, $2, 1) ON CONFLICT (name)
+    DO UPDATE SET server = $2, registration = contact_clients.registration + 1
+    RETURNING registration"""
+UNREGISTER_NAME = """DELETE FROM contact_clients
+    WHERE name = $1 AND server = $2 AND registration = $3"""
 HEARTBEAT = "UPDATE contact_servers SET heartbeat = now() WHERE id = $1"
 REGISTER = """INSERT INTO contact_servers VALUES ($1, now())
     ON CONFLICT (id) DO UPDATE SET heartbeat = now()"""
@@ -187,6 +208,7 @@ BURY = """DELETE FROM contact_servers
 ORPHANS_REQUEUED = f"""UPDATE contact_tasks
     SET state = 'queued', claimed_by = NULL, recovered = true
     WHERE state = 'claimed' AND {LIVE.format(column="claimed_by")} RETURNING target"""
+ORPHANS_UNREGISTERED = f"DELETE FROM contact_clients WHERE {LIVE.format(column='server')}"
 ORPHANS_CANCELLED = (
     f"DELETE FROM contact_tasks WHERE state = 'cancelled' AND {LIVE.format(column='claimed_by')}"
 )
@@ -257,6 +279,7 @@ class PostgresQueue(MemoryQueue):
         self.url, self.dead_after = url, dead_after
         self.run = secrets.token_hex(4)  # this server's id in the fleet, and its ids' prefix
         self._room: Callable[[], int] = lambda: CLAIM_BATCH
+        self._moved: Callable[[str], object] = lambda name: None
         # asyncpg connections, one per chore (WRITER, CLAIMER, BEATER,
         # LISTENER), so that none waits for another's round trip; each made
         # again when needed after it was lost. (A pool would reset each
@@ -375,11 +398,16 @@ class PostgresQueue(MemoryQueue):
     # -- what the interface asks --
 
     def bind(
-        self, ready: Callable[[str | None], object], room: Callable[[], int] | None = None
+        self,
+        ready: Callable[[str | None], object],
+        room: Callable[[], int] | None = None,
+        moved: Callable[[str], object] | None = None,
     ) -> None:
         super().bind(ready)
         if room is not None:
             self._room = room
+        if moved is not None:
+            self._moved = moved
 
     def head(self, name: str | None) -> Task | None:
         task = super().head(name)
@@ -400,6 +428,20 @@ class PostgresQueue(MemoryQueue):
         if kept:
             self._held_since[task.id] = self._clock()
         return kept
+
+    async def register(self, name: str) -> int:
+        """Record that NAME is connected here: the server of its older
+        session, if another, hears it and ends that session. Raises
+        QueueError if the database cannot be reached."""
+        try:
+            db = await self._connected(REGISTRAR)
+            registration: int = await db.fetchval(REGISTER_NAME, name, self.run)
+        except self._failures as err:
+            raise self._in_trouble(err) from None
+        return registration
+
+    def unregister(self, name: str, registration: int) -> None:
+        self._write(UNREGISTER_NAME, name, self.run, registration)
 
     def queued(self) -> int:
         """Tasks waiting here, and fleet-wide in the database (as last counted)."""
@@ -586,13 +628,18 @@ class PostgresQueue(MemoryQueue):
     # -- claiming --
 
     def _heard(self, connection: object, pid: int, channel: str, payload: str) -> None:
-        """A notification: a task was queued (for a target, or any), or an
-        answer waits for this server."""
+        """A notification: a task was queued (for a target, or any), an
+        answer waits for this server, or a client registered somewhere."""
         if self.closed:
             return
         if payload.startswith("e"):
             if payload[1:] == self.run:
                 self._report_ended_soon()
+            return
+        if payload.startswith("r"):
+            server, _, name = payload[1:].partition(":")
+            if server != self.run:
+                self._moved(name)  # its session here, if any, ends: replaced
             return
         self._empty = False
         self._ready(payload[1:] or None)  # the dispatcher asks `head`: a claim, if it has room
@@ -756,6 +803,7 @@ class PostgresQueue(MemoryQueue):
             dead = [row["id"] for row in await db.fetch(BURY, self.dead_after)]
             requeued = await db.fetch(ORPHANS_REQUEUED)
             await db.execute(ORPHANS_CANCELLED)
+            await db.execute(ORPHANS_UNREGISTERED)
             adopted = await db.execute(ORPHANS_ADOPTED, self.run)
         for server in dead:
             log.warning("server %s declared dead: no heartbeat for %.0f s", server, self.dead_after)
