@@ -11,13 +11,15 @@ import socket
 import time
 from collections.abc import Iterator
 
+import grpc
 import pytest
 from grpc_health.v1 import health_pb2
 
+from contact import CLIENT_ID_KEY, MAX_IN_FLIGHT_KEY, contact_pb2, contact_pb2_grpc
 from contact.queue.postgres import CONNECT_SECONDS, HEARTBEAT_SECONDS
 from tests.postgres import Postgres, installed
 from tests.processes import Process, free_port, start_client, start_server
-from tests.test_health import NOT_SERVING, SERVING, ask
+from tests.test_health import NOT_SERVING, SERVING, WAIT_SECONDS, ask
 
 # Short, so that the tests of a death do not wait ten seconds; a server is
 # declared dead at the first heartbeat of another after this.
@@ -237,3 +239,36 @@ def test_a_server_stopped_cleanly_gives_its_tasks_to_the_fleet_at_once(
         # Well before the others would take it for dead: it left the fleet.
         b.wait_for(rf"task {task} result from carol: '{text}'", timeout=DEAD_AFTER)
     assert b.count("declared dead") == 0
+
+
+async def answer_through_the_other_server(port_a: int, port_b: int, server_a: Process) -> None:
+    """As a per-call balancer would send them: getTask to A, the answers
+    and a status line to B. Window 1: the second task comes only once the
+    answer B heard has freed the client's slot at A."""
+    name = ((CLIENT_ID_KEY, "split"), (MAX_IN_FLIGHT_KEY, "1"))
+    async with (
+        grpc.aio.insecure_channel(f"127.0.0.1:{port_a}") as to_a,
+        grpc.aio.insecure_channel(f"127.0.0.1:{port_b}") as to_b,
+    ):
+        tasks = contact_pb2_grpc.ContactStub(to_a).getTask(contact_pb2.Empty(), metadata=name)
+        await tasks.initial_metadata()
+        other = contact_pb2_grpc.ContactStub(to_b)
+        for text in ("first", "second"):
+            server_a.type(text)
+            task = await asyncio.wait_for(tasks.read(), WAIT_SECONDS)
+            assert task.task == text
+            answer = contact_pb2.Result(id=task.id, ret=text.upper())
+            await other.tellResult(iter([answer]), metadata=name, timeout=WAIT_SECONDS)
+        status = other.sendStatus(iter([contact_pb2.ClientMsg(msg="ok")]), metadata=name)
+        assert "queued" in (await asyncio.wait_for(status.read(), WAIT_SECONDS)).ret
+        tasks.cancel()
+
+
+def test_results_and_status_lines_are_accepted_by_any_server_of_the_fleet(
+    processes: list[Process], database: str
+) -> None:
+    a, port_a = fleet_server(processes, database)
+    _, port_b = fleet_server(processes, database)
+    asyncio.run(answer_through_the_other_server(port_a, port_b, a))
+    a.wait_for(r"task \S+ result from split: 'FIRST'")
+    a.wait_for(r"task \S+ result from split: 'SECOND'")

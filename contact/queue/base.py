@@ -24,7 +24,7 @@ import asyncio
 import enum
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 # Defaults of the server's --max-attempts and --max-queued (see docs/limits.md).
 MAX_ATTEMPTS = 5  # deliveries without an answer before a task fails for good
@@ -114,6 +114,22 @@ class Outcome(enum.Enum):
 Report = Callable[[Task, str, "str | TaskNotAnsweredError"], object]
 
 
+class Dispatching(Protocol):
+    """What a queue tells the dispatcher in front of it (contact/queue/dispatcher.py)."""
+
+    def ready(self, target: str | None) -> None:
+        """A task for `target` (None: for any client) can be taken."""
+
+    def room(self) -> int:
+        """How many more tasks this server's clients can take now, in all."""
+
+    def moved(self, name: str) -> None:
+        """NAME registered on another server of the fleet: its session here ends."""
+
+    def complete(self, name: str, task_id: str, text: str, error: str = "") -> Outcome:
+        """Client `name` answered `task_id` through another server of the fleet."""
+
+
 class TaskQueue(abc.ABC):
     """Every task from `put` until its outcome. Its methods are called from
     the event loop's thread; only `put` and `close` wait.
@@ -138,16 +154,9 @@ class TaskQueue(abc.ABC):
     closed = False  # it takes no more tasks; answers are still settled
 
     @abc.abstractmethod
-    def bind(
-        self,
-        ready: Callable[[str | None], object],
-        room: Callable[[], int] | None = None,
-        moved: Callable[[str], object] | None = None,
-    ) -> None:
-        """Call `ready(target)` when a task for `target` (None: for any
-        client) can be taken; `room()` says how many more tasks this
-        server's clients can take now; call `moved(name)` when NAME
-        registered on another server of a fleet: the dispatcher's to bind."""
+    def bind(self, dispatcher: Dispatching) -> None:
+        """Tell `dispatcher` when a task can be taken (and, in a fleet, of
+        what other servers heard): the dispatcher's to bind."""
 
     async def start(self) -> None:  # noqa: B027 (most queues need no start)
         """Connect to what keeps the tasks, if that needs waiting for (a
@@ -158,6 +167,11 @@ class TaskQueue(abc.ABC):
         (its older session on another server then ends); return this
         registration's number, for `unregister`. Alone, nothing to record."""
         return 0
+
+    async def registered_elsewhere(self, name: str) -> bool:
+        """Whether NAME is registered on another server of a fleet (then its
+        result and status calls are served here too). Alone: never."""
+        return False
 
     def unregister(self, name: str, registration: int) -> None:  # noqa: B027 (as register)
         """NAME's session `registration` (from `register`) ended here."""

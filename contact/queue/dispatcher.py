@@ -153,7 +153,7 @@ class Dispatcher:
         # Each maps to the room it had when placed, and `_room` is their sum.
         self._by_load: dict[int, dict[Session, int]] = {}
         self._room = 0
-        queue.bind(self._ready, self.room, self._moved)
+        queue.bind(self)
 
     # -- what the server calls --
 
@@ -312,14 +312,14 @@ class Dispatcher:
 
     # -- internals --
 
-    def _ready(self, target: str | None) -> None:
+    def ready(self, target: str | None) -> None:
         """The queue has a task for `target` (None: for any client)."""
         if target is None:
             self._spread()
         elif (session := self._sessions.get(target)) is not None:
             self._fill(session)
 
-    def _moved(self, name: str) -> None:
+    def moved(self, name: str) -> None:
         """NAME registered on another server of the fleet: its session here
         ends as if a newer one had registered here."""
         session = self._sessions.get(name)
@@ -341,7 +341,7 @@ class Dispatcher:
             task.holder = None
             self._fill(holder)
         else:
-            self._ready(task.target)
+            self.ready(task.target)
             if task.target is not None:
                 self._spread()  # (a suspect head may have been what blocked it)
 

@@ -20,6 +20,7 @@ from contact.logtext import REPEATS, Quoted, retrieved
 from contact.queue.base import (
     MAX_ATTEMPTS,
     MAX_QUEUED,
+    Dispatching,
     Outcome,
     QueueFullError,
     Report,
@@ -85,13 +86,8 @@ class MemoryQueue(TaskQueue):
         # every status answer says it, and there may be many names waiting.
         self._waiting_count = 0
 
-    def bind(
-        self,
-        ready: Callable[[str | None], object],
-        room: Callable[[], int] | None = None,
-        moved: Callable[[str], object] | None = None,
-    ) -> None:
-        self._ready = ready
+    def bind(self, dispatcher: Dispatching) -> None:
+        self._ready = dispatcher.ready
 
     def listen(self, report: Report, hand_on: Report | None = None) -> None:
         self._report, self._hand_on = report, hand_on

@@ -42,6 +42,8 @@ from contact.queue.base import (
     DEAD_AFTER_SECONDS,
     MAX_ATTEMPTS,
     MAX_QUEUED,
+    Dispatching,
+    Outcome,
     QueueError,
     Task,
     TaskCancelledError,
@@ -105,7 +107,8 @@ SCHEMA = (
     fields bytea NOT NULL,  -- further ServerMsg fields, as a serialized ServerMsg
     attempts integer NOT NULL DEFAULT 0,  -- sends that ended without an answer
     recovered boolean NOT NULL DEFAULT false,  -- sent before: any client may answer it
-    state text NOT NULL CHECK (state IN ('queued', 'claimed', 'ended', 'failed', 'cancelled')),
+    state text NOT NULL
+        CHECK (state IN ('queued', 'claimed', 'relayed', 'ended', 'failed', 'cancelled')),
     submitted_by text NOT NULL,  -- the server that reports its outcome
     claimed_by text,  -- the server that holds it, while 'claimed'
     client text,  -- who answered or failed it
@@ -139,6 +142,8 @@ SCHEMA = (
             PERFORM pg_notify('{CHANNEL}', 'q' || coalesce(NEW.target, ''));
         ELSIF NEW.state = 'ended' THEN
             PERFORM pg_notify('{CHANNEL}', 'e' || NEW.submitted_by);
+        ELSIF NEW.state = 'relayed' THEN
+            PERFORM pg_notify('{CHANNEL}', 'a' || NEW.claimed_by);
         END IF;
         RETURN NULL;
     END $$""",
@@ -161,7 +166,14 @@ PRUNE_FAILED = """DELETE FROM contact_tasks WHERE state = 'failed' AND seq <
     (SELECT seq FROM contact_tasks WHERE state = 'failed' ORDER BY seq DESC OFFSET $1 LIMIT 1)"""
 ENDED = """UPDATE contact_tasks SET state = 'ended', attempts = $3, client = $4, answer = $5,
     error = $6, reason = $7, ended_at = now(), claimed_by = NULL
-    WHERE id = $1 AND state = 'claimed' AND claimed_by = $2"""
+    WHERE id = $1 AND state IN ('claimed', 'relayed') AND claimed_by = $2"""
+# An answer heard here for a task another server holds (the client's calls
+# are spread over servers by a per-call balancer): kept for that server.
+RELAYED = """UPDATE contact_tasks SET state = 'relayed', client = $2, answer = $3, error = $4
+    WHERE id = $1 AND state = 'claimed' AND claimed_by <> $5"""
+RELAYED_HERE = """UPDATE contact_tasks SET state = 'claimed'
+    WHERE state = 'relayed' AND claimed_by = $1 RETURNING id, client, answer, error"""
+
 REQUEUED = "UPDATE contact_tasks SET attempts = $3 WHERE id = $1 AND claimed_by = $2"
 GIVEN_BACK = """UPDATE contact_tasks SET state = 'queued', claimed_by = NULL, attempts = $3,
     recovered = recovered OR $4 WHERE id = $1 AND state = 'claimed' AND claimed_by = $2"""
@@ -203,6 +215,8 @@ HEARTBEAT = "UPDATE contact_servers SET heartbeat = now() WHERE id = $1"
 REGISTER = """INSERT INTO contact_servers VALUES ($1, now())
     ON CONFLICT (id) DO UPDATE SET heartbeat = now()"""
 LIVE = "NOT EXISTS (SELECT 1 FROM contact_servers s WHERE s.id = {column})"
+REGISTERED_ELSEWHERE = f"""SELECT 1 FROM contact_clients c WHERE name = $1 AND server <> $2
+    AND NOT {LIVE.format(column="c.server")}"""
 BURY = """DELETE FROM contact_servers
     WHERE heartbeat < now() - $1 * interval '1 second' RETURNING id"""
 ORPHANS_REQUEUED = f"""UPDATE contact_tasks
@@ -278,8 +292,7 @@ class PostgresQueue(MemoryQueue):
         super().__init__(max_attempts=max_attempts, max_queued=max_queued, clock=clock)
         self.url, self.dead_after = url, dead_after
         self.run = secrets.token_hex(4)  # this server's id in the fleet, and its ids' prefix
-        self._room: Callable[[], int] = lambda: CLAIM_BATCH
-        self._moved: Callable[[str], object] = lambda name: None
+        self._dispatcher: Dispatching | None = None  # bound before start
         # asyncpg connections, one per chore (WRITER, CLAIMER, BEATER,
         # LISTENER), so that none waits for another's round trip; each made
         # again when needed after it was lost. (A pool would reset each
@@ -397,17 +410,13 @@ class PostgresQueue(MemoryQueue):
 
     # -- what the interface asks --
 
-    def bind(
-        self,
-        ready: Callable[[str | None], object],
-        room: Callable[[], int] | None = None,
-        moved: Callable[[str], object] | None = None,
-    ) -> None:
-        super().bind(ready)
-        if room is not None:
-            self._room = room
-        if moved is not None:
-            self._moved = moved
+    def bind(self, dispatcher: Dispatching) -> None:
+        super().bind(dispatcher)
+        self._dispatcher = dispatcher
+
+    def _bound(self) -> Dispatching:
+        assert self._dispatcher is not None, "bind the queue to its dispatcher first"
+        return self._dispatcher
 
     def head(self, name: str | None) -> Task | None:
         task = super().head(name)
@@ -439,6 +448,24 @@ class PostgresQueue(MemoryQueue):
         except self._failures as err:
             raise self._in_trouble(err) from None
         return registration
+
+    async def registered_elsewhere(self, name: str) -> bool:
+        """Whether NAME's live registration is on another server of the fleet."""
+        try:
+            db = await self._connected(REGISTRAR)
+            return await db.fetchval(REGISTERED_ELSEWHERE, name, self.run) is not None
+        except self._failures as err:
+            raise self._in_trouble(err) from None
+
+    def settle(
+        self, name: str, task_id: str, text: str, error: str = ""
+    ) -> tuple[Outcome, Task | None]:
+        """An answer for a task another server holds goes to that server
+        (a per-call balancer sent the client's call here)."""
+        if task_id in self._tasks or not FLEET_ID.fullmatch(task_id):
+            return super().settle(name, task_id, text, error)
+        self._write(RELAYED, task_id, name, text, error or None, self.run)
+        return Outcome.DUPLICATE, None  # (here it is no more than late)
 
     def unregister(self, name: str, registration: int) -> None:
         self._write(UNREGISTER_NAME, name, self.run, registration)
@@ -636,10 +663,15 @@ class PostgresQueue(MemoryQueue):
             if payload[1:] == self.run:
                 self._report_ended_soon()
             return
+        if payload.startswith("a"):
+            if payload[1:] == self.run:
+                self._relayed_waiting = True
+                self._claim_wanted.set()
+            return
         if payload.startswith("r"):
             server, _, name = payload[1:].partition(":")
             if server != self.run:
-                self._moved(name)  # its session here, if any, ends: replaced
+                self._bound().moved(name)  # its session here, if any, ends: replaced
             return
         self._empty = False
         self._ready(payload[1:] or None)  # the dispatcher asks `head`: a claim, if it has room
@@ -649,6 +681,7 @@ class PostgresQueue(MemoryQueue):
         self._ended_waiting = True
 
     _ended_waiting = True  # at start: answers may wait from an earlier life
+    _relayed_waiting = False
 
     async def _claiming(self) -> None:
         """Claim what this server's clients asked for, report answers that
@@ -679,11 +712,14 @@ class PostgresQueue(MemoryQueue):
         if self._ended_waiting:
             self._ended_waiting = False
             await self._report_ended()
+        if self._relayed_waiting:
+            self._relayed_waiting = False
+            await self._complete_relayed()
         if not (self._want_any or self._wanted):
             self._empty = False  # (the poll: claim again on the next request)
             return
         names, self._wanted, self._want_any = sorted(self._wanted), set(), False
-        room = max(1, min(CLAIM_BATCH, self._room() - super().queued()))
+        room = max(1, min(CLAIM_BATCH, self._bound().room() - super().queued()))
         claim = CLAIM if names else CLAIM_FOR_ANY  # (the planner reads the simpler one better)
         rows = await (await self._connected(CLAIMER)).fetch(claim, self.run, names, room)
         self._empty = len(rows) < room
@@ -739,6 +775,13 @@ class PostgresQueue(MemoryQueue):
             task = self._tasks.get(task_id)
             if since <= old and task is not None and task.holder is None:
                 self._give_back(task)
+
+    async def _complete_relayed(self) -> None:
+        """Answers other servers heard for tasks held here: as if heard here
+        (the client's window slot here is freed)."""
+        rows = await (await self._connected(CLAIMER)).fetch(RELAYED_HERE, self.run)
+        for row in rows:
+            self._bound().complete(row["client"], row["id"], row["answer"], row["error"] or "")
 
     async def _report_ended(self) -> None:
         """Report the answers other servers received for tasks submitted here."""

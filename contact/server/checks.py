@@ -32,6 +32,7 @@ from contact import (
     contact_pb2,
 )
 from contact.logtext import REPEATS
+from contact.queue.base import QueueError
 from contact.queue.dispatcher import REPLACED, SHUTDOWN, Dispatcher, Session
 from contact.tls import certified_name_mismatch
 
@@ -157,8 +158,13 @@ async def answers_in(
 async def registration(
     dispatcher: Dispatcher, name: str, context: grpc.aio.ServicerContext
 ) -> Session:
-    """The live session of `name`; refuse the call if it has none."""
+    """The live session of `name`; refuse the call if it has none. In a
+    fleet, a registration on another server will do (a per-call balancer
+    spreads a client's calls): a stand-in session then, that never ends and
+    holds nothing here; its answers go to the server holding their tasks."""
     session = dispatcher.session(name)
+    if session is None and await registered_elsewhere(dispatcher, name, context):
+        return Session(name, window=0)
     if session is None:
         await refuse(
             context,
@@ -167,6 +173,16 @@ async def registration(
         )
     assert session is not None
     return session
+
+
+async def registered_elsewhere(
+    dispatcher: Dispatcher, name: str, context: grpc.aio.ServicerContext
+) -> bool:
+    try:
+        return await dispatcher.queue.registered_elsewhere(name)
+    except QueueError as err:
+        await refuse(context, grpc.StatusCode.UNAVAILABLE, f"cannot look {name} up: {err}")
+        raise  # (refuse raises)
 
 
 @contextlib.asynccontextmanager
