@@ -40,13 +40,15 @@ test: $(DEV)  ## the whole test suite: most tests four at a time (they mostly wa
 	$(PY) -m pytest -n 4 -m "not alone"
 	$(PY) -m pytest -m alone
 
-soak: $(DEV)  ## the long fault tests: 2 x 10,000 tasks under chaos, again with --journal and server kills, and 200,000 piped lines
+soak: $(DEV)  ## the long fault tests: 2 x 10,000 tasks under chaos, again with --journal and server kills, 200,000 piped lines, and a fleet's reconnect storm of 2,000 clients
 	$(PY) -m tests.soak
 	$(PY) -m tests.soak --journal
 	CONTACT_BURST_LINES=200000 $(PY) -m pytest -q -s tests/test_bounded.py
+	$(PY) -m tests.storm --clients 2000
 
-bench: $(DEV)  ## the project against a lean grpcio baseline, in one run; prints a table
+bench: $(DEV)  ## the project against a lean grpcio baseline, in one run, then --queue against memory; prints tables
 	$(PY) -m tests.bench
+	$(PY) -m tests.bench_fleet
 
 server: $(RUNTIME)  ## a server on PORT; type tasks into it
 	$(PY) contact_server.py --port $(PORT)

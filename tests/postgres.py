@@ -18,8 +18,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-import pytest
-
+from tests.installed import required
 from tests.processes import free_port
 
 INSTALL_HINT = "PostgreSQL is not installed: apt-get install postgresql (Debian)"
@@ -46,12 +45,7 @@ def binaries() -> Path | None:
 def installed() -> Path:
     """binaries(), or: outside CI, skip the test with what to install; in CI
     (where .ci/run installs PostgreSQL), fail it."""
-    found = binaries()
-    if found is None:
-        if os.environ.get("CI"):
-            pytest.fail(INSTALL_HINT)
-        pytest.skip(INSTALL_HINT)
-    return found
+    return required(binaries(), INSTALL_HINT)
 
 
 class Postgres:

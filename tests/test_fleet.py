@@ -17,17 +17,21 @@ from grpc_health.v1 import health_pb2
 
 from contact import CLIENT_ID_KEY, MAX_IN_FLIGHT_KEY, contact_pb2, contact_pb2_grpc
 from contact.queue.postgres import CONNECT_SECONDS, HEARTBEAT_SECONDS
+from tests import haproxy, storm
 from tests.postgres import Postgres, installed
 from tests.processes import Process, free_port, start_client, start_server
 from tests.test_health import NOT_SERVING, SERVING, WAIT_SECONDS, ask
 
 # Short, so that the tests of a death do not wait ten seconds; a server is
-# declared dead at the first heartbeat of another after this.
-DEAD_AFTER = 3.0
+# declared dead at the first heartbeat of another after this. Two and a
+# half heartbeats: on a loaded machine a server's heartbeat can be a second
+# late, and one taken for dead while alive muddles what a test sees.
+DEAD_AFTER = 5.0
 # How long after a kill its tasks are answered at the latest: declared dead,
 # at a survivor's next heartbeat, then claimed and answered (a loaded
 # machine's slack on top).
 TAKEN_OVER_SECONDS = DEAD_AFTER + HEARTBEAT_SECONDS + 5.0
+STORM_CLIENTS = 100  # make test's reconnect storm (make soak's: 2,000)
 
 
 @pytest.fixture(scope="module")
@@ -49,8 +53,8 @@ def fleet_server(processes: list[Process], url: str, *args: str) -> tuple[Proces
     return server, port
 
 
-def fleet_client(processes: list[Process], name: str, port: int) -> Process:
-    client = start_client(name, port)
+def fleet_client(processes: list[Process], name: str, port: int, *args: str) -> Process:
+    client = start_client(name, port, *args)
     processes.append(client)
     return client
 
@@ -123,10 +127,9 @@ def test_every_server_killed_and_a_new_one_started_loses_nothing(
     c, port_c = fleet_server(processes, database)
     fleet_client(processes, "erin", port_c)
     # The killed servers' answers are logged by the one that is left, once
-    # it has declared them dead.
+    # they are taken for dead.
     for task in tasks:
         c.wait_for(rf"task {task} result from erin: 'FROM [AB] \d'", timeout=TAKEN_OVER_SECONDS)
-    assert c.count(r"declared dead") == 2
 
 
 def test_servers_started_at_once_on_a_new_database_all_join(
@@ -272,3 +275,45 @@ def test_results_and_status_lines_are_accepted_by_any_server_of_the_fleet(
     asyncio.run(answer_through_the_other_server(port_a, port_b, a))
     a.wait_for(r"task \S+ result from split: 'FIRST'")
     a.wait_for(r"task \S+ result from split: 'SECOND'")
+
+
+def test_clients_behind_haproxy_survive_a_server_killed_mid_load(
+    processes: list[Process], database: str
+) -> None:
+    program = haproxy.installed()
+    a, port_a = fleet_server(processes, database)
+    b, port_b = fleet_server(processes, database)
+    balancer = haproxy.Haproxy(program, [port_a, port_b])
+    try:
+        clients = [
+            fleet_client(processes, f"agent{n}", balancer.port, "--max-backoff", "1")
+            for n in range(4)
+        ]
+        assert a.count("connected from") and b.count("connected from")  # spread over both
+        tasks = typed(a, *[f"a{n}" for n in range(300)]) + typed(b, *[f"b{n}" for n in range(300)])
+        a.wait_for(r"result from agent", count=20)  # mid-load
+        a.send(signal.SIGKILL)
+        # Every task answered: before the kill (logged by A), or by a client
+        # that reconnected through haproxy to B (logged by B).
+        ends = time.monotonic() + TAKEN_OVER_SECONDS + 10
+        logged = r"task (\S+) result from"
+        while missing := set(tasks) - set(re.findall(logged, a.output + b.output)):
+            left = ends - time.monotonic()
+            try:
+                b.wait_for("result from", count=b.count("result from") + 1, timeout=max(0, left))
+            except AssertionError:
+                said = [line for line in (a.output + b.output).splitlines() if min(missing) in line]
+                raise AssertionError(f"{len(missing)} of {len(tasks)} unanswered: {said}") from None
+        for client in clients:  # each is registered with B by now
+            b.wait_for(rf"client {client.label} connected")
+    finally:
+        balancer.stop()
+
+
+def test_a_reconnect_storm_through_haproxy_is_over_within_30_s(
+    postgres: Postgres, database: str
+) -> None:
+    """tests/storm.py, small (`make soak` runs it with 2,000 clients)."""
+    result = storm.storm(postgres, database, haproxy.installed(), STORM_CLIENTS, processes=2)
+    assert result.moved > 0  # haproxy had put some on the server that was killed
+    assert result.back_seconds <= storm.BACK_WITHIN_SECONDS, result
