@@ -50,7 +50,7 @@ from contact.queue.base import (
     TaskFailedError,
     TaskNotAnsweredError,
 )
-from contact.queue.dispatcher import REPLACED, SHUTDOWN, Dispatcher
+from contact.queue.dispatcher import Dispatcher
 from contact.server import checks
 from contact.server.core import PORT, Server
 from contact.server.handles import Answer, TaskHandle, ThreadsafeHandle
@@ -116,12 +116,9 @@ class ContactServicer(contact_pb2_grpc.ContactServicer):
             self._dispatcher.queue.unregister(name, registration)
             line = "client %s disconnected (%s)"
             REPEATS.log(log, INFO, "disconnect", host, line, name, session.ended)
-        if session.ended == REPLACED:
-            await context.abort(
-                grpc.StatusCode.ABORTED, f"a newer client registered as {name} replaced this one"
-            )
-        if session.ended == SHUTDOWN:
-            await context.abort(grpc.StatusCode.UNAVAILABLE, "the server is shutting down")
+        if session.ended in checks.ENDINGS:  # replaced (ABORTED), or shut down (UNAVAILABLE)
+            code, details = checks.ENDINGS[session.ended]
+            await context.abort(code, details.format(name=name))
 
     async def _register(self, name: str, context: grpc.aio.ServicerContext) -> int:
         """Record NAME's registration with the queue (a fleet's database: its

@@ -183,6 +183,9 @@ async def serve_one_measurement(
     print(json.dumps({"port": port}), flush=True)
     while target.clients() < clients:
         await asyncio.sleep(0.01)
+    if impl == "server-queue-peer":  # another server of the fleet: it serves its clients only
+        print(json.dumps({"ready": True}), flush=True)
+        await asyncio.Event().wait()
     figures: dict[str, float] = {}
     if mode == "latency":
         rounds = []

@@ -317,3 +317,25 @@ def test_a_reconnect_storm_through_haproxy_is_over_within_30_s(
     result = storm.storm(postgres, database, haproxy.installed(), STORM_CLIENTS, processes=2)
     assert result.moved > 0  # haproxy had put some on the server that was killed
     assert result.back_seconds <= storm.BACK_WITHIN_SECONDS, result
+
+
+def test_a_server_taken_for_dead_while_alive_rejoins_and_nothing_is_lost(
+    processes: list[Process], database: str
+) -> None:
+    a, port_a = fleet_server(processes, database)
+    b, _ = fleet_server(processes, database)
+    bob = fleet_client(processes, "bob", port_a, "--max-backoff", "1")
+    (task,) = typed(b, "while a sleeps")
+    a.wait_for(rf"task {task} sent to bob")
+    a.freeze()  # a stalled event loop (or a database cut off) past --dead-after
+    try:
+        b.wait_for(r"server \S+ declared dead", timeout=TAKEN_OVER_SECONDS)
+    finally:
+        a.thaw()
+    a.wait_for(
+        r"ERROR this server was taken for dead by the fleet", timeout=2 * HEARTBEAT_SECONDS + 5
+    )
+    bob.wait_for(r"registered with .* as bob", count=2)  # told to, it registered again
+    b.wait_for(rf"task {task} result from bob: 'WHILE A SLEEPS'")
+    (after,) = typed(b, "after it rejoined")
+    b.wait_for(rf"task {after} result from bob: 'AFTER IT REJOINED'")

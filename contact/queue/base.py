@@ -129,6 +129,10 @@ class Dispatching(Protocol):
     def complete(self, name: str, task_id: str, text: str, error: str = "") -> Outcome:
         """Client `name` answered `task_id` through another server of the fleet."""
 
+    def forget_sessions(self) -> None:
+        """The fleet took this server for dead and forgot its clients: every
+        session ends, and its client registers again."""
+
 
 class TaskQueue(abc.ABC):
     """Every task from `put` until its outcome. Its methods are called from

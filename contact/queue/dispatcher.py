@@ -21,8 +21,9 @@ from contact.queue.base import Outcome, Task, TaskQueue
 
 log = logging.getLogger("contact.dispatcher")
 
-# Why a session ended.
-LEFT, REPLACED, SHUTDOWN = "left", "replaced", "shutdown"
+# Why a session ended. FORGOTTEN: its server's fleet took the server for
+# dead, and forgot the registration (contact/queue/postgres.py).
+LEFT, REPLACED, SHUTDOWN, FORGOTTEN = "left", "replaced", "shutdown", "forgotten"
 
 # The default of the server's --task-timeout (see docs/limits.md): a lease,
 # ten minutes from sending (or beginning) to answer.
@@ -319,6 +320,11 @@ class Dispatcher:
         elif (session := self._sessions.get(target)) is not None:
             self._fill(session)
 
+    def forget_sessions(self) -> None:
+        """End every session (FORGOTTEN): their clients register again."""
+        for session in list(self._sessions.values()):
+            self.disconnect(session, FORGOTTEN)
+
     def moved(self, name: str) -> None:
         """NAME registered on another server of the fleet: its session here
         ends as if a newer one had registered here."""
@@ -455,7 +461,11 @@ class Dispatcher:
     def _fill(self, session: Session) -> None:
         """Give `session` work up to its window: its own waiting tasks first."""
         took_shared = False
-        while (task := self.queue.head(session.name)) is not None and session.can_take(task):
+        while (
+            session.has_room()  # (asked first: a queue may claim for a `head` it has not)
+            and (task := self.queue.head(session.name)) is not None
+            and session.can_take(task)
+        ):
             took_shared = took_shared or task.target is None
             self._assign(task, session)
         if took_shared:  # a suspect head another client could not take may be gone

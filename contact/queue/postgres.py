@@ -64,6 +64,10 @@ CONNECT_SECONDS = 10.0
 # A statement the database has not answered in this long fails (the
 # connection is then made again): a hung database is a lost one.
 QUERY_SECONDS = 30.0
+# A server stalled inside a transaction (a pause of its process, a frozen
+# VM) this long loses that connection: PostgreSQL ends it, so that the row
+# locks it held never stop the other servers' heartbeats and reaping.
+IDLE_IN_TRANSACTION_MS = 3000
 # How often a server says it is alive (by the database's clock); others take
 # it for dead after --dead-after (DEAD_AFTER_SECONDS) without one.
 HEARTBEAT_SECONDS = 2.0
@@ -108,9 +112,10 @@ SCHEMA = (
     attempts integer NOT NULL DEFAULT 0,  -- sends that ended without an answer
     recovered boolean NOT NULL DEFAULT false,  -- sent before: any client may answer it
     state text NOT NULL
-        CHECK (state IN ('queued', 'claimed', 'relayed', 'ended', 'failed', 'cancelled')),
+        CHECK (state IN ('queued', 'claimed', 'relayed', 'ended', 'reporting', 'failed',
+                         'cancelled')),
     submitted_by text NOT NULL,  -- the server that reports its outcome
-    claimed_by text,  -- the server that holds it, while 'claimed'
+    claimed_by text,  -- the server that holds it ('claimed', 'relayed', 'cancelled')
     client text,  -- who answered or failed it
     answer text,
     error text,  -- the client's reason for failing it
@@ -149,8 +154,11 @@ SCHEMA = (
     END $$""",
     """CREATE TRIGGER contact_notify AFTER INSERT OR UPDATE OF state, submitted_by
     ON contact_tasks FOR EACH ROW EXECUTE FUNCTION contact_notify()""",
-    "CREATE INDEX contact_tasks_claimed ON contact_tasks (claimed_by) WHERE state = 'claimed'",
-    "CREATE INDEX contact_tasks_ended ON contact_tasks (submitted_by) WHERE state = 'ended'",
+    """CREATE INDEX contact_tasks_held ON contact_tasks (claimed_by)
+    WHERE state IN ('claimed', 'relayed', 'cancelled')""",
+    """CREATE INDEX contact_tasks_ended ON contact_tasks (submitted_by)
+    WHERE state IN ('ended', 'reporting')""",
+    "CREATE INDEX contact_tasks_failed ON contact_tasks (seq) WHERE state = 'failed'",
 )
 TABLES = ("contact_schema", "contact_servers", "contact_tasks", "contact_clients")
 
@@ -159,14 +167,18 @@ INSERT = """INSERT INTO contact_tasks (id, text, target, fields, state, submitte
 # Writes about a claimed task hold only while this server still holds it
 # (it may have been taken for dead, and the task claimed by another).
 FINISHED = """DELETE FROM contact_tasks
-    WHERE id = $1 AND (state IN ('queued', 'ended') OR claimed_by = $2)"""
+    WHERE id = $1 AND (state IN ('queued', 'reporting') OR claimed_by = $2)"""
 FAILED = """UPDATE contact_tasks SET state = 'failed', attempts = $3, reason = $4,
-    ended_at = now(), claimed_by = NULL WHERE id = $1 AND (state = 'ended' OR claimed_by = $2)"""
+    ended_at = now(), claimed_by = NULL
+    WHERE id = $1 AND (state IN ('queued', 'reporting') OR claimed_by = $2)"""
 PRUNE_FAILED = """DELETE FROM contact_tasks WHERE state = 'failed' AND seq <
     (SELECT seq FROM contact_tasks WHERE state = 'failed' ORDER BY seq DESC OFFSET $1 LIMIT 1)"""
+# An answer heard here for a task another server submitted, kept for it.
+# Also if the task was queued again meanwhile (this server was taken for
+# dead): it has its answer, and is not done again.
 ENDED = """UPDATE contact_tasks SET state = 'ended', attempts = $3, client = $4, answer = $5,
     error = $6, reason = $7, ended_at = now(), claimed_by = NULL
-    WHERE id = $1 AND state IN ('claimed', 'relayed') AND claimed_by = $2"""
+    WHERE id = $1 AND (state = 'queued' OR state IN ('claimed', 'relayed') AND claimed_by = $2)"""
 # An answer heard here for a task another server holds (the client's calls
 # are spread over servers by a per-call balancer): kept for that server.
 RELAYED = """UPDATE contact_tasks SET state = 'relayed', client = $2, answer = $3, error = $4
@@ -176,10 +188,12 @@ RELAYED_HERE = """UPDATE contact_tasks SET state = 'claimed'
 
 REQUEUED = "UPDATE contact_tasks SET attempts = $3 WHERE id = $1 AND claimed_by = $2"
 GIVEN_BACK = """UPDATE contact_tasks SET state = 'queued', claimed_by = NULL, attempts = $3,
-    recovered = recovered OR $4 WHERE id = $1 AND state = 'claimed' AND claimed_by = $2"""
+    recovered = recovered OR $4
+    WHERE id = $1 AND state IN ('claimed', 'relayed') AND claimed_by = $2"""
 CANCELLED = """UPDATE contact_tasks SET state = 'cancelled'
     WHERE id = $1 AND state = 'claimed' AND claimed_by <> $2"""
 CANCELLED_QUEUED = "DELETE FROM contact_tasks WHERE id = $1 AND state IN ('queued', 'cancelled')"
+WITHDRAWN = "DELETE FROM contact_tasks WHERE id = $1 AND state = 'cancelled'"
 # The oldest $3 tasks for any client ($2, the names, unused: both claims
 # take the same arguments), in order from their index.
 CLAIM_FOR_ANY = """UPDATE contact_tasks t SET state = 'claimed', claimed_by = $1
@@ -203,8 +217,12 @@ CLAIM = """WITH for_any AS (
     FROM (SELECT seq FROM for_any UNION ALL SELECT seq FROM for_names ORDER BY seq LIMIT $3) c
     WHERE t.seq = c.seq
     RETURNING t.seq, t.id, t.text, t.target, t.fields, t.attempts, t.recovered, t.submitted_by"""
-ENDED_HERE = """SELECT seq, id, text, target, fields, attempts, client, answer, error, reason
-    FROM contact_tasks WHERE state = 'ended' AND submitted_by = $1 ORDER BY seq LIMIT $2"""
+# The answers waiting for this server, taken (state 'reporting') so that
+# each is reported once; the row goes once its report is done.
+ENDED_HERE = """UPDATE contact_tasks SET state = 'reporting'
+    WHERE seq IN (SELECT seq FROM contact_tasks WHERE state = 'ended' AND submitted_by = $1
+                  ORDER BY seq LIMIT $2 FOR UPDATE SKIP LOCKED)
+    RETURNING seq, id, text, target, attempts, client, answer, error, reason"""
 LEAVE = "DELETE FROM contact_servers WHERE id = $1"
 REGISTER_NAME = """INSERT INTO contact_clients VALUES ($1, $2, 1) ON CONFLICT (name)
     DO UPDATE SET server = $2, registration = contact_clients.registration + 1
@@ -222,15 +240,21 @@ BURY = """DELETE FROM contact_servers
 ORPHANS_REQUEUED = f"""UPDATE contact_tasks
     SET state = 'queued', claimed_by = NULL, recovered = true
     WHERE state = 'claimed' AND {LIVE.format(column="claimed_by")} RETURNING target"""
+# An answer relayed to a server that died has its answer: for its submitter.
+ORPHANS_RELAYED = f"""UPDATE contact_tasks SET state = 'ended', claimed_by = NULL
+    WHERE state = 'relayed' AND {LIVE.format(column="claimed_by")}"""
 ORPHANS_UNREGISTERED = f"DELETE FROM contact_clients WHERE {LIVE.format(column='server')}"
 ORPHANS_CANCELLED = (
     f"DELETE FROM contact_tasks WHERE state = 'cancelled' AND {LIVE.format(column='claimed_by')}"
 )
-ORPHANS_ADOPTED = f"""UPDATE contact_tasks SET submitted_by = $1
-    WHERE state = 'ended' AND {LIVE.format(column="submitted_by")}"""
+ORPHANS_ADOPTED = f"""UPDATE contact_tasks SET submitted_by = $1, state = 'ended'
+    WHERE state IN ('ended', 'reporting') AND {LIVE.format(column="submitted_by")}"""
 QUEUED_TARGETS = """SELECT DISTINCT target FROM contact_tasks
     WHERE state = 'queued' AND target IS NOT NULL LIMIT $1"""
-COUNT_QUEUED = "SELECT count(*) FROM contact_tasks WHERE state = 'queued'"
+# (Two counts, each read from its claim's index.)
+COUNT_QUEUED = """SELECT
+    (SELECT count(*) FROM contact_tasks WHERE state = 'queued' AND target IS NULL)
+    + (SELECT count(*) FROM contact_tasks WHERE state = 'queued' AND target IS NOT NULL)"""
 # The ids a server of the fleet issues: its run prefix (8 hex digits), a
 # dash, a number; a result for one not held here is late, not unknown.
 FLEET_ID = re.compile(r"[0-9a-f]{8}-[0-9]{1,20}")
@@ -247,6 +271,12 @@ def runs_of(
         else:
             runs.append((sql, [params]))
     return runs
+
+
+def storable(text: str | None) -> str | None:
+    """`text` as PostgreSQL can keep it: a NUL character it cannot (the only
+    one); an answer with one is kept with U+FFFD in its place."""
+    return text if text is None or "\x00" not in text else text.replace("\x00", "\ufffd")
 
 
 def where(url: str) -> str:
@@ -293,6 +323,11 @@ class PostgresQueue(MemoryQueue):
         self.url, self.dead_after = url, dead_after
         self.run = secrets.token_hex(4)  # this server's id in the fleet, and its ids' prefix
         self._dispatcher: Dispatching | None = None  # bound before start
+        # One statement at a time on a connection: registrations take turns
+        # (each a round trip: a storm of 2,000 is registered in a second or two).
+        self._registrar = asyncio.Lock()
+        self._broken: str | None = None  # a chore failed (a bug): said until the end
+        self._beating_since: float | None = None  # since when heartbeats get through
         # asyncpg connections, one per chore (WRITER, CLAIMER, BEATER,
         # LISTENER), so that none waits for another's round trip; each made
         # again when needed after it was lost. (A pool would reset each
@@ -317,7 +352,6 @@ class PostgresQueue(MemoryQueue):
         self._poll_timer: asyncio.TimerHandle | None = None
         self._held_since: dict[str, float] = {}  # claimed tasks here, untaken: since when
         self._submitter: dict[str, str] = {}  # claimed tasks here submitted elsewhere: by whom
-        self._reporting: set[str] = set()  # ended rows reported here, not yet deleted
         self._in_database = 0  # tasks queued fleet-wide, as last counted (plus those put since)
 
     # -- starting --
@@ -357,7 +391,9 @@ class PostgresQueue(MemoryQueue):
             # Each attempt gives up after CONNECT_SECONDS, and each statement
             # after QUERY_SECONDS. A claim or a heartbeat lost with the
             # database's machine is only redone: they do not wait for its disk.
-            settings = {} if chore == WRITER else {"synchronous_commit": "off"}
+            settings = {"idle_in_transaction_session_timeout": f"{IDLE_IN_TRANSACTION_MS}"}
+            if chore != WRITER:
+                settings["synchronous_commit"] = "off"
             db = await self._driver.connect(
                 self.url,
                 timeout=CONNECT_SECONDS,
@@ -380,7 +416,9 @@ class PostgresQueue(MemoryQueue):
         loudly, and the queue is in trouble from then on."""
         if not chore.cancelled() and (failure := chore.exception()) is not None:
             log.critical("the fleet's %s failed", chore.get_coro(), exc_info=failure)
-            self._trouble = f"a bug: {failure!r} (see the log)"
+            self._broken = f"a bug: {failure!r} (see the log)"
+            if self._batch is not None and not self._batch.done():  # (its writer, maybe)
+                self._batch.set_exception(QueueError(self._broken))
 
     async def _check_or_create(self, db: Any) -> None:
         async with db.transaction():
@@ -443,8 +481,9 @@ class PostgresQueue(MemoryQueue):
         session, if another, hears it and ends that session. Raises
         QueueError if the database cannot be reached."""
         try:
-            db = await self._connected(REGISTRAR)
-            registration: int = await db.fetchval(REGISTER_NAME, name, self.run)
+            async with self._registrar:
+                db = await self._connected(REGISTRAR)
+                registration: int = await db.fetchval(REGISTER_NAME, name, self.run)
         except self._failures as err:
             raise self._in_trouble(err) from None
         return registration
@@ -452,8 +491,9 @@ class PostgresQueue(MemoryQueue):
     async def registered_elsewhere(self, name: str) -> bool:
         """Whether NAME's live registration is on another server of the fleet."""
         try:
-            db = await self._connected(REGISTRAR)
-            return await db.fetchval(REGISTERED_ELSEWHERE, name, self.run) is not None
+            async with self._registrar:
+                db = await self._connected(REGISTRAR)
+                return await db.fetchval(REGISTERED_ELSEWHERE, name, self.run) is not None
         except self._failures as err:
             raise self._in_trouble(err) from None
 
@@ -464,7 +504,7 @@ class PostgresQueue(MemoryQueue):
         (a per-call balancer sent the client's call here)."""
         if task_id in self._tasks or not FLEET_ID.fullmatch(task_id):
             return super().settle(name, task_id, text, error)
-        self._write(RELAYED, task_id, name, text, error or None, self.run)
+        self._write(RELAYED, task_id, name, storable(text), storable(error or None), self.run)
         return Outcome.DUPLICATE, None  # (here it is no more than late)
 
     def unregister(self, name: str, registration: int) -> None:
@@ -475,7 +515,7 @@ class PostgresQueue(MemoryQueue):
         return super().queued() + self._in_database
 
     def trouble(self) -> str | None:
-        return self._trouble
+        return self._broken or self._trouble
 
     def kept(self) -> str:
         if self._trouble is not None:
@@ -506,13 +546,7 @@ class PostgresQueue(MemoryQueue):
             await asyncio.sleep(0)
         for task in self.unfinished():
             self._give_back(task)
-        for task_id, outcome in list(self._outcomes.items()):
-            outcome.set_exception(
-                TaskNotAnsweredError(
-                    f"the server closed before task {task_id} was answered{self.kept()}"
-                )
-            )
-        self._outcomes.clear()
+        self._fail_outcomes(f"the server closed first{self.kept()}")
         if self._chores:  # (joined the fleet: leave it)
             self._write(LEAVE, self.run)
             try:
@@ -524,6 +558,12 @@ class PostgresQueue(MemoryQueue):
                     CLOSE_SECONDS,
                 )
         await self._let_go()
+
+    def _fail_outcomes(self, why: str) -> None:
+        """Fail every outcome still awaited here: TaskNotAnsweredError, `why`."""
+        for task_id, outcome in list(self._outcomes.items()):
+            outcome.set_exception(TaskNotAnsweredError(f"task {task_id} not answered here: {why}"))
+        self._outcomes.clear()
 
     async def _let_go(self) -> None:
         if self._poll_timer is not None:
@@ -543,6 +583,8 @@ class PostgresQueue(MemoryQueue):
         self._in_database += 1
 
     def _kept(self, task: Task) -> asyncio.Future[None]:
+        if "\x00" in task.text:  # (a failed INSERT would fail its whole batch)
+            raise QueueError("a task for a fleet cannot hold a NUL character (PostgreSQL text)")
         fields = contact_pb2.ServerMsg(**task.fields).SerializeToString()
         batch = self._write(INSERT, task.id, task.text, task.target, fields, self.run)
         return batch
@@ -555,7 +597,7 @@ class PostgresQueue(MemoryQueue):
         if isinstance(outcome, (str, TaskCancelledError)):
             self._write(FINISHED, task.id, self.run)
         else:
-            self._write(FAILED, task.id, self.run, task.attempts, outcome.reason)
+            self._write(FAILED, task.id, self.run, task.attempts, storable(outcome.reason))
             self._write(PRUNE_FAILED, KEEP_FAILED)
 
     def _end(self, task: Task, client: str, outcome: str | TaskNotAnsweredError) -> None:
@@ -565,12 +607,12 @@ class PostgresQueue(MemoryQueue):
         if submitter == self.run:
             super()._end(task, client, outcome)
             return
-        answer = outcome if isinstance(outcome, str) else None
-        error = getattr(outcome, "error", None)
-        reason = None if isinstance(outcome, str) else outcome.reason
+        answer = storable(outcome) if isinstance(outcome, str) else None
+        error = storable(getattr(outcome, "error", None))
+        reason = None if isinstance(outcome, str) else storable(outcome.reason)
         log.debug("task %s ended at %s: reported by server %s", task.id, client, submitter)
         self._write(ENDED, task.id, self.run, task.attempts, client, answer, error, reason)
-        self._write(CANCELLED_QUEUED, task.id)  # (withdrawn meanwhile: the row goes)
+        self._write(WITHDRAWN, task.id)  # (withdrawn meanwhile: the row goes)
 
     def _was_issued(self, task_id: str) -> bool:
         """Another server's ids are the fleet's: a result for one not held
@@ -705,21 +747,24 @@ class PostgresQueue(MemoryQueue):
                 await self._claim_round()
             except self._failures as err:
                 self._in_trouble(err)
+                self._ended_waiting = self._relayed_waiting = True  # (asked again)
                 await asyncio.sleep(RETRY_SECONDS)
 
     async def _claim_round(self) -> None:
+        if self._relayed_waiting:  # first: a task given back below may have its answer
+            self._relayed_waiting = False
+            await self._complete_relayed()
         self._give_back_unwanted()
         if self._ended_waiting:
             self._ended_waiting = False
             await self._report_ended()
-        if self._relayed_waiting:
-            self._relayed_waiting = False
-            await self._complete_relayed()
         if not (self._want_any or self._wanted):
             self._empty = False  # (the poll: claim again on the next request)
             return
         names, self._wanted, self._want_any = sorted(self._wanted), set(), False
-        room = max(1, min(CLAIM_BATCH, self._bound().room() - super().queued()))
+        room = min(CLAIM_BATCH, self._bound().room() - super().queued())
+        if room <= 0:  # what is here already fills every window
+            return
         claim = CLAIM if names else CLAIM_FOR_ANY  # (the planner reads the simpler one better)
         rows = await (await self._connected(CLAIMER)).fetch(claim, self.run, names, room)
         self._empty = len(rows) < room
@@ -740,7 +785,8 @@ class PostgresQueue(MemoryQueue):
     async def _poll(self) -> None:
         """What notifications would have said: answers may wait for this
         server, and tasks for any client or for these names are queued."""
-        self._ended_waiting, self._empty = True, False
+        self._ended_waiting = self._relayed_waiting = True
+        self._empty = False
         claimer = await self._connected(CLAIMER)
         targets = await claimer.fetch(QUEUED_TARGETS, POLL_TARGETS)
         self._ready(None)  # the dispatcher asks `head` for its clients with room
@@ -748,7 +794,11 @@ class PostgresQueue(MemoryQueue):
             self._ready(row["target"])
 
     def _adopt(self, row: Any) -> None:
-        """A task this server claimed: into its local lines, for its clients."""
+        """A task this server claimed: into its local lines, for its clients
+        (unless it holds it still: it was queued again while this server
+        was taken for dead, and claimed back)."""
+        if row["id"] in self._tasks:
+            return
         message = contact_pb2.ServerMsg.FromString(row["fields"])
         task = Task(
             id=row["id"],
@@ -784,15 +834,11 @@ class PostgresQueue(MemoryQueue):
             self._bound().complete(row["client"], row["id"], row["answer"], row["error"] or "")
 
     async def _report_ended(self) -> None:
-        """Report the answers other servers received for tasks submitted here."""
+        """Report the answers other servers received for tasks submitted here
+        (each row taken once: its state is 'reporting' until it goes)."""
         rows = await (await self._connected(CLAIMER)).fetch(ENDED_HERE, self.run, CLAIM_BATCH)
         for row in rows:
-            if row["id"] in self._reporting:
-                continue
-            self._reporting.add(row["id"])
-            task = Task(
-                id=row["id"], text=row["text"], target=row["target"], attempts=row["attempts"]
-            )
+            task = Task(row["id"], row["text"], row["target"], attempts=row["attempts"])
             client = row["client"] or ""
             outcome: str | TaskNotAnsweredError
             if row["answer"] is not None:
@@ -803,17 +849,8 @@ class PostgresQueue(MemoryQueue):
                 reason = row["reason"] or "ended"
                 outcome = self._failure(TaskFailedError, task, f"failed: {reason}", reason)
             super()._end(task, client, outcome)
-            self._wrote_then(row["id"])
         if len(rows) == CLAIM_BATCH:
             self._report_ended_soon()
-
-    def _wrote_then(self, task_id: str) -> None:
-        """Forget that `task_id` was reported once its row is gone."""
-        batch = self._batch
-        if batch is None:
-            self._reporting.discard(task_id)
-        else:
-            batch.add_done_callback(lambda _: self._reporting.discard(task_id))
 
     # -- heartbeats --
 
@@ -826,6 +863,7 @@ class PostgresQueue(MemoryQueue):
                 await self._listen()  # (the poll stands in meanwhile)
             except self._failures as err:
                 self._in_trouble(err)
+                self._beating_since = None
                 continue
             if self._trouble is not None:
                 log.warning("the database %s can be reached again", where(self.url))
@@ -834,25 +872,52 @@ class PostgresQueue(MemoryQueue):
                 self._claim_wanted.set()
 
     async def _beat(self) -> None:
+        """One heartbeat, and the reaper's round: servers silent for
+        `dead_after` are deleted, their tasks queued again, their answers
+        adopted. Only by a server that has itself beaten for that long: the
+        first one back after an outage of the database does not take the
+        others, not back yet, for dead."""
+        now = time.monotonic()
+        if self._beating_since is None:
+            self._beating_since = now
+        reaping = now - self._beating_since >= self.dead_after
         db = await self._connected(BEATER)
         async with db.transaction():
-            if await db.execute(HEARTBEAT, self.run) == "UPDATE 0":
-                log.error(
-                    "this server was taken for dead by the fleet (no heartbeat for %.0f s):"
-                    " its claimed tasks were queued again",
-                    self.dead_after,
-                )
+            forgotten = await db.execute(HEARTBEAT, self.run) == "UPDATE 0"
+            if forgotten:
                 await db.execute(REGISTER, self.run)
-            dead = [row["id"] for row in await db.fetch(BURY, self.dead_after)]
-            requeued = await db.fetch(ORPHANS_REQUEUED)
-            await db.execute(ORPHANS_CANCELLED)
-            await db.execute(ORPHANS_UNREGISTERED)
-            adopted = await db.execute(ORPHANS_ADOPTED, self.run)
+            dead, requeued, adopted = [], [], "UPDATE 0"
+            if reaping:
+                dead = [row["id"] for row in await db.fetch(BURY, self.dead_after)]
+                requeued = await db.fetch(ORPHANS_REQUEUED)
+                await db.execute(ORPHANS_RELAYED)
+                await db.execute(ORPHANS_CANCELLED)
+                await db.execute(ORPHANS_UNREGISTERED)
+                adopted = await db.execute(ORPHANS_ADOPTED, self.run)
+            self._in_database = await db.fetchval(COUNT_QUEUED)
+        if forgotten:
+            self._forgotten()
         for server in dead:
             log.warning("server %s declared dead: no heartbeat for %.0f s", server, self.dead_after)
         if requeued:
             log.warning("%d tasks of servers that are gone queued again", len(requeued))
         if adopted != "UPDATE 0":
             self._report_ended_soon()
-        self._in_database = await db.fetchval(COUNT_QUEUED)
         self._let_in()
+
+    def _forgotten(self) -> None:
+        """This server was taken for dead (its event loop or its database
+        stalled past `dead_after`): the others queued its tasks again,
+        adopted its answers and forgot its clients' registrations. Its
+        sessions end (their clients register again), what it held goes,
+        and the handles of its tasks fail: their outcomes are reported by
+        the server that adopted them."""
+        log.error(
+            "this server was taken for dead by the fleet (no heartbeat for %.0f s): its"
+            " tasks were queued again; its clients register again",
+            self.dead_after,
+        )
+        self._bound().forget_sessions()
+        for task in self.unfinished():
+            self._give_back(task)  # (written only where this server still holds it)
+        self._fail_outcomes("this server was taken for dead by the fleet, which reports it")

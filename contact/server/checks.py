@@ -33,7 +33,7 @@ from contact import (
 )
 from contact.logtext import REPEATS
 from contact.queue.base import QueueError
-from contact.queue.dispatcher import REPLACED, SHUTDOWN, Dispatcher, Session
+from contact.queue.dispatcher import FORGOTTEN, REPLACED, SHUTDOWN, Dispatcher, Session
 from contact.tls import certified_name_mismatch
 
 log = logging.getLogger("contact.metadata")
@@ -135,6 +135,7 @@ async def refuse_malformed(context: grpc.aio.ServicerContext, name: str, err: De
 ENDINGS = {
     SHUTDOWN: (grpc.StatusCode.UNAVAILABLE, "the server is shutting down"),
     REPLACED: (grpc.StatusCode.ABORTED, "a newer client registered as {name} replaced this one"),
+    FORGOTTEN: (grpc.StatusCode.UNAVAILABLE, "the server rejoined its fleet: register again"),
 }
 LEFT_ENDING = (grpc.StatusCode.FAILED_PRECONDITION, "the registration of {name} ended")
 
