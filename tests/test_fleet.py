@@ -20,7 +20,7 @@ from contact.queue.postgres import CONNECT_SECONDS, HEARTBEAT_SECONDS
 from tests import haproxy, storm
 from tests.postgres import Postgres, installed
 from tests.processes import Process, free_port, start_client, start_server
-from tests.test_health import NOT_SERVING, SERVING, WAIT_SECONDS, ask
+from tests.test_health import NOT_SERVING, SERVING, WAIT_SECONDS, ask, watch_through_shutdown
 
 # Short, so that the tests of a death do not wait ten seconds; a server is
 # declared dead at the first heartbeat of another after this. Two and a
@@ -224,7 +224,7 @@ def test_a_name_registering_on_another_server_takes_over_within_5_s(
     old.wait_for(r"refused this client: ABORTED: a newer client registered as twin")
 
 
-def test_a_server_stopped_cleanly_gives_its_tasks_to_the_fleet_at_once(
+def test_a_server_stopped_cleanly_says_not_serving_and_gives_its_tasks_to_the_fleet(
     processes: list[Process], database: str
 ) -> None:
     a, port_a = fleet_server(processes, database, "--grace", "1")
@@ -235,7 +235,7 @@ def test_a_server_stopped_cleanly_gives_its_tasks_to_the_fleet_at_once(
     for task in tasks:
         a.wait_for(rf"task {task} sent to bob")
     fleet_client(processes, "carol", port_b)
-    a.send(signal.SIGTERM)
+    assert asyncio.run(watch_through_shutdown(a, port_a)) == [SERVING, NOT_SERVING]
     assert a.exit_code(10) == 0
     a.wait_for(r"stopped; tasks never answered: 2 \(kept in the database, for the fleet\)")
     for task, text in zip(tasks, ("FIRST", "SECOND"), strict=True):

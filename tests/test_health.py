@@ -42,6 +42,22 @@ async def first_watched(port: int, service: str) -> int:
         return int(reply.status)
 
 
+async def watch_through_shutdown(server: Process, port: int) -> list[int]:
+    """What the health service's Watch says before SIGTERM, and next."""
+    seen: list[int] = []
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        watch = stub.Watch(health_pb2.HealthCheckRequest(service=""))
+        seen.append(int((await asyncio.wait_for(watch.read(), WAIT_SECONDS)).status))
+        server.send(signal.SIGTERM)  # counted from here: what the watch says next
+        seen.append(int((await asyncio.wait_for(watch.read(), WAIT_SECONDS)).status))
+        # Then the server ends the watch itself, normally, as it stops
+        # (not cancelled after the grace, which grpc logs with a traceback).
+        assert await asyncio.wait_for(watch.read(), WAIT_SECONDS) is grpc.aio.EOF
+        assert await watch.code() == grpc.StatusCode.OK
+    return seen
+
+
 def test_a_running_server_is_serving_and_unknown_services_are_not_found(
     server: tuple[Process, int], client: Callable[..., Process]
 ) -> None:
@@ -68,21 +84,7 @@ def test_sigterm_turns_the_server_not_serving_before_it_stops(
     processes.append(srv)
     worker = client("worker", port, "--max-backoff", "1")
 
-    async def watch_through_shutdown() -> list[int]:
-        seen: list[int] = []
-        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
-            stub = health_pb2_grpc.HealthStub(channel)
-            watch = stub.Watch(health_pb2.HealthCheckRequest(service=""))
-            seen.append(int((await asyncio.wait_for(watch.read(), WAIT_SECONDS)).status))
-            srv.send(signal.SIGTERM)  # counted from here: what the watch says next
-            seen.append(int((await asyncio.wait_for(watch.read(), WAIT_SECONDS)).status))
-            # Then the server ends the watch itself, normally, as it stops
-            # (not cancelled after the grace, which grpc logs with a traceback).
-            assert await asyncio.wait_for(watch.read(), WAIT_SECONDS) is grpc.aio.EOF
-            assert await watch.code() == grpc.StatusCode.OK
-        return seen
-
-    assert asyncio.run(watch_through_shutdown()) == [SERVING, NOT_SERVING]
+    assert asyncio.run(watch_through_shutdown(srv, port)) == [SERVING, NOT_SERVING]
     assert_clean_exit(srv)
     assert "ERROR" not in srv.output, srv.output
     worker.wait_for(r"server 127\.0\.0\.1:\d+ unavailable")  # its registration ended too
