@@ -239,8 +239,11 @@ def test_a_server_stopped_cleanly_says_not_serving_and_gives_its_tasks_to_the_fl
     assert a.exit_code(10) == 0
     a.wait_for(r"stopped; tasks never answered: 2 \(kept in the database, for the fleet\)")
     for task, text in zip(tasks, ("FIRST", "SECOND"), strict=True):
-        # Well before the others would take it for dead: it left the fleet.
-        b.wait_for(rf"task {task} result from carol: '{text}'", timeout=DEAD_AFTER)
+        # Sent on well before the others would take it for dead: it left the
+        # fleet; its answers are logged by B at B's next heartbeat, which
+        # finds their submitter gone.
+        b.wait_for(rf"task {task} sent to carol", timeout=DEAD_AFTER)
+        b.wait_for(rf"task {task} result from carol: '{text}'", timeout=TAKEN_OVER_SECONDS)
     assert b.count("declared dead") == 0
 
 

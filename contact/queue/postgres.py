@@ -54,7 +54,7 @@ from contact.queue.memory import MemoryQueue, client_failure
 
 log = logging.getLogger("contact.fleet")
 
-VERSION = 1  # of the schema below; a database with another is refused
+VERSION = 2  # of the schema below; a database with another is refused
 # The key of the advisory lock held while the schema is checked or made:
 # concurrent CREATE TABLE IF NOT EXISTS can fail, so servers take turns.
 SCHEMA_LOCK = 0x636F6E74  # "cont"
@@ -71,6 +71,9 @@ IDLE_IN_TRANSACTION_MS = 3000
 # How often a server says it is alive (by the database's clock); others take
 # it for dead after --dead-after (DEAD_AFTER_SECONDS) without one.
 HEARTBEAT_SECONDS = 2.0
+# A heartbeat this late after the one before (the loop or the database
+# stalled, even without an error) starts the reaper's wait again.
+STALLED_SECONDS = 3 * HEARTBEAT_SECONDS
 # The slow poll behind NOTIFY: how late a lost notification is made up for.
 POLL_SECONDS = 1.0
 # The most tasks one claim takes (also bounded by the room of this server's
@@ -125,8 +128,9 @@ SCHEMA = (
     """CREATE TABLE contact_clients (
     name text PRIMARY KEY,  -- a client's name
     server text NOT NULL,  -- the server its live registration is on
-    registration bigint NOT NULL  -- counts its registrations: a newer one wins
+    registration bigint NOT NULL  -- from contact_registrations: a newer one wins
     )""",
+    "CREATE SEQUENCE contact_registrations",  # (never reused, unlike a count per name)
     f"""CREATE FUNCTION contact_registered() RETURNS trigger LANGUAGE plpgsql AS $$
     BEGIN
         PERFORM pg_notify('{CHANNEL}', 'r' || NEW.server || ':' || NEW.name);
@@ -166,11 +170,11 @@ INSERT = """INSERT INTO contact_tasks (id, text, target, fields, state, submitte
     VALUES ($1, $2, $3, $4, 'queued', $5) ON CONFLICT (id) DO NOTHING"""
 # Writes about a claimed task hold only while this server still holds it
 # (it may have been taken for dead, and the task claimed by another).
-FINISHED = """DELETE FROM contact_tasks
-    WHERE id = $1 AND (state IN ('queued', 'reporting') OR claimed_by = $2)"""
+FINISHED = """DELETE FROM contact_tasks WHERE id = $1
+    AND (state = 'queued' OR state = 'reporting' AND submitted_by = $2 OR claimed_by = $2)"""
 FAILED = """UPDATE contact_tasks SET state = 'failed', attempts = $3, reason = $4,
-    ended_at = now(), claimed_by = NULL
-    WHERE id = $1 AND (state IN ('queued', 'reporting') OR claimed_by = $2)"""
+    ended_at = now(), claimed_by = NULL WHERE id = $1
+    AND (state = 'queued' OR state = 'reporting' AND submitted_by = $2 OR claimed_by = $2)"""
 PRUNE_FAILED = """DELETE FROM contact_tasks WHERE state = 'failed' AND seq <
     (SELECT seq FROM contact_tasks WHERE state = 'failed' ORDER BY seq DESC OFFSET $1 LIMIT 1)"""
 # An answer heard here for a task another server submitted, kept for it.
@@ -187,8 +191,10 @@ RELAYED_HERE = """UPDATE contact_tasks SET state = 'claimed'
     WHERE state = 'relayed' AND claimed_by = $1 RETURNING id, client, answer, error"""
 
 REQUEUED = "UPDATE contact_tasks SET attempts = $3 WHERE id = $1 AND claimed_by = $2"
-GIVEN_BACK = """UPDATE contact_tasks SET state = 'queued', claimed_by = NULL, attempts = $3,
-    recovered = recovered OR $4
+# (One given back with an answer relayed to it meanwhile goes to its submitter.)
+GIVEN_BACK = """UPDATE contact_tasks
+    SET state = CASE state WHEN 'relayed' THEN 'ended' ELSE 'queued' END,
+        claimed_by = NULL, attempts = $3, recovered = recovered OR $4
     WHERE id = $1 AND state IN ('claimed', 'relayed') AND claimed_by = $2"""
 CANCELLED = """UPDATE contact_tasks SET state = 'cancelled'
     WHERE id = $1 AND state = 'claimed' AND claimed_by <> $2"""
@@ -224,14 +230,16 @@ ENDED_HERE = """UPDATE contact_tasks SET state = 'reporting'
                   ORDER BY seq LIMIT $2 FOR UPDATE SKIP LOCKED)
     RETURNING seq, id, text, target, attempts, client, answer, error, reason"""
 LEAVE = "DELETE FROM contact_servers WHERE id = $1"
-REGISTER_NAME = """INSERT INTO contact_clients VALUES ($1, $2, 1) ON CONFLICT (name)
-    DO UPDATE SET server = $2, registration = contact_clients.registration + 1
+REGISTER_NAME = """INSERT INTO contact_clients VALUES ($1, $2, nextval('contact_registrations'))
+    ON CONFLICT (name) DO UPDATE SET server = $2, registration = EXCLUDED.registration
     RETURNING registration"""
 UNREGISTER_NAME = """DELETE FROM contact_clients
     WHERE name = $1 AND server = $2 AND registration = $3"""
 HEARTBEAT = "UPDATE contact_servers SET heartbeat = now() WHERE id = $1"
 REGISTER = """INSERT INTO contact_servers VALUES ($1, now())
     ON CONFLICT (id) DO UPDATE SET heartbeat = now()"""
+STILL_MINE = """SELECT id FROM contact_tasks WHERE submitted_by = $1 AND id = ANY($2::text[])
+    AND state IN ('queued', 'claimed', 'relayed', 'ended')"""
 LIVE = "NOT EXISTS (SELECT 1 FROM contact_servers s WHERE s.id = {column})"
 REGISTERED_ELSEWHERE = f"""SELECT 1 FROM contact_clients c WHERE name = $1 AND server <> $2
     AND NOT {LIVE.format(column="c.server")}"""
@@ -241,7 +249,7 @@ ORPHANS_REQUEUED = f"""UPDATE contact_tasks
     SET state = 'queued', claimed_by = NULL, recovered = true
     WHERE state = 'claimed' AND {LIVE.format(column="claimed_by")} RETURNING target"""
 # An answer relayed to a server that died has its answer: for its submitter.
-ORPHANS_RELAYED = f"""UPDATE contact_tasks SET state = 'ended', claimed_by = NULL
+ORPHANS_RELAYED = f"""UPDATE contact_tasks SET state = 'ended', claimed_by = NULL, ended_at = now()
     WHERE state = 'relayed' AND {LIVE.format(column="claimed_by")}"""
 ORPHANS_UNREGISTERED = f"DELETE FROM contact_clients WHERE {LIVE.format(column='server')}"
 ORPHANS_CANCELLED = (
@@ -328,6 +336,7 @@ class PostgresQueue(MemoryQueue):
         self._registrar = asyncio.Lock()
         self._broken: str | None = None  # a chore failed (a bug): said until the end
         self._beating_since: float | None = None  # since when heartbeats get through
+        self._last_beat = 0.0  # when the last heartbeat began
         # asyncpg connections, one per chore (WRITER, CLAIMER, BEATER,
         # LISTENER), so that none waits for another's round trip; each made
         # again when needed after it was lost. (A pool would reset each
@@ -417,8 +426,9 @@ class PostgresQueue(MemoryQueue):
         if not chore.cancelled() and (failure := chore.exception()) is not None:
             log.critical("the fleet's %s failed", chore.get_coro(), exc_info=failure)
             self._broken = f"a bug: {failure!r} (see the log)"
-            if self._batch is not None and not self._batch.done():  # (its writer, maybe)
-                self._batch.set_exception(QueueError(self._broken))
+            writer = self._chores[0]
+            if chore is writer and self._batch is not None and not self._batch.done():
+                self._batch.set_exception(QueueError(self._broken))  # (nobody will write it)
 
     async def _check_or_create(self, db: Any) -> None:
         async with db.transaction():
@@ -504,7 +514,8 @@ class PostgresQueue(MemoryQueue):
         (a per-call balancer sent the client's call here)."""
         if task_id in self._tasks or not FLEET_ID.fullmatch(task_id):
             return super().settle(name, task_id, text, error)
-        self._write(RELAYED, task_id, name, storable(text), storable(error or None), self.run)
+        answer = None if error else storable(text)  # (a failure has no answer)
+        self._write(RELAYED, task_id, name, answer, storable(error or None), self.run)
         return Outcome.DUPLICATE, None  # (here it is no more than late)
 
     def unregister(self, name: str, registration: int) -> None:
@@ -518,8 +529,8 @@ class PostgresQueue(MemoryQueue):
         return self._broken or self._trouble
 
     def kept(self) -> str:
-        if self._trouble is not None:
-            return f" (perhaps NOT kept: {self._trouble})"
+        if (trouble := self.trouble()) is not None:
+            return f" (perhaps NOT kept: {trouble})"
         return " (kept in the database, for the fleet)"
 
     def cancel(self, task_id: str) -> Task | None:
@@ -559,11 +570,12 @@ class PostgresQueue(MemoryQueue):
                 )
         await self._let_go()
 
-    def _fail_outcomes(self, why: str) -> None:
-        """Fail every outcome still awaited here: TaskNotAnsweredError, `why`."""
-        for task_id, outcome in list(self._outcomes.items()):
-            outcome.set_exception(TaskNotAnsweredError(f"task {task_id} not answered here: {why}"))
-        self._outcomes.clear()
+    def _fail_outcomes(self, why: str, keep: set[str] | frozenset[str] = frozenset()) -> None:
+        """Fail every outcome still awaited here but those of `keep`:
+        TaskNotAnsweredError, `why`."""
+        for task_id in [task_id for task_id in self._outcomes if task_id not in keep]:
+            failure = TaskNotAnsweredError(f"task {task_id} not answered here: {why}")
+            self._outcomes.pop(task_id).set_exception(failure)
 
     async def _let_go(self) -> None:
         if self._poll_timer is not None:
@@ -837,7 +849,7 @@ class PostgresQueue(MemoryQueue):
         """Report the answers other servers received for tasks submitted here
         (each row taken once: its state is 'reporting' until it goes)."""
         rows = await (await self._connected(CLAIMER)).fetch(ENDED_HERE, self.run, CLAIM_BATCH)
-        for row in rows:
+        for row in sorted(rows, key=lambda row: row["seq"]):  # (RETURNING has no order)
             task = Task(row["id"], row["text"], row["target"], attempts=row["attempts"])
             client = row["client"] or ""
             outcome: str | TaskNotAnsweredError
@@ -873,30 +885,31 @@ class PostgresQueue(MemoryQueue):
 
     async def _beat(self) -> None:
         """One heartbeat, and the reaper's round: servers silent for
-        `dead_after` are deleted, their tasks queued again, their answers
-        adopted. Only by a server that has itself beaten for that long: the
-        first one back after an outage of the database does not take the
-        others, not back yet, for dead."""
+        `dead_after` are deleted (only by a server that has itself beaten
+        for that long: the first one back after an outage of the database
+        does not take the others, not back yet, for dead); the tasks of
+        servers that are gone are queued again, their answers adopted."""
         now = time.monotonic()
-        if self._beating_since is None:
-            self._beating_since = now
+        if self._beating_since is None or now - self._last_beat > STALLED_SECONDS:
+            self._beating_since = now  # (a stall that raised nothing counts too)
+        self._last_beat = now
         reaping = now - self._beating_since >= self.dead_after
         db = await self._connected(BEATER)
         async with db.transaction():
             forgotten = await db.execute(HEARTBEAT, self.run) == "UPDATE 0"
             if forgotten:
                 await db.execute(REGISTER, self.run)
-            dead, requeued, adopted = [], [], "UPDATE 0"
-            if reaping:
-                dead = [row["id"] for row in await db.fetch(BURY, self.dead_after)]
-                requeued = await db.fetch(ORPHANS_REQUEUED)
-                await db.execute(ORPHANS_RELAYED)
-                await db.execute(ORPHANS_CANCELLED)
-                await db.execute(ORPHANS_UNREGISTERED)
-                adopted = await db.execute(ORPHANS_ADOPTED, self.run)
+            dead = [row["id"] for row in await db.fetch(BURY, self.dead_after)] if reaping else []
+            # What servers that are gone (declared dead, or left cleanly) left.
+            requeued = await db.fetch(ORPHANS_REQUEUED)
+            await db.execute(ORPHANS_RELAYED)
+            await db.execute(ORPHANS_CANCELLED)
+            await db.execute(ORPHANS_UNREGISTERED)
+            adopted = await db.execute(ORPHANS_ADOPTED, self.run)
             self._in_database = await db.fetchval(COUNT_QUEUED)
         if forgotten:
-            self._forgotten()
+            still = await db.fetch(STILL_MINE, self.run, list(self._outcomes))
+            self._forgotten({row["id"] for row in still})
         for server in dead:
             log.warning("server %s declared dead: no heartbeat for %.0f s", server, self.dead_after)
         if requeued:
@@ -905,13 +918,13 @@ class PostgresQueue(MemoryQueue):
             self._report_ended_soon()
         self._let_in()
 
-    def _forgotten(self) -> None:
+    def _forgotten(self, still_mine: set[str]) -> None:
         """This server was taken for dead (its event loop or its database
         stalled past `dead_after`): the others queued its tasks again,
         adopted its answers and forgot its clients' registrations. Its
         sessions end (their clients register again), what it held goes,
-        and the handles of its tasks fail: their outcomes are reported by
-        the server that adopted them."""
+        and the handles of its tasks whose answers another server adopted
+        fail (`still_mine`: those it will report itself)."""
         log.error(
             "this server was taken for dead by the fleet (no heartbeat for %.0f s): its"
             " tasks were queued again; its clients register again",
@@ -920,4 +933,6 @@ class PostgresQueue(MemoryQueue):
         self._bound().forget_sessions()
         for task in self.unfinished():
             self._give_back(task)  # (written only where this server still holds it)
-        self._fail_outcomes("this server was taken for dead by the fleet, which reports it")
+        self._fail_outcomes(
+            "this server was taken for dead by the fleet, which reports it", keep=still_mine
+        )
