@@ -72,9 +72,10 @@ def test_clients_survive_ten_server_restarts_without_growing(
         assert last[0] <= first[0], f"{worker.label} threads grew: {first} -> {last}"
         # grpc may hold a socket or two of replaced connections a while: a
         # client sampled a second after each of 12 restarts held 13 or 14 at
-        # random, an idle one sat at 14 for 12 s after its 10th, and one CI
-        # run saw 15. A leak of one per restart would show 10 more.
-        assert last[1] <= first[1] + 2, f"{worker.label} file descriptors grew: {first} -> {last}"
+        # random, an idle one sat at 14 for 12 s after its 10th, one CI run
+        # saw 15 and one (its suite on 3.10, 2026-12-02) 16. A leak of one
+        # per restart would show 10 more.
+        assert last[1] <= first[1] + 4, f"{worker.label} file descriptors grew: {first} -> {last}"
         assert last[2] <= first[2], f"{worker.label} asyncio tasks grew: {first} -> {last}"
         assert worker.popen.poll() is None
     print("threads, fds, asyncio tasks per client after cycle 1 and 10:",
