@@ -183,6 +183,23 @@ class Process:
             self.popen.stdin.close()
 
 
+def first_of(*expected: tuple[Process, str], timeout: float = 10.0) -> int:
+    """Which of the (process, pattern) pairs has a matching output line first
+    (its index); fail if none has within `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while (left := deadline - time.monotonic()) > 0:
+        for index, (process, pattern) in enumerate(expected):
+            if process.count(pattern):
+                return index
+        with expected[0][0]._changed:  # the first's next line, or a short slice
+            expected[0][0]._changed.wait(min(left, FIRST_OF_SLICE_SECONDS))
+    raise AssertionError(f"none of {[pattern for _, pattern in expected]} within {timeout} s")
+
+
+# How long first_of waits on the first process before it looks at the others.
+FIRST_OF_SLICE_SECONDS = 0.02
+
+
 def logged_at(line: str) -> float:
     """When a log line was written (LOG_FORMAT's timestamp), in seconds."""
     stamp = re.match(r"(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3})", line)

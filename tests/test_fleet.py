@@ -19,7 +19,7 @@ from contact import CLIENT_ID_KEY, MAX_IN_FLIGHT_KEY, contact_pb2, contact_pb2_g
 from contact.queue.postgres import CONNECT_SECONDS, HEARTBEAT_SECONDS
 from tests import haproxy, storm
 from tests.postgres import Postgres, installed
-from tests.processes import Process, free_port, start_client, start_server
+from tests.processes import Process, first_of, free_port, start_client, start_server
 from tests.test_health import NOT_SERVING, SERVING, WAIT_SECONDS, ask, watch_through_shutdown
 
 # Short, so that the tests of a death do not wait ten seconds; a server is
@@ -82,6 +82,27 @@ def test_a_task_typed_on_one_server_is_answered_by_a_client_of_another(
     a.wait_for(rf"task {second} result from carol: 'JUST CAROL'")
     assert b.count(rf"task {first} sent to carol") == 1
     assert b.count("result from") == 0
+
+
+def test_tasks_go_to_the_idle_client_of_another_server_before_a_busy_one(
+    processes: list[Process], database: str
+) -> None:
+    a, port_a = fleet_server(processes, database)
+    b, port_b = fleet_server(processes, database)
+    busy = fleet_client(processes, "busy", port_b, "--concurrency", "4")  # a window of 7
+    busy.freeze()  # holds what it is sent, unanswered
+    for held in typed(b, *(f"@busy hold {n}" for n in range(5))):
+        b.wait_for(rf"task {held} sent to busy")
+    fleet_client(processes, "idle", port_a)
+    # Typed one at a time into the idle client's server: busy with logging
+    # and committing each, it is the slower to claim. Left to whichever
+    # server claims first, most would go to busy; each goes to idle.
+    went_to = []
+    for n in range(10):
+        (task,) = typed(a, f"spread {n}")
+        sent = first_of((a, rf"task {task} sent to idle"), (b, rf"task {task} sent to busy"))
+        went_to.append(("idle", "busy")[sent])
+    assert went_to.count("busy") <= 1, went_to
 
 
 def test_a_task_for_a_name_waits_in_the_database_until_it_connects_anywhere(

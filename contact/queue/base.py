@@ -123,6 +123,10 @@ class Dispatching(Protocol):
     def room(self) -> int:
         """How many more tasks this server's clients can take now, in all."""
 
+    def lightest(self) -> int | None:
+        """The tasks in flight at this server's least loaded client with
+        room (None: no client has room)."""
+
     def moved(self, name: str) -> None:
         """NAME registered on another server of the fleet: its session here ends."""
 

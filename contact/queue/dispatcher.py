@@ -306,6 +306,10 @@ class Dispatcher:
         """How many more tasks the connected clients can take now, in all."""
         return self._room
 
+    def lightest(self) -> int | None:
+        """The tasks in flight at the least loaded client with room, if any."""
+        return min(self._by_load) if self._by_load else None
+
     def in_flight(self, name: str) -> int:
         """How many tasks are sent and unanswered at client `name`."""
         session = self._sessions.get(name)

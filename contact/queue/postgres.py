@@ -10,6 +10,8 @@ Dispatcher takes from, synchronously, as with the other queues).
   them) claims the oldest queued tasks for any client, or for the names
   connected to it, with `FOR UPDATE SKIP LOCKED`: no two servers claim one
   task. Claimed tasks no client here took within HOLD_SECONDS go back.
+  While tasks are scarce, a server whose clients are all busy claims a
+  little later than one with an idler client (DEFER_PER_TASK_SECONDS).
 - An answer is settled where it arrives. If the task was submitted on
   another server, its row keeps the answer (state 'ended') and that server
   is notified: it logs it, resolves its handle, calls its hooks, and only
@@ -81,6 +83,15 @@ POLL_SECONDS = 1.0
 CLAIM_BATCH = 256
 # The poll wakes the clients of at most this many names with tasks queued.
 POLL_TARGETS = 10_000
+# Fleet-wide, the least loaded clients get new tasks first: when tasks are
+# scarce (the last claim for any client emptied the queue), a server whose
+# least loaded client with room already has N tasks in flight waits N times
+# this before it claims for any client, so that a server with idler clients,
+# woken by the same notification, claims first. Several times the time from
+# a notification to its claim (about 2 ms here), yet small beside a task.
+DEFER_PER_TASK_SECONDS = 0.010
+# The longest such wait: beyond this many tasks in flight, loads are equals.
+DEFER_MAX_SECONDS = 0.050
 # Claimed tasks no client here took for this long go back to the database,
 # for the clients of other servers (their names moved, or all are busy).
 HOLD_SECONDS = 1.0
@@ -200,21 +211,21 @@ CANCELLED = """UPDATE contact_tasks SET state = 'cancelled'
     WHERE id = $1 AND state = 'claimed' AND claimed_by <> $2"""
 CANCELLED_QUEUED = "DELETE FROM contact_tasks WHERE id = $1 AND state IN ('queued', 'cancelled')"
 WITHDRAWN = "DELETE FROM contact_tasks WHERE id = $1 AND state = 'cancelled'"
-# The oldest $3 tasks for any client ($2, the names, unused: both claims
-# take the same arguments), in order from their index.
+# The oldest $2 tasks for any client, in order from their index.
 CLAIM_FOR_ANY = """UPDATE contact_tasks t SET state = 'claimed', claimed_by = $1
     FROM (SELECT seq FROM contact_tasks WHERE state = 'queued' AND target IS NULL
-          ORDER BY seq LIMIT $3 FOR UPDATE SKIP LOCKED) c
-    WHERE t.seq = c.seq AND $2::text[] IS NOT NULL
+          ORDER BY seq LIMIT $2 FOR UPDATE SKIP LOCKED) c
+    WHERE t.seq = c.seq
     RETURNING t.seq, t.id, t.text, t.target, t.fields, t.attempts, t.recovered, t.submitted_by"""
-# The oldest $3 tasks for any client or for the names $2, each kind read in
-# order from its own index (one scan with an OR read every queued task);
+# The oldest $3 tasks for the names $2 or (at most $4 of them) for any
+# client, each kind read in order from its own index (one scan with an OR
+# read every queued task);
 # a name's only while its registration is on this server, so that a task
 # for it never goes to a session another server's newer one replaced.
 # Rows locked and not among the oldest $3 are let go as the statement ends.
 CLAIM = """WITH for_any AS (
         SELECT seq FROM contact_tasks WHERE state = 'queued' AND target IS NULL
-        ORDER BY seq LIMIT $3 FOR UPDATE SKIP LOCKED),
+        ORDER BY seq LIMIT $4 FOR UPDATE SKIP LOCKED),
     for_names AS (
         SELECT seq FROM contact_tasks WHERE state = 'queued' AND target = ANY($2::text[])
             AND EXISTS (SELECT 1 FROM contact_clients c WHERE c.name = target AND c.server = $1)
@@ -259,6 +270,7 @@ ORPHANS_ADOPTED = f"""UPDATE contact_tasks SET submitted_by = $1, state = 'ended
     WHERE state IN ('ended', 'reporting') AND {LIVE.format(column="submitted_by")}"""
 QUEUED_TARGETS = """SELECT DISTINCT target FROM contact_tasks
     WHERE state = 'queued' AND target IS NOT NULL LIMIT $1"""
+COUNT_SERVERS = "SELECT count(*) FROM contact_servers"
 # (Two counts, each read from its claim's index.)
 COUNT_QUEUED = """SELECT
     (SELECT count(*) FROM contact_tasks WHERE state = 'queued' AND target IS NULL)
@@ -355,6 +367,11 @@ class PostgresQueue(MemoryQueue):
         self._wanted: set[str] = set()
         self._want_any = False
         self._empty = False
+        # Whether the last claim for any client found fewer than it asked
+        # for, and how many servers the fleet had at the last heartbeat:
+        # claims for busy clients defer only when both say so.
+        self._scarce = True
+        self._servers = 1
         self._claim_wanted = asyncio.Event()
         self._last_claim = 0.0  # when the last claim began (time.monotonic)
         self._polling = False  # the next round polls
@@ -391,6 +408,7 @@ class PostgresQueue(MemoryQueue):
         db = await self._connected(BEATER)
         await self._check_or_create(db)
         await db.execute(REGISTER, self.run)
+        self._servers = await db.fetchval(COUNT_SERVERS)
         await self._listen()
 
     async def _connected(self, chore: str) -> Any:
@@ -774,12 +792,36 @@ class PostgresQueue(MemoryQueue):
             self._empty = False  # (the poll: claim again on the next request)
             return
         names, self._wanted, self._want_any = sorted(self._wanted), set(), False
+        if (defer := self._deferral()) > 0:
+            if names:  # a name's own tasks wait for nobody
+                await self._claim(names, for_any=False)
+            await asyncio.sleep(defer)
+            if self.closed:
+                return
+            names = []
+        await self._claim(names, for_any=True)
+
+    def _deferral(self) -> float:
+        """How long to let idler clients of other servers claim first."""
+        if self._servers < 2 or not self._scarce:
+            return 0.0  # alone, or work enough for every client
+        load = self._bound().lightest()
+        return 0.0 if not load else min(DEFER_MAX_SECONDS, load * DEFER_PER_TASK_SECONDS)
+
+    async def _claim(self, names: list[str], *, for_any: bool) -> None:
+        """Claim what fits this server's room: tasks for `names`, and, if
+        `for_any`, for any client."""
         room = min(CLAIM_BATCH, self._bound().room() - super().queued())
         if room <= 0:  # what is here already fills every window
             return
-        claim = CLAIM if names else CLAIM_FOR_ANY  # (the planner reads the simpler one better)
-        rows = await (await self._connected(CLAIMER)).fetch(claim, self.run, names, room)
+        claimer = await self._connected(CLAIMER)
+        if names:
+            rows = await claimer.fetch(CLAIM, self.run, names, room, room if for_any else 0)
+        else:  # (the planner reads the simpler statement better)
+            rows = await claimer.fetch(CLAIM_FOR_ANY, self.run, room)
         self._empty = len(rows) < room
+        if for_any:
+            self._scarce = self._empty
         for row in sorted(rows, key=lambda row: row["seq"]):
             if self.closed:  # claimed as it closed: back at once
                 self._write(GIVEN_BACK, row["id"], self.run, row["attempts"], False)
@@ -907,6 +949,7 @@ class PostgresQueue(MemoryQueue):
             await db.execute(ORPHANS_UNREGISTERED)
             adopted = await db.execute(ORPHANS_ADOPTED, self.run)
             self._in_database = await db.fetchval(COUNT_QUEUED)
+            self._servers = await db.fetchval(COUNT_SERVERS)
         if forgotten:
             still = await db.fetch(STILL_MINE, self.run, list(self._outcomes))
             self._forgotten({row["id"] for row in still})
