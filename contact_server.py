@@ -87,13 +87,14 @@ class ContactServicer(contact_pb2_grpc.ContactServicer):
         if self._dispatcher.closed:
             await context.abort(grpc.StatusCode.UNAVAILABLE, "the server is shutting down")
         registration = await self._register(name, context)  # (a fleet: recorded in its database)
+        peer = context.peer()
         session = self._dispatcher.connect(
             name,
             window,
             accepts_cancel=checks.says_yes(context, ACCEPTS_CANCEL_KEY),
             reports_start=checks.says_yes(context, REPORTS_START_KEY),
+            peer=peer,
         )
-        peer = context.peer()
         host = checks.peer_host(peer)  # lines are limited by host: a reconnect storm is brief
         REPEATS.log(log, INFO, "connect", host, "client %s connected from %s", name, peer)
         try:
@@ -175,6 +176,7 @@ class ContactServicer(contact_pb2_grpc.ContactServicer):
         try:
             async with checks.owned_by(session, context, self.calls):  # ends with its registration
                 async for status in request_iterator:
+                    session.heard()
                     if log.isEnabledFor(DEBUG):  # not at INFO: idle clients would fill the terminal
                         line = Quoted(status.msg)
                         REPEATS.log(log, DEBUG, "status", name, "status from %s: %s", name, line)

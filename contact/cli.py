@@ -49,6 +49,14 @@ def count(text: str) -> int:
     return value
 
 
+def port(text: str) -> int:
+    """An argparse type: a TCP port, 0 (any free one) to 65535."""
+    value = int(text)
+    if not 0 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"{text} is not a port (0 to 65535)")
+    return value
+
+
 def positive_float(text: str) -> float:
     """An argparse type: a number of seconds more than 0."""
     value = float(text)
@@ -104,6 +112,18 @@ def add_server_tuning(parser: argparse.ArgumentParser) -> None:
         "--dead-after", type=positive_float, default=DEAD_AFTER_SECONDS, metavar="SECONDS",
         help="with --queue: take a server of the fleet silent this long for dead",
     )
+    option(
+        "--metrics-port", type=port, metavar="PORT",
+        help="serve Prometheus metrics at /metrics and a status page at / (0: any free port)",
+    )
+    option(
+        "--metrics-host", default="127.0.0.1", metavar="HOST",
+        help="the address of --metrics-port (it shows task ids, names and failure reasons)",
+    )
+    option(
+        "--no-reflection", dest="reflection", action="store_false",
+        help="do not answer gRPC server reflection (grpcurl and the like then need the proto)",
+    )
     # fmt: on
 
 
@@ -120,6 +140,9 @@ def server_tuning(args: argparse.Namespace) -> dict[str, Any]:
         "journal_sync": args.journal_sync,
         "queue": args.queue,
         "dead_after": args.dead_after,
+        "reflection": args.reflection,
+        "metrics_port": args.metrics_port,
+        "metrics_host": args.metrics_host,
     }
 
 

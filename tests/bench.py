@@ -17,7 +17,9 @@ swings.
 
 The journal rows compare ContactServer as shipped (tasks submitted with
 `ask`, answers awaited) with --journal in a temporary folder against the
-same server without one: what keeping tasks on disk costs.
+same server without one: what keeping tasks on disk costs. The metrics row
+compares it with --metrics-port, its /metrics and /status.json fetched
+every second, against the same server without.
 
     python -m tests.bench [--repeats 5] [--tasks 20000] [--latency-tasks 2000] [--scale 1000]
 """
@@ -35,6 +37,7 @@ import sys
 import tempfile
 import threading
 import time
+import urllib.request
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -138,10 +141,16 @@ class Served:
     """ContactServer as your code uses it: `ask` per task, with --journal
     FILE (`sync` its --journal-sync) or, with `sync` None, without one."""
 
-    def __init__(self, sync: str | None, folder: str, queue: str | None = None) -> None:
+    def __init__(
+        self, sync: str | None, folder: str, queue: str | None = None, metrics: bool = False
+    ) -> None:
         journal = None if sync is None else Path(folder, "bench.journal")
         self.server = ContactServer(
-            port=0, journal=journal, journal_sync=sync or "full", queue=queue
+            port=0,
+            journal=journal,
+            journal_sync=sync or "full",
+            queue=queue,
+            metrics_port=0 if metrics else None,
         )
         self.answers: list[asyncio.Future[str]] = []
         self.awaited = 0  # answers already awaited: latency rounds wait for the new one only
@@ -171,9 +180,13 @@ async def serve_one_measurement(
     if impl.startswith("server"):  # "server", "server-journal-full", "server-journal-normal"
         # "server-queue": with --queue, the database in QUEUE_URL (tests/bench_fleet.py)
         queue = os.environ[QUEUE_URL] if impl.startswith("server-queue") else None
-        target = Served(impl.rpartition("-")[2] if "journal" in impl else None, folder, queue)
+        sync = impl.rpartition("-")[2] if "journal" in impl else None
+        target = Served(sync, folder, queue, metrics=impl == "server-metrics")
         await target.server.__aenter__()
         port = target.server.port
+        if target.server.metrics_port is not None:
+            scraped = f"http://127.0.0.1:{target.server.metrics_port}"
+            threading.Thread(target=scrape_every_second, args=(scraped,), daemon=True).start()
     else:
         target = Baseline() if impl == "baseline" else Project()
         server = grpc.aio.server(options=None if impl == "baseline" else SERVER_OPTIONS)
@@ -208,6 +221,16 @@ async def serve_one_measurement(
     # Stay up until the driver has stopped the clients and then this process:
     # stopping a server under open streams only adds grpc's cancellation noise.
     await asyncio.Event().wait()
+
+
+def scrape_every_second(url: str) -> None:
+    """As Prometheus and an open status page would, but more often: the
+    metrics and the page's JSON, every second, until the process ends."""
+    while True:
+        for path in ("/metrics", "/status.json"):
+            with urllib.request.urlopen(url + path, timeout=10) as response:
+                response.read()
+        time.sleep(1)
 
 
 # --- the clients --------------------------------------------------------------
@@ -339,6 +362,9 @@ ROWS = [
     # The "project" is ContactServer as shipped; the "baseline" is the same
     # server without a journal, except in the first of these rows.
     ("ContactServer, ask per task, 1 client (tasks/s)", "served", 1, "tasks_per_s", True, None),
+    # --metrics-port, scraped every second, against the same server without.
+    ("  with --metrics-port, scraped each second", "metrics", 1, "tasks_per_s", True, 0.95),
+    ("  server CPU per task (µs)", "metrics", 1, "cpu_us", False, None),
     ("  with --journal, 1 client (tasks/s)", "journal-full", 1, "tasks_per_s", True, 0.67),
     ("  with --journal, 4 clients (tasks/s)", "journal-full", 4, "tasks_per_s", True, 0.67),
     ("  --journal-sync normal, 1 client", "journal-normal", 1, "tasks_per_s", True, 0.67),
@@ -402,6 +428,7 @@ def main() -> int:
                 else []
             )
             impls += JOURNAL_IMPLS if mode == "throughput" else []
+            impls += ["server-metrics"] if mode == "throughput" and clients == 1 else []
             impls += ["server", "server-journal-full"] if mode == "latency" else []
             for impl in impls:  # interleaved, so drift hits both alike
                 print(f"repeat {repeat + 1}/{args.repeats}: {impl} {mode} x{clients}", flush=True)
@@ -419,6 +446,8 @@ def main() -> int:
     runs[("project", "journal-latency", 1)] = runs[("server-journal-full", "latency", 1)]
     runs[("baseline", "journal-latency", 1)] = runs[("server", "latency", 1)]
     runs[("baseline", "served", 1)] = runs[("baseline", "throughput", 1)]
+    runs[("project", "metrics", 1)] = runs[("server-metrics", "throughput", 1)]
+    runs[("baseline", "metrics", 1)] = runs[("server", "throughput", 1)]
     for clients in (1, 4):
         for sync in ("full", "normal"):
             runs[("project", f"journal-{sync}", clients)] = runs[

@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 
 from tests.dispatching import Kind, check_what_the_files_kept
-from tests.processes import Process, start_client, start_server
+from tests.processes import Process, all_stopped, start_client, start_server
 
 
 @pytest.fixture(params=["memory", "sqlite"])
@@ -47,10 +47,8 @@ def pytest_pyfunc_call(pyfuncitem: pytest.Function) -> bool | None:
 @pytest.fixture
 def processes() -> Iterator[list[Process]]:
     """Every process a test starts goes here, to be killed if the test fails."""
-    started: list[Process] = []
-    yield started
-    for process in started:
-        process.stop()
+    with all_stopped() as started:
+        yield started
 
 
 @pytest.fixture

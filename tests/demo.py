@@ -9,7 +9,7 @@ from __future__ import annotations
 import signal
 import sys
 
-from tests.processes import Process, start_client, start_server
+from tests.processes import Process, all_stopped, start_client, start_server
 
 TASKS = [
     "hello world",
@@ -50,16 +50,13 @@ def story(running: list[Process]) -> None:
 
 
 def main() -> int:
-    running: list[Process] = []
-    try:
-        story(running)
-        return 0
-    except AssertionError as failure:
-        say(f"FAILED: {failure}")
-        return 1
-    finally:
-        for process in running:
-            process.stop()
+    with all_stopped() as running:
+        try:
+            story(running)
+            return 0
+        except AssertionError as failure:
+            say(f"FAILED: {failure}")
+            return 1
 
 
 if __name__ == "__main__":

@@ -3,6 +3,7 @@ type into them, wait for their log lines (always with a timeout), signal them.""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import signal
@@ -11,6 +12,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from datetime import datetime
 from pathlib import Path
 
@@ -181,6 +183,18 @@ class Process:
         self.popen.wait(10)
         if self.popen.stdin and not self.popen.stdin.closed:
             self.popen.stdin.close()
+
+
+@contextlib.contextmanager
+def all_stopped() -> Iterator[list[Process]]:
+    """A list to put the processes one starts in; each is killed, if still
+    running, as the block ends."""
+    running: list[Process] = []
+    try:
+        yield running
+    finally:
+        for process in running:
+            process.stop()
 
 
 def first_of(*expected: tuple[Process, str], timeout: float = 10.0) -> int:

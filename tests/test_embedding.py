@@ -92,3 +92,4 @@ def test_pip_install_puts_the_package_and_both_scripts_on_the_path(tmp_path: Pat
     assert imported.returncode == 0, imported.stderr
     assert all(line.startswith(str(site)) for line in imported.stdout.splitlines()), imported.stdout
     assert (site / "contact" / "contact.proto").is_file()
+    assert (site / "contact" / "server" / "status.html").is_file()  # the status page

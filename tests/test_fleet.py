@@ -9,11 +9,13 @@ import re
 import signal
 import socket
 import time
+import urllib.request
 from collections.abc import Iterator
 
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2
+from prometheus_client.parser import text_string_to_metric_families
 
 from contact import CLIENT_ID_KEY, MAX_IN_FLIGHT_KEY, contact_pb2, contact_pb2_grpc
 from contact.queue.postgres import CONNECT_SECONDS, HEARTBEAT_SECONDS
@@ -364,3 +366,28 @@ def test_a_server_taken_for_dead_while_alive_rejoins_and_nothing_is_lost(
     b.wait_for(rf"task {task} result from bob: 'WHILE A SLEEPS'")
     (after,) = typed(b, "after it rejoined")
     b.wait_for(rf"task {after} result from bob: 'AFTER IT REJOINED'")
+
+
+def test_two_servers_metrics_show_the_same_fleet_queue(
+    processes: list[Process], database: str
+) -> None:
+    a, _ = fleet_server(processes, database, "--metrics-port", "0")
+    b, _ = fleet_server(processes, database, "--metrics-port", "0")
+    typed(a, *(f"@nobody waits {n}" for n in range(3)))
+    # Each counts the fleet's queue at its heartbeat: within one, both say 3.
+    for server in (a, b):
+        port = server.wait_for(r"status page at http://127\.0\.0\.1:(\d+)/")[1]
+        deadline = time.monotonic() + 2 * HEARTBEAT_SECONDS + 5.0
+        while (queued := fleet_queued(port)) != 3 and time.monotonic() < deadline:
+            time.sleep(0.1)  # (the heartbeat logs nothing to wait for)
+        assert queued == 3, server.label
+
+
+def fleet_queued(port: str) -> float:
+    """The contact_tasks_queued gauge at a server's /metrics."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as response:
+        text = response.read().decode()
+    for family in text_string_to_metric_families(text):
+        if family.name == "contact_tasks_queued":
+            return float(family.samples[0].value)
+    raise AssertionError(f"no contact_tasks_queued in:\n{text}")

@@ -232,6 +232,11 @@ class TaskQueue(abc.ABC):
         """How many tasks wait for a client."""
 
     @abc.abstractmethod
+    def queued_by_target(self, names: int) -> dict[str | None, int]:
+        """How many tasks wait for any client (key None), and for each of
+        the `names` names with the most waiting (a fleet's: as last counted)."""
+
+    @abc.abstractmethod
     def unfinished(self) -> list[Task]:
         """Every task that has no outcome yet."""
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Callable, Iterable
 
 from contact import WITHDRAWN
@@ -24,6 +24,8 @@ log = logging.getLogger("contact.dispatcher")
 # Why a session ended. FORGOTTEN: its server's fleet took the server for
 # dead, and forgot the registration (contact/queue/postgres.py).
 LEFT, REPLACED, SHUTDOWN, FORGOTTEN = "left", "replaced", "shutdown", "forgotten"
+# Why else a task is taken back from a client (counted beside the above).
+LEASE_EXPIRED, SILENT = "lease_expired", "silent"
 
 # The default of the server's --task-timeout (see docs/limits.md): a lease,
 # ten minutes from sending (or beginning) to answer.
@@ -59,6 +61,11 @@ class Session:
         self.withdrawn: set[str] = set()
         self.outbox: deque[Task] = deque()
         self.ended: str | None = None  # why the session ended, once it has
+        # For the server's view of its clients (Server.clients()): wall-clock
+        # times, and the answers it accepted from this session.
+        self.peer = ""
+        self.connected_at = self.heard_at = time.time()
+        self.answered = 0
         self._wakeup = asyncio.Event()
         self._on_end: list[Callable[[], object]] = []
 
@@ -70,6 +77,10 @@ class Session:
             self._wakeup.clear()
             await self._wakeup.wait()
         return None
+
+    def heard(self) -> None:
+        """It sent something (an answer, a start, a status line)."""
+        self.heard_at = time.time()
 
     def has_room(self) -> bool:
         held = len(self.in_flight) + len(self.withdrawn)
@@ -154,6 +165,8 @@ class Dispatcher:
         # Each maps to the room it had when placed, and `_room` is their sum.
         self._by_load: dict[int, dict[Session, int]] = {}
         self._room = 0
+        # Tasks taken back from clients, by why (LEFT, LEASE_EXPIRED, ...).
+        self.requeues: Counter[str] = Counter()
         queue.bind(self)
 
     # -- what the server calls --
@@ -165,12 +178,14 @@ class Dispatcher:
         *,
         accepts_cancel: bool = False,
         reports_start: bool = False,
+        peer: str = "",
     ) -> Session:
         """Register a client that wants up to `window` tasks at once (None or
         more than `max_in_flight`: `max_in_flight`), is told of withdrawn
         tasks if it `accepts_cancel`, and says when it begins each task if
         it `reports_start`; an older session under the same name is ended
-        (REPLACED) and its unanswered tasks given back."""
+        (REPLACED) and its unanswered tasks given back. `peer`: where it
+        connected from, for Server.clients()."""
         if self.closed:
             raise RuntimeError("the dispatcher is closed")
         if window is not None and window < 1:
@@ -180,6 +195,7 @@ class Dispatcher:
             self.disconnect(old, REPLACED)
         window = min(window or self.max_in_flight, self.max_in_flight)
         session = Session(name, window, accepts_cancel, reports_start)
+        session.peer = peer
         self._sessions[name] = session
         self._place(session)
         self._fill(session)
@@ -195,6 +211,7 @@ class Dispatcher:
         if self._sessions.get(session.name) is session:
             del self._sessions[session.name]
             self._unplace(session)
+        self.requeues[reason] += len(session.in_flight)
         for task in reversed(list(session.in_flight.values())):
             line = "task %s requeued (%s %s)"  # a peer can cause many: limited per name
             REPEATS.log(
@@ -222,6 +239,7 @@ class Dispatcher:
                 begun = True
         if begun:  # (ids it does not hold are no sign of life)
             self._heard_from(session)
+            session.heard()
 
     def expire_leases(self) -> None:
         """Give back every task whose lease has run out, as if its holder had
@@ -232,6 +250,7 @@ class Dispatcher:
             if task.lease_ends > now:
                 break
             expired.append(task)
+        self.requeues[LEASE_EXPIRED] += len(expired)
         holders = []
         for task in expired:
             holder = self._holder(task)
@@ -266,7 +285,7 @@ class Dispatcher:
         if task is not None:
             self._ended(task)
         if outcome in (Outcome.ACCEPTED, Outcome.DUPLICATE):  # late, but it is not hung
-            self._answers_again(name)
+            self._answers_again(name, outcome is Outcome.ACCEPTED)
         return outcome
 
     def cancel(self, task_id: str) -> Task | None:
@@ -295,6 +314,10 @@ class Dispatcher:
     def session(self, name: str) -> Session | None:
         """The live session of the client registered as `name`, if any."""
         return self._sessions.get(name)
+
+    def sessions(self) -> list[Session]:
+        """Every live session, in the order their clients registered."""
+        return list(self._sessions.values())
 
     # -- counts, for logs and status answers --
 
@@ -408,6 +431,7 @@ class Dispatcher:
         drop. The tasks it holds but has not begun go to others, uncharged
         (they did it no harm), and it gets nothing new until it answers."""
         unbegun = [task for task in session.in_flight.values() if task.id not in self._leases]
+        self.requeues[SILENT] += len(unbegun)
         for task in unbegun:
             written = task not in session.outbox
             self._release(session, task)
@@ -448,12 +472,14 @@ class Dispatcher:
         self._fill(session)
         return True
 
-    def _answers_again(self, name: str) -> None:
+    def _answers_again(self, name: str, accepted: bool) -> None:
         """Client `name` answered: its silence starts again, and if its leases
         ran out it is slow, not hung, so its whole window is open to it again."""
         session = self._sessions.get(name)
         if session is None:
             return
+        session.answered += accepted
+        session.heard()
         self._heard_from(session)
         if session.stalled:
             self._unplace(session)

@@ -9,6 +9,7 @@ tests/test_journal.py what the SQLite queue adds.
 from __future__ import annotations
 
 import asyncio
+import heapq
 import logging
 import secrets
 import time
@@ -269,6 +270,10 @@ class MemoryQueue(TaskQueue):
 
     def queued(self) -> int:
         return len(self._queue) + self._waiting_count
+
+    def queued_by_target(self, names: int) -> dict[str | None, int]:
+        most = heapq.nlargest(names, self._waiting.items(), key=lambda item: len(item[1]))
+        return {None: len(self._queue), **{name: len(line) for name, line in most if line}}
 
     def in_flight(self) -> int:
         """How many tasks are taken and unanswered."""

@@ -35,6 +35,7 @@ import re
 import secrets
 import time
 import urllib.parse
+from collections import Counter
 from collections.abc import Callable
 from typing import Any
 
@@ -83,6 +84,9 @@ POLL_SECONDS = 1.0
 CLAIM_BATCH = 256
 # The poll wakes the clients of at most this many names with tasks queued.
 POLL_TARGETS = 10_000
+# Stats count the tasks queued for at most this many names (those with the
+# most), read at each heartbeat: bounded, however many names wait.
+STATS_NAMES = 100
 # Fleet-wide, the least loaded clients get new tasks first: when tasks are
 # scarce (the last claim for any client emptied the queue), a server whose
 # least loaded client with room already has N tasks in flight waits N times
@@ -271,10 +275,14 @@ ORPHANS_ADOPTED = f"""UPDATE contact_tasks SET submitted_by = $1, state = 'ended
 QUEUED_TARGETS = """SELECT DISTINCT target FROM contact_tasks
     WHERE state = 'queued' AND target IS NOT NULL LIMIT $1"""
 COUNT_SERVERS = "SELECT count(*) FROM contact_servers"
+# The names with the most tasks queued, for stats (read from their index).
+QUEUED_FOR_NAMES = """SELECT target, count(*) AS queued FROM contact_tasks
+    WHERE state = 'queued' AND target IS NOT NULL GROUP BY target ORDER BY queued DESC LIMIT $1"""
 # (Two counts, each read from its claim's index.)
 COUNT_QUEUED = """SELECT
-    (SELECT count(*) FROM contact_tasks WHERE state = 'queued' AND target IS NULL)
-    + (SELECT count(*) FROM contact_tasks WHERE state = 'queued' AND target IS NOT NULL)"""
+    (SELECT count(*) FROM contact_tasks WHERE state = 'queued' AND target IS NULL) AS for_any,
+    (SELECT count(*) FROM contact_tasks WHERE state = 'queued' AND target IS NOT NULL)
+        AS for_names"""
 # The ids a server of the fleet issues: its run prefix (8 hex digits), a
 # dash, a number; a result for one not held here is late, not unknown.
 FLEET_ID = re.compile(r"[0-9a-f]{8}-[0-9]{1,20}")
@@ -379,6 +387,8 @@ class PostgresQueue(MemoryQueue):
         self._held_since: dict[str, float] = {}  # claimed tasks here, untaken: since when
         self._submitter: dict[str, str] = {}  # claimed tasks here submitted elsewhere: by whom
         self._in_database = 0  # tasks queued fleet-wide, as last counted (plus those put since)
+        self._for_any = 0  # of those, for any client, as last counted
+        self._for_names: dict[str, int] = {}  # and for the names with the most
 
     # -- starting --
 
@@ -542,6 +552,13 @@ class PostgresQueue(MemoryQueue):
     def queued(self) -> int:
         """Tasks waiting here, and fleet-wide in the database (as last counted)."""
         return super().queued() + self._in_database
+
+    def queued_by_target(self, names: int) -> dict[str | None, int]:
+        """Those claimed here, and the fleet's as counted at the last heartbeat."""
+        counts = Counter(super().queued_by_target(names))
+        counts[None] += self._for_any
+        counts.update(self._for_names)  # (adds)
+        return {None: counts.pop(None), **dict(counts.most_common(names))}
 
     def trouble(self) -> str | None:
         return self._broken or self._trouble
@@ -948,7 +965,11 @@ class PostgresQueue(MemoryQueue):
             await db.execute(ORPHANS_CANCELLED)
             await db.execute(ORPHANS_UNREGISTERED)
             adopted = await db.execute(ORPHANS_ADOPTED, self.run)
-            self._in_database = await db.fetchval(COUNT_QUEUED)
+            queued = await db.fetchrow(COUNT_QUEUED)
+            self._for_any = queued["for_any"]
+            self._in_database = queued["for_any"] + queued["for_names"]
+            names = await db.fetch(QUEUED_FOR_NAMES, STATS_NAMES)
+            self._for_names = {row["target"]: row["queued"] for row in names}
             self._servers = await db.fetchval(COUNT_SERVERS)
         if forgotten:
             still = await db.fetch(STILL_MINE, self.run, list(self._outcomes))

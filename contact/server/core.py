@@ -6,7 +6,10 @@ It holds one TaskQueue (contact/queue/base.py: the tasks, in memory or in a
 journal file), never asking which kind, and a Dispatcher in front of it
 (which connected client gets which task); it turns what the queue reports
 into log lines and the `on_answer` hook. Beside its rpcs it serves the
-standard health service (contact/server/health.py). `listen` binds its port.
+standard health service (contact/server/health.py) and server reflection;
+it counts what it does (contact/server/stats.py: `stats()`, `clients()`)
+and, if asked, serves those counts over HTTP (contact/server/status.py).
+`listen` binds its port.
 """
 
 from __future__ import annotations
@@ -17,10 +20,13 @@ import functools
 import logging
 import os
 import threading
+import time
 from collections.abc import Callable
 from typing import Any, Protocol, TypeVar
 
 import grpc
+from grpc_health.v1 import health
+from grpc_reflection.v1alpha import reflection
 
 from contact import contact_pb2_grpc
 from contact.logtext import REPEATS, Quoted, summarise_grpc_decode_errors
@@ -35,7 +41,7 @@ from contact.queue.base import (
     TaskNotAnsweredError,
     TaskQueue,
 )
-from contact.queue.dispatcher import TASK_TIMEOUT_SECONDS, Dispatcher
+from contact.queue.dispatcher import LEASE_EXPIRED, TASK_TIMEOUT_SECONDS, Dispatcher
 from contact.queue.memory import MemoryQueue
 from contact.queue.sqlite import SYNC, SqliteQueue
 from contact.server.checks import end_calls
@@ -47,7 +53,9 @@ from contact.server.handles import (
     check_task,
     on_loop,
 )
-from contact.server.health import add_health
+from contact.server.health import CONTACT_SERVICE, add_health
+from contact.server.stats import STATS_NAMES, ClientView, RefusalCounter, Stats, Tally
+from contact.server.status import Snapshot, StatusServer
 from contact.signals import on_stop_signal
 from contact.tls import warn_if_exposed
 from contact.waits import within
@@ -113,6 +121,10 @@ class Server:
     fleet (docs/fleet.md): one silent for `dead_after` seconds is taken
     for dead, and its tasks are queued again. Entering raises QueueError
     (JournalError for a file) if the queue cannot be used.
+    It answers server reflection (grpc.reflection.v1alpha) unless
+    `reflection` is False. With `metrics_port`, it serves Prometheus metrics
+    at /metrics and a status page at / on metrics_host:metrics_port
+    (docs/operations.md); `stats()` and `clients()` give the same counts.
     `on_answer(Answer)` is called on the server's loop for every answer and
     every failure, those to recovered tasks included. With `max_queued`
     tasks waiting for a client, `submit` waits for room.
@@ -136,6 +148,9 @@ class Server:
         queue: str | None = None,
         dead_after: float = DEAD_AFTER_SECONDS,
         on_answer: Callable[[Answer], object] | None = None,
+        reflection: bool = True,
+        metrics_port: int | None = None,
+        metrics_host: str = "127.0.0.1",
     ) -> None:
         if not hasattr(self, "servicer"):
             raise TypeError(f"{type(self).__name__} has no servicer: use ContactServer")
@@ -159,6 +174,10 @@ class Server:
         )
         self._new_dispatcher(MemoryQueue(max_attempts=max_attempts, max_queued=max_queued))
         self._on_answer = on_answer
+        self.reflection = reflection
+        self.metrics_port, self.metrics_host = metrics_port, metrics_host
+        self._tally = Tally()
+        self._status: StatusServer | None = None
         self._closed = False
         self._signals_back: Callable[[], None] | None = None  # ends serve_until_stopped's hold
         self._loop: asyncio.AbstractEventLoop | None = None  # the loop it runs on, once started
@@ -193,6 +212,8 @@ class Server:
             raise RuntimeError("the server closed while the task waited for room") from None
         outcome = self._queue.outcome(task.id)
         assert outcome is not None  # (nothing could end it yet)
+        self._tally.submitted += 1
+        outcome.add_done_callback(functools.partial(self._timed, self._loop.time()))
         return TaskHandle(task.id, outcome, lambda: self.cancel(task.id))
 
     async def ask(
@@ -276,7 +297,60 @@ class Server:
         if task is None:
             return False
         log.info("task %s cancelled", task.id)
+        self._tally.outcomes["cancelled"] += 1
         return True
+
+    # -- what it counts (docs/operations.md) --
+
+    def stats(self) -> Stats:
+        """Counts since the server started: its clients, the queue (a
+        fleet's: fleet-wide, as last counted), what became of its tasks,
+        and the calls it refused. Call it on the server's loop, once it
+        has started (RuntimeError before)."""
+        self._check_started()
+        queued = self._queue.queued_by_target(STATS_NAMES)
+        tally = self._tally
+        return Stats(
+            clients=len(self._dispatcher.sessions()),
+            queued=self._queue.queued(),
+            queued_for_any=queued.pop(None, 0),
+            queued_for={name: count for name, count in queued.items() if name is not None},
+            in_flight=sum(len(session.in_flight) for session in self._dispatcher.sessions()),
+            submitted=tally.submitted,
+            answered=tally.outcomes["answered"],
+            failed=tally.outcomes["failed"],
+            cancelled=tally.outcomes["cancelled"],
+            requeued=dict(self._dispatcher.requeues),
+            lease_expiries=self._dispatcher.requeues[LEASE_EXPIRED],
+            refused=dict(tally.refused),
+            durations=list(tally.durations),
+            duration_sum=tally.duration_sum,
+        )
+
+    def clients(self) -> list[ClientView]:
+        """The clients connected to this server, in the order they registered."""
+        self._check_started()
+        return [
+            ClientView(
+                name=session.name,
+                address=session.peer,
+                window=session.window,
+                in_flight=len(session.in_flight),
+                answered=session.answered,
+                connected_since=session.connected_at,
+                last_heard=session.heard_at,
+            )
+            for session in self._dispatcher.sessions()
+        ]
+
+    def _check_started(self) -> None:
+        if self._loop is None:
+            raise RuntimeError("the server has not started: enter `async with server` first")
+
+    def _timed(self, submitted: float, outcome: asyncio.Future[str]) -> None:
+        """An outcome came: if an answer, how long after its submit."""
+        if not outcome.cancelled() and outcome.exception() is None and self._loop is not None:
+            self._tally.timed(self._loop.time() - submitted)
 
     async def serve_until_stopped(self) -> None:
         """Serve until SIGINT or SIGTERM arrives (Ctrl-C, or what kill,
@@ -296,10 +370,13 @@ class Server:
         """Log how a task ended (an answer, a client's failure, or no attempts left)."""
         if isinstance(outcome, str):
             log.info("task %s result from %s: %s", task.id, client, Quoted(outcome))
+            self._tally.answered()
         elif isinstance(outcome, TaskError):
             log.warning("task %s failed at %s: %s", task.id, client, Quoted(outcome.error))
+            self._tally.failed(task.id, client, outcome.error)
         elif isinstance(outcome, TaskFailedError):
             log.error("task %s failed: %s: %s", task.id, outcome.reason, Quoted(task.text))
+            self._tally.failed(task.id, None, outcome.reason)
 
     def _hand_on(self, task: Task, client: str, outcome: str | TaskNotAnsweredError) -> None:
         """Give the `on_answer` hook what became of a task."""
@@ -326,21 +403,46 @@ class Server:
         try:
             await queue.start()
             summarise_grpc_decode_errors(log)
-            self._server = grpc.aio.server(options=SERVER_OPTIONS)  # needs a running loop
+            counter = RefusalCounter(self._tally.refused)
+            self._server = grpc.aio.server(options=SERVER_OPTIONS, interceptors=[counter])
             self._servicer = self.servicer(self._dispatcher)
             contact_pb2_grpc.add_ContactServicer_to_server(self._servicer, self._server)
             self._health = add_health(self._server)
+            if self.reflection:  # the proto is this server's public contract
+                names = (CONTACT_SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME)
+                reflection.enable_server_reflection(names, self._server)
             self.port = listen(self._server, self.host, self.port, self._credentials)
+            self._status = self._serve_status()
             await self._server.start()
         except BaseException:
             await queue.close()  # (a journal's file is locked until then)
+            if self._status is not None:
+                await self._status.stop()
             raise
         self._loop = asyncio.get_running_loop()
         self._housekeeper = asyncio.create_task(self._housekeeping())
         warn_if_exposed(self.host, self._credentials)
         tls = "" if self._credentials is None else " with TLS"
         log.info("listening on %s:%d%s", self.host, self.port, tls)
+        if self._status is not None:
+            where = f"http://{self.metrics_host}:{self.metrics_port}"
+            log.info("status page at %s/, Prometheus metrics at %s/metrics", where, where)
         return self
+
+    def _serve_status(self) -> StatusServer | None:
+        """The status page and metrics, if asked for (OSError if the port is taken)."""
+        if self.metrics_port is None:
+            return None
+        loop = asyncio.get_running_loop()
+        status = StatusServer(self.metrics_host, self.metrics_port, loop, self._snapshot)
+        self.metrics_port = status.port  # (the one chosen, for port 0)
+        return status
+
+    def _snapshot(self) -> Snapshot:
+        tally = self._tally
+        return Snapshot(
+            self.stats(), self.clients(), list(tally.failures), tally.rate(), time.time()
+        )
 
     async def __aexit__(self, *exc_info: object) -> None:
         in_flight = sum(task.holder is not None for task in self._queue.unfinished())
@@ -360,6 +462,8 @@ class Server:
         unanswered = len(self._queue.unfinished())
         kept = self._queue.kept() if unanswered else ""
         await self._queue.close()  # makes durable what is pending: answers that just came
+        if self._status is not None:
+            await self._status.stop()
         REPEATS.flush(log, everything=True)  # no "... and N more" is left unsaid
         log.info("stopped; tasks never answered: %d%s", unanswered, kept)
         if self._signals_back is not None:  # a signal now is the program's again
