@@ -5,6 +5,7 @@ test has a database of its own; what docs/fleet.md promises, point by point."""
 from __future__ import annotations
 
 import asyncio
+import json
 import re
 import signal
 import socket
@@ -381,6 +382,9 @@ def test_two_servers_metrics_show_the_same_fleet_queue(
         while (queued := fleet_queued(port)) != 3 and time.monotonic() < deadline:
             time.sleep(0.1)  # (the heartbeat logs nothing to wait for)
         assert queued == 3, server.label
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/status.json", timeout=10) as page:
+            stats = json.loads(page.read())["stats"]
+        assert (stats["queued_for_any"], stats["queued_for"]) == (0, {"nobody": 3}), server.label
 
 
 def fleet_queued(port: str) -> float:

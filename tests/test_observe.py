@@ -8,12 +8,16 @@ import asyncio
 import json
 import re
 import shutil
+import signal
 import socket
 import subprocess
 import time
 import urllib.error
 import urllib.request
+from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
@@ -23,7 +27,10 @@ from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (
 )
 from prometheus_client.parser import text_string_to_metric_families
 
-from contact import CLIENT_ID_KEY
+from contact import CLIENT_ID_KEY, contact_pb2, contact_pb2_grpc
+from contact.server.stats import RefusalCounter
+from contact.server.status import MAX_REQUESTS
+from contact.waits import within
 from contact_server import ContactServer
 from tests.installed import required
 from tests.processes import Process, start_client, start_server
@@ -101,12 +108,14 @@ def test_stats_clients_and_metrics_match_two_probes_and_five_answered_tasks(
             waiting = [await server.submit(f"for nobody {n}", "nobody") for n in range(2)]
             assert waiting[0].cancel()
             await refused_once(server.port)
+            await left_holding_a_task(server, processes)
 
             stats = server.stats()
-            assert (stats.clients, stats.queued, stats.in_flight) == (2, 1, 0)
-            assert (stats.queued_for_any, stats.queued_for) == (0, {"nobody": 1})
-            assert (stats.submitted, stats.answered, stats.failed, stats.cancelled) == (7, 5, 0, 1)
-            assert stats.refused == {"INVALID_ARGUMENT": 1}
+            assert (stats.clients, stats.queued, stats.in_flight) == (2, 2, 0)
+            assert (stats.queued_for_any, stats.queued_for) == (0, {"nobody": 1, "gone": 1})
+            assert (stats.submitted, stats.answered, stats.failed, stats.cancelled) == (8, 5, 0, 1)
+            assert {code: n for code, n in stats.refused.items() if n} == {"INVALID_ARGUMENT": 1}
+            assert {why: n for why, n in stats.requeued.items() if n} == {"left": 1}
             assert sum(stats.durations) == 5
             clients = server.clients()
             assert [client.name for client in clients] == ["probe1", "probe2"]
@@ -119,17 +128,21 @@ def test_stats_clients_and_metrics_match_two_probes_and_five_answered_tasks(
             base = f"http://127.0.0.1:{server.metrics_port}"
             status, kind, text = await asyncio.to_thread(fetch, base + "/metrics")
             assert status == 200 and kind.startswith("text/plain"), (status, kind)
-            assert metrics_of(text) == {
+            metrics = metrics_of(text)
+            assert {name: n for name, n in metrics.items() if n} == {
                 "contact_clients_connected": 2,
-                "contact_tasks_queued": 1,
-                "contact_tasks_in_flight": 0,
-                "contact_tasks_submitted_total": 7,
+                "contact_tasks_queued": 2,
+                "contact_tasks_submitted_total": 8,
                 "contact_tasks_total{outcome=answered}": 5,
-                "contact_tasks_total{outcome=failed}": 0,
                 "contact_tasks_total{outcome=cancelled}": 1,
+                "contact_requeues_total{reason=left}": 1,
                 "contact_calls_refused_total{code=INVALID_ARGUMENT}": 1,
                 "contact_task_answer_seconds_count": 5,
             }
+            # Every outcome, reason and code has its series from the start.
+            assert metrics["contact_tasks_total{outcome=failed}"] == 0
+            assert metrics["contact_requeues_total{reason=lease_expired}"] == 0
+            assert metrics["contact_calls_refused_total{code=UNKNOWN}"] == 0
             status, kind, text = await asyncio.to_thread(fetch, base + "/status.json")
             assert (status, kind) == (200, "application/json")
             shown = json.loads(text)
@@ -140,6 +153,29 @@ def test_stats_clients_and_metrics_match_two_probes_and_five_answered_tasks(
             assert (await asyncio.to_thread(fetch, base + "/nothing"))[0] == 404
 
     asyncio.run(scenario())
+
+
+async def left_holding_a_task(server: ContactServer, processes: list[Process]) -> None:
+    """A client named gone takes a task for it, hangs, and is killed: the
+    task is queued again for it (requeued: left)."""
+    gone = await asyncio.to_thread(start_client, "gone", server.port)
+    processes.append(gone)
+    gone.freeze()
+    await server.submit("held when it died", "gone")
+    await until(lambda: server.stats().in_flight == 1)
+    gone.send(signal.SIGKILL)
+    await until(lambda: server.stats().requeued["left"] == 1)
+
+
+async def until(condition: Callable[[], bool], timeout: float = 10.0) -> None:
+    """Wait until `condition()`, looked at every 10 ms on the server's loop
+    (asyncio.TimeoutError after `timeout` seconds)."""
+
+    async def looked_at() -> None:
+        while not condition():
+            await asyncio.sleep(0.01)
+
+    await within(looked_at(), timeout)
 
 
 async def refused_once(port: int) -> None:
@@ -154,7 +190,7 @@ async def refused_once(port: int) -> None:
 
 
 # What metrics_of keeps: each sample's name, with its label if it has one.
-KEPT = re.compile(r"contact_(clients|tasks|calls_refused|task_answer_seconds_count)")
+KEPT = re.compile(r"contact_(clients|tasks|requeues|calls_refused|task_answer_seconds_count)")
 
 
 def metrics_of(text: str) -> dict[str, float]:
@@ -214,3 +250,79 @@ def answered_on(dom: str) -> int:
     found = re.search(r'<b id="answered">(\d+)</b>', dom)
     assert found, dom
     return int(found[1])
+
+
+class Crashing(contact_pb2_grpc.ContactServicer):  # type: ignore[misc]
+    """rpcs that end badly, each its own way."""
+
+    async def getTask(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        yield contact_pb2.ServerMsg(id="1", task="one")
+        raise ValueError("a bug in a streaming handler")
+
+    async def tellResult(self, requests: Any, context: grpc.aio.ServicerContext) -> Any:
+        await context.abort(grpc.StatusCode.PERMISSION_DENIED, "refused")
+
+    async def sendStatus(self, requests: Any, context: grpc.aio.ServicerContext) -> Any:
+        yield contact_pb2.Result(ret="hello")
+        await asyncio.Event().wait()  # until the client hangs up
+
+
+def test_the_refusal_counter_counts_aborts_and_crashes_not_hang_ups() -> None:
+    async def scenario() -> Counter[str]:
+        refused: Counter[str] = Counter()
+        server = grpc.aio.server(interceptors=[RefusalCounter(refused)])
+        contact_pb2_grpc.add_ContactServicer_to_server(Crashing(), server)
+        port = server.add_insecure_port("127.0.0.1:0")
+        await server.start()
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+            stub = contact_pb2_grpc.ContactStub(channel)
+            with pytest.raises(grpc.aio.AioRpcError) as crashed:
+                async for _ in stub.getTask(contact_pb2.Empty()):
+                    pass
+            assert crashed.value.code() == grpc.StatusCode.UNKNOWN
+            with pytest.raises(grpc.aio.AioRpcError) as aborted:
+                await stub.tellResult(iter([contact_pb2.Result(id="1")]))
+            assert aborted.value.code() == grpc.StatusCode.PERMISSION_DENIED
+            hung_up = stub.sendStatus(iter([contact_pb2.ClientMsg(msg="hi")]))
+            assert (await hung_up.read()).ret == "hello"
+            hung_up.cancel()
+        await server.stop(1)  # (the hung-up call's end is seen by then)
+        return refused
+
+    assert asyncio.run(scenario()) == {"UNKNOWN": 1, "PERMISSION_DENIED": 1}
+
+
+def test_the_page_answers_its_own_names_only_and_a_flood_gets_503(
+    processes: list[Process],
+) -> None:
+    server, _ = start_server("--metrics-port", "0")
+    processes.append(server)
+    port = int(server.wait_for(r"status page at http://127\.0\.0\.1:(\d+)/")[1])
+    assert asked(port, "/status.json", "127.0.0.1").startswith("HTTP/1.0 200")
+    assert asked(port, "/status.json", "localhost").startswith("HTTP/1.0 200")
+    # A name that is not this server's: a page rebound to this address.
+    assert asked(port, "/status.json", "evil.example").startswith("HTTP/1.0 403")
+    assert asked(port, "/", "evil.example").startswith("HTTP/1.0 403")
+    assert asked(port, "/metrics", "evil.example").startswith("HTTP/1.0 200")
+    idle = [socket.create_connection(("127.0.0.1", port)) for _ in range(MAX_REQUESTS)]
+    try:
+        for connection in idle:  # each holds a thread, its request never finished
+            connection.sendall(b"GET / HTTP/1.1\r\n")
+        assert asked(port, "/metrics", "127.0.0.1").startswith("HTTP/1.1 503")
+    finally:
+        for connection in idle:
+            connection.close()
+    assert asked(port, "/metrics", "127.0.0.1", tries=50).startswith("HTTP/1.0 200")
+
+
+def asked(port: int, path: str, host: str, tries: int = 1) -> str:
+    """The raw HTTP reply to GET `path` with this Host header; up to `tries`
+    times while the reply is a 503 (a slot freed a moment later)."""
+    for _ in range(tries):
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as connection:
+            connection.sendall(f"GET {path} HTTP/1.0\r\nHost: {host}\r\n\r\n".encode())
+            reply = b"".join(iter(lambda: connection.recv(65536), b"")).decode()
+        if not reply.startswith("HTTP/1.1 503"):
+            break
+        time.sleep(0.05)  # (a slot is freed as its thread ends: nothing to wait on from here)
+    return reply

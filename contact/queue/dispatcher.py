@@ -26,6 +26,7 @@ log = logging.getLogger("contact.dispatcher")
 LEFT, REPLACED, SHUTDOWN, FORGOTTEN = "left", "replaced", "shutdown", "forgotten"
 # Why else a task is taken back from a client (counted beside the above).
 LEASE_EXPIRED, SILENT = "lease_expired", "silent"
+REQUEUE_REASONS = (LEFT, REPLACED, SHUTDOWN, FORGOTTEN, LEASE_EXPIRED, SILENT)
 
 # The default of the server's --task-timeout (see docs/limits.md): a lease,
 # ten minutes from sending (or beginning) to answer.
@@ -165,8 +166,8 @@ class Dispatcher:
         # Each maps to the room it had when placed, and `_room` is their sum.
         self._by_load: dict[int, dict[Session, int]] = {}
         self._room = 0
-        # Tasks taken back from clients, by why (LEFT, LEASE_EXPIRED, ...).
-        self.requeues: Counter[str] = Counter()
+        # Tasks taken back from clients, by why (each why from 0).
+        self.requeues: Counter[str] = Counter(dict.fromkeys(REQUEUE_REASONS, 0))
         queue.bind(self)
 
     # -- what the server calls --
@@ -285,7 +286,7 @@ class Dispatcher:
         if task is not None:
             self._ended(task)
         if outcome in (Outcome.ACCEPTED, Outcome.DUPLICATE):  # late, but it is not hung
-            self._answers_again(name, outcome is Outcome.ACCEPTED)
+            self._answers_again(name, outcome is Outcome.ACCEPTED and not error)
         return outcome
 
     def cancel(self, task_id: str) -> Task | None:
@@ -472,13 +473,13 @@ class Dispatcher:
         self._fill(session)
         return True
 
-    def _answers_again(self, name: str, accepted: bool) -> None:
+    def _answers_again(self, name: str, answered: bool) -> None:
         """Client `name` answered: its silence starts again, and if its leases
         ran out it is slow, not hung, so its whole window is open to it again."""
         session = self._sessions.get(name)
         if session is None:
             return
-        session.answered += accepted
+        session.answered += answered
         session.heard()
         self._heard_from(session)
         if session.stalled:

@@ -213,7 +213,9 @@ GIVEN_BACK = """UPDATE contact_tasks
     WHERE id = $1 AND state IN ('claimed', 'relayed') AND claimed_by = $2"""
 CANCELLED = """UPDATE contact_tasks SET state = 'cancelled'
     WHERE id = $1 AND state = 'claimed' AND claimed_by <> $2"""
-CANCELLED_QUEUED = "DELETE FROM contact_tasks WHERE id = $1 AND state IN ('queued', 'cancelled')"
+# (Also one another server answered, its answer not yet reported here: dropped.)
+CANCELLED_QUEUED = """DELETE FROM contact_tasks WHERE id = $1
+    AND (state IN ('queued', 'cancelled') OR state = 'ended' AND submitted_by = $2)"""
 WITHDRAWN = "DELETE FROM contact_tasks WHERE id = $1 AND state = 'cancelled'"
 # The oldest $2 tasks for any client, in order from their index.
 CLAIM_FOR_ANY = """UPDATE contact_tasks t SET state = 'claimed', claimed_by = $1
@@ -577,7 +579,7 @@ class PostgresQueue(MemoryQueue):
         task = Task(id=task_id, text="")
         outcome.set_exception(self._failure(TaskCancelledError, task, "was cancelled", "cancelled"))
         self._write(CANCELLED, task_id, self.run)
-        self._write(CANCELLED_QUEUED, task_id)
+        self._write(CANCELLED_QUEUED, task_id, self.run)
         return task
 
     def stop(self) -> None:
@@ -627,7 +629,18 @@ class PostgresQueue(MemoryQueue):
     def _queued_new(self, task: Task) -> None:
         """A task put here is in the database, for whichever server claims it."""
         self._log_queued(task)
-        self._in_database += 1
+        self._counted_in_database(task.target, 1)
+
+    def _counted_in_database(self, target: str | None, change: int) -> None:
+        """Keep the counts of the last heartbeat up to date with the tasks
+        this server put in, and claimed back (the others' come with the next)."""
+        self._in_database = max(0, self._in_database + change)
+        if target is None:
+            self._for_any = max(0, self._for_any + change)
+        elif (count := self._for_names.get(target, 0) + change) > 0:
+            self._for_names[target] = count
+        else:
+            self._for_names.pop(target, None)
 
     def _kept(self, task: Task) -> asyncio.Future[None]:
         if "\x00" in task.text:  # (a failed INSERT would fail its whole batch)
@@ -883,7 +896,7 @@ class PostgresQueue(MemoryQueue):
         if row["submitted_by"] != self.run:
             self._submitter[task.id] = row["submitted_by"]
         elif task.id in self._outcomes:
-            self._in_database = max(0, self._in_database - 1)
+            self._counted_in_database(task.target, -1)
         self._held_since[task.id] = self._clock()
         self._enqueue(task)
 

@@ -55,7 +55,7 @@ from contact.server.handles import (
 )
 from contact.server.health import CONTACT_SERVICE, add_health
 from contact.server.stats import STATS_NAMES, ClientView, RefusalCounter, Stats, Tally
-from contact.server.status import Snapshot, StatusServer
+from contact.server.status import PAGE_CLIENTS, Snapshot, StatusServer
 from contact.signals import on_stop_signal
 from contact.tls import warn_if_exposed
 from contact.waits import within
@@ -308,6 +308,9 @@ class Server:
         and the calls it refused. Call it on the server's loop, once it
         has started (RuntimeError before)."""
         self._check_started()
+        return self._counts()
+
+    def _counts(self) -> Stats:
         queued = self._queue.queued_by_target(STATS_NAMES)
         tally = self._tally
         return Stats(
@@ -330,6 +333,9 @@ class Server:
     def clients(self) -> list[ClientView]:
         """The clients connected to this server, in the order they registered."""
         self._check_started()
+        return self._clients()
+
+    def _clients(self, most: int | None = None) -> list[ClientView]:
         return [
             ClientView(
                 name=session.name,
@@ -340,7 +346,7 @@ class Server:
                 connected_since=session.connected_at,
                 last_heard=session.heard_at,
             )
-            for session in self._dispatcher.sessions()
+            for session in self._dispatcher.sessions()[:most]
         ]
 
     def _check_started(self) -> None:
@@ -411,13 +417,13 @@ class Server:
             if self.reflection:  # the proto is this server's public contract
                 names = (CONTACT_SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME)
                 reflection.enable_server_reflection(names, self._server)
+            self._status = self._serve_status()  # (first: a port it cannot have binds nothing)
             self.port = listen(self._server, self.host, self.port, self._credentials)
-            self._status = self._serve_status()
             await self._server.start()
         except BaseException:
-            await queue.close()  # (a journal's file is locked until then)
             if self._status is not None:
                 await self._status.stop()
+            await queue.close()  # (a journal's file is locked until then)
             raise
         self._loop = asyncio.get_running_loop()
         self._housekeeper = asyncio.create_task(self._housekeeping())
@@ -425,7 +431,8 @@ class Server:
         tls = "" if self._credentials is None else " with TLS"
         log.info("listening on %s:%d%s", self.host, self.port, tls)
         if self._status is not None:
-            where = f"http://{self.metrics_host}:{self.metrics_port}"
+            host = f"[{self.metrics_host}]" if ":" in self.metrics_host else self.metrics_host
+            where = f"http://{host}:{self.metrics_port}"
             log.info("status page at %s/, Prometheus metrics at %s/metrics", where, where)
         return self
 
@@ -434,15 +441,16 @@ class Server:
         if self.metrics_port is None:
             return None
         loop = asyncio.get_running_loop()
-        status = StatusServer(self.metrics_host, self.metrics_port, loop, self._snapshot)
+        status = StatusServer(
+            self.metrics_host, self.metrics_port, loop, self._counts, self._snapshot
+        )
         self.metrics_port = status.port  # (the one chosen, for port 0)
         return status
 
     def _snapshot(self) -> Snapshot:
         tally = self._tally
-        return Snapshot(
-            self.stats(), self.clients(), list(tally.failures), tally.rate(), time.time()
-        )
+        clients = self._clients(PAGE_CLIENTS)
+        return Snapshot(self._counts(), clients, list(tally.failures), tally.rate(), time.time())
 
     async def __aexit__(self, *exc_info: object) -> None:
         in_flight = sum(task.holder is not None for task in self._queue.unfinished())
@@ -461,9 +469,11 @@ class Server:
         await self._server.stop(self.grace)
         unanswered = len(self._queue.unfinished())
         kept = self._queue.kept() if unanswered else ""
-        await self._queue.close()  # makes durable what is pending: answers that just came
-        if self._status is not None:
-            await self._status.stop()
+        try:
+            await self._queue.close()  # makes durable what is pending: answers that just came
+        finally:
+            if self._status is not None:
+                await self._status.stop()
         REPEATS.flush(log, everything=True)  # no "... and N more" is left unsaid
         log.info("stopped; tasks never answered: %d%s", unanswered, kept)
         if self._signals_back is not None:  # a signal now is the program's again

@@ -29,6 +29,10 @@ RECENT_FAILURES = 20
 # many slots: the status page's chart of the last ten minutes.
 RATE_SLOT_SECONDS = 5
 RATE_SLOTS = 120
+# The codes of the calls this server ends with an error (counted from 0,
+# so that each has its series from the start; others are counted as met).
+REFUSAL_CODES = ("INVALID_ARGUMENT", "PERMISSION_DENIED", "FAILED_PRECONDITION", "ABORTED",
+                 "UNAVAILABLE", "UNKNOWN")  # fmt: skip
 # The names with the most tasks queued that stats() lists one by one.
 STATS_NAMES = 20
 
@@ -82,7 +86,7 @@ class Tally:
     def __init__(self) -> None:
         self.submitted = 0
         self.outcomes: Counter[str] = Counter()  # "answered", "failed", "cancelled"
-        self.refused: Counter[str] = Counter()
+        self.refused: Counter[str] = Counter(dict.fromkeys(REFUSAL_CODES, 0))
         self.durations = [0] * len(DURATION_BUCKETS)
         self.duration_sum = 0.0
         self.failures: deque[Failure] = deque(maxlen=RECENT_FAILURES)
@@ -119,9 +123,10 @@ class Tally:
 
 
 class RefusalCounter(grpc.aio.ServerInterceptor):
-    """Counts the calls that end with an error status, by its code (an
-    abort: a refusal, a takeover, a shutdown); the calls' own code is not
-    touched: each handler is the same one, with a callback added."""
+    """Counts the calls that end with an error status, by its code: an
+    abort (a refusal, a takeover, a shutdown), or UNKNOWN for a handler
+    that raised. The calls are not changed: each handler is the same one,
+    with a callback added."""
 
     def __init__(self, refused: Counter[str]) -> None:
         self._refused = refused
@@ -153,6 +158,9 @@ class RefusalCounter(grpc.aio.ServerInterceptor):
                 try:
                     async for reply in replies:
                         yield reply
+                except Exception:
+                    self._crashed(context)
+                    raise
                 finally:  # (cancelled at our yield: its own cleanup runs now, not at GC)
                     await replies.aclose()
 
@@ -161,10 +169,20 @@ class RefusalCounter(grpc.aio.ServerInterceptor):
 
             async def awaited(request: Any, context: grpc.aio.ServicerContext) -> Any:
                 context.add_done_callback(count)
-                return await behavior(request, context)
+                try:
+                    return await behavior(request, context)
+                except Exception:
+                    self._crashed(context)
+                    raise
 
             return awaited
         return behavior  # (run in a thread: not counted; this server has none)
+
+    def _crashed(self, context: grpc.aio.ServicerContext) -> None:
+        """The handler raised: grpc ends the call UNKNOWN without setting a
+        code (an abort sets one first: `_count` counts that)."""
+        if context.code() is None:
+            self._refused["UNKNOWN"] += 1
 
     def _count(self, context: grpc.aio.ServicerContext) -> None:
         code = context.code()

@@ -11,15 +11,19 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import dataclasses
 import functools
+import ipaddress
 import json
 import logging
+import socket
 import threading
+import urllib.parse
 from collections.abc import Callable, Iterable, Iterator
 from importlib import resources
-from typing import Any
-from wsgiref.simple_server import WSGIRequestHandler, make_server
+from typing import Any, TypeVar
+from wsgiref.simple_server import WSGIRequestHandler
 
 from prometheus_client import CollectorRegistry, make_wsgi_app
 from prometheus_client.core import (
@@ -37,9 +41,15 @@ log = logging.getLogger("contact.server")
 # How long a request waits for the event loop's snapshot: a loop stuck this
 # long answers 503, rather than tying up the request's thread.
 SNAPSHOT_SECONDS = 5.0
-# Requests served at once (each in a thread); more get 503 at once: a
-# flood of requests cannot start a thread each.
+# Connections served at once (each in a thread); more get 503 at once,
+# before a thread is started: a flood of them cannot start a thread each.
 MAX_REQUESTS = 8
+# A connection that sends nothing for this long is closed: an idle or slow
+# one cannot keep its thread (and its place among MAX_REQUESTS) for ever.
+REQUEST_SECONDS = 10.0
+# The page lists at most this many clients (stats count them all): its
+# JSON stays small, and the loop's work per refresh bounded.
+PAGE_CLIENTS = 200
 # How often the HTTP thread looks up from waiting for a request to see if it
 # should stop: what stopping it adds to the server's shutdown, at most.
 STOP_POLL_SECONDS = 0.1
@@ -57,13 +67,13 @@ class Snapshot:
 
 
 class Metrics:
-    """A prometheus-client collector: each scrape turns a snapshot into metrics."""
+    """A prometheus-client collector: each scrape turns the counts into metrics."""
 
-    def __init__(self, snapshot: Callable[[], Snapshot]) -> None:
-        self._snapshot = snapshot
+    def __init__(self, take_stats: Callable[[], Stats]) -> None:
+        self._take_stats = take_stats
 
     def collect(self) -> Iterator[Metric]:
-        stats = self._snapshot().stats
+        stats = self._take_stats()
         yield gauge("contact_clients_connected", "Clients connected to this server.", stats.clients)
         yield gauge(
             "contact_tasks_queued",
@@ -119,24 +129,30 @@ def histogram(stats: Stats) -> HistogramMetricFamily:
 
 
 class StatusServer:
-    """The HTTP server, on host:port, in a daemon thread until `stop`."""
+    """The HTTP server, on host:port, in threads of its own until `stop`.
+    `take_stats` and `take` are called on `loop`: the counts for /metrics,
+    and everything for the page."""
 
     def __init__(
-        self, host: str, port: int, loop: asyncio.AbstractEventLoop, take: Callable[[], Snapshot]
+        self,
+        host: str,
+        port: int,
+        loop: asyncio.AbstractEventLoop,
+        take_stats: Callable[[], Stats],
+        take: Callable[[], Snapshot],
     ) -> None:
-        self._loop, self._take = loop, take
-        self._slots = threading.BoundedSemaphore(MAX_REQUESTS)
+        self._loop, self._host = loop, host
+        self._failing = False  # said once while snapshots fail, once when they come again
         registry = CollectorRegistry(auto_describe=False)
-        registry.register(Metrics(self._snapshot))
+        registry.register(Metrics(lambda: self._on_loop(take_stats)))
         self._metrics = make_wsgi_app(registry)
+        self._take = take
         self._page = resources.files("contact.server").joinpath("status.html").read_bytes()
         try:
-            self._http = make_server(
-                host, port, self._app, server_class=ThreadingWSGIServer, handler_class=QuietHandler
-            )
+            self._http = BoundedServer((host, port), QuietHandler)
         except OSError as err:
             raise OSError(f"cannot serve metrics on {host}:{port}: {err.strerror or err}") from err
-        self._http.daemon_threads = True  # (a request cut short never holds up the exit)
+        self._http.set_app(self._app)
         self.port = self._http.server_port
         serve = functools.partial(self._http.serve_forever, poll_interval=STOP_POLL_SECONDS)
         self._thread = threading.Thread(target=serve, name="status", daemon=True)
@@ -147,51 +163,109 @@ class StatusServer:
         await asyncio.to_thread(self._http.shutdown)
         self._http.server_close()
 
-    def _snapshot(self) -> Snapshot:
-        """The counts, taken on the event loop (its state is the loop's alone)."""
-        future = asyncio.run_coroutine_threadsafe(taken(self._take), self._loop)
+    def _on_loop(self, take: Callable[[], Taken]) -> Taken:
+        """`take()`, called on the event loop (its state is the loop's alone)."""
+        future = asyncio.run_coroutine_threadsafe(taken(take), self._loop)
         try:
-            return future.result(SNAPSHOT_SECONDS)
-        except concurrent.futures.TimeoutError:
+            result = future.result(SNAPSHOT_SECONDS)
+        except (concurrent.futures.TimeoutError, concurrent.futures.CancelledError):
             future.cancel()
             raise
+        if self._failing:
+            self._failing = False
+            log.info("status page: the server answers again")
+        return result
 
     def _app(self, environ: dict[str, Any], respond: Callable[..., Any]) -> Iterable[bytes]:
-        if not self._slots.acquire(blocking=False):
-            return reply(respond, "503 Service Unavailable", b"busy: try again\n", "text/plain")
         try:
             return self._route(environ, respond)
-        except (concurrent.futures.TimeoutError, RuntimeError) as err:  # (or its loop closed)
-            log.warning("status page: no snapshot from the server: %r", err)
+        except (concurrent.futures.TimeoutError, concurrent.futures.CancelledError, RuntimeError):
+            if not self._failing:  # (RuntimeError: the loop is closed)
+                self._failing = True
+                log.warning("status page: no answer from the server in %.0f s", SNAPSHOT_SECONDS)
             body = b"no answer from the server\n"
             return reply(respond, "503 Service Unavailable", body, "text/plain")
-        finally:
-            self._slots.release()
 
     def _route(self, environ: dict[str, Any], respond: Callable[..., Any]) -> Iterable[bytes]:
         path = environ.get("PATH_INFO", "")
-        if path == "/metrics":
-            return list(self._metrics(environ, respond))  # (read while holding a slot)
+        if path == "/metrics":  # (no names in it: any Host may scrape it)
+            return list(self._metrics(environ, respond))
+        if path not in ("/", "/index.html", "/status.json"):
+            return reply(respond, "404 Not Found", b"not found: try / or /metrics\n", "text/plain")
+        if not self._host_allowed(environ.get("HTTP_HOST", "")):
+            body = b"this page answers to its address or localhost only\n"
+            return reply(respond, "403 Forbidden", body, "text/plain")
         if path == "/status.json":
-            body = json.dumps(dataclasses.asdict(self._snapshot())).encode()
+            body = json.dumps(dataclasses.asdict(self._on_loop(self._take))).encode()
             return reply(respond, "200 OK", body, "application/json")
-        if path in ("/", "/index.html"):
-            return reply(respond, "200 OK", self._page, "text/html; charset=utf-8")
-        return reply(respond, "404 Not Found", b"not found: try / or /metrics\n", "text/plain")
+        return reply(respond, "200 OK", self._page, "text/html; charset=utf-8")
+
+    def _host_allowed(self, host_header: str) -> bool:
+        """Whether a request for the page names this server by an address,
+        localhost or --metrics-host: a web page whose own name was made to
+        resolve to this machine (DNS rebinding) cannot read it."""
+        host = urllib.parse.urlsplit(f"//{host_header}").hostname or ""
+        if host in ("localhost", self._host.strip("[]").lower()):
+            return True
+        try:
+            ipaddress.ip_address(host)
+        except ValueError:
+            return False
+        return True
 
 
-async def taken(take: Callable[[], Snapshot]) -> Snapshot:
+Taken = TypeVar("Taken")
+
+
+async def taken(take: Callable[[], Taken]) -> Taken:
     return take()
 
 
 def reply(respond: Callable[..., Any], status: str, body: bytes, kind: str) -> list[bytes]:
-    respond(status, [("Content-Type", kind), ("Content-Length", str(len(body))),
-                     ("Cache-Control", "no-store")])  # fmt: skip
+    headers = [("Content-Type", kind), ("Content-Length", str(len(body)))]
+    respond(
+        status, [*headers, ("Cache-Control", "no-store"), ("X-Content-Type-Options", "nosniff")]
+    )
     return [body]
 
 
+class BoundedServer(ThreadingWSGIServer):
+    """prometheus-client's threading WSGI server, with at most MAX_REQUESTS
+    connections served at once (a thread each): one more is answered 503
+    and closed before any thread starts. IPv6 too."""
+
+    def __init__(self, address: tuple[str, int], handler: type[WSGIRequestHandler]) -> None:
+        self.address_family = socket.AF_INET6 if ":" in address[0] else socket.AF_INET
+        self._slots = threading.BoundedSemaphore(MAX_REQUESTS)
+        super().__init__((address[0].strip("[]"), address[1]), handler)
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        if not self._slots.acquire(blocking=False):
+            with contextlib.suppress(OSError):
+                request.sendall(BUSY)
+            self.shutdown_request(request)
+            return
+        try:
+            super().process_request(request, client_address)  # (starts its thread)
+        except BaseException:
+            self._slots.release()
+            raise
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self._slots.release()
+
+
+BUSY = b"HTTP/1.1 503 Service Unavailable\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+
+
 class QuietHandler(WSGIRequestHandler):
-    """Requests logged at DEBUG, through logging (wsgiref prints each to stderr)."""
+    """Requests logged at DEBUG, through logging (wsgiref prints each to
+    stderr); a client that sends nothing for REQUEST_SECONDS is let go."""
+
+    timeout = REQUEST_SECONDS
 
     def log_message(self, format: str, *args: Any) -> None:
         log.debug("status page: " + format, *args)
