@@ -428,7 +428,8 @@ def main() -> int:
                 else []
             )
             impls += JOURNAL_IMPLS if mode == "throughput" else []
-            impls += ["server-metrics"] if mode == "throughput" and clients == 1 else []
+            if mode == "throughput" and clients == 1:  # next to the server it is compared with
+                impls.insert(impls.index("server") + 1, "server-metrics")
             impls += ["server", "server-journal-full"] if mode == "latency" else []
             for impl in impls:  # interleaved, so drift hits both alike
                 print(f"repeat {repeat + 1}/{args.repeats}: {impl} {mode} x{clients}", flush=True)

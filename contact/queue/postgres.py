@@ -420,6 +420,7 @@ class PostgresQueue(MemoryQueue):
         db = await self._connected(BEATER)
         await self._check_or_create(db)
         await db.execute(REGISTER, self.run)
+        self._beating_since = self._last_beat = time.monotonic()  # (that was a heartbeat)
         self._servers = await db.fetchval(COUNT_SERVERS)
         await self._listen()
 
