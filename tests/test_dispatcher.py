@@ -9,7 +9,7 @@ import pytest
 
 from contact import WITHDRAWN
 from contact.queue.base import Outcome, QueueFullError, Task
-from contact.queue.dispatcher import REPLACED, SHUTDOWN, Session
+from contact.queue.dispatcher import LEASE_EXPIRED, REPLACED, SHUTDOWN, SILENT, Session
 from tests.dispatching import ProbedDispatcher, make_dispatcher
 
 # Each test runs on both kinds of queue: in memory, and SQLite (tests/conftest.py).
@@ -313,6 +313,7 @@ def test_a_lease_that_runs_out_sends_the_task_elsewhere_and_stalls_its_holder() 
     clock.now = 10.0
     dispatcher.expire_leases()
     assert assigned(hung) == [] and hung.stalled
+    assert dispatcher.requeues[LEASE_EXPIRED] == 2  # (stats' lease_expiries)
     dispatcher.queue.add("three")
     assert assigned(hung) == []  # a hung client gets nothing more
     rescuer = dispatcher.connect("rescuer")
@@ -518,6 +519,7 @@ def test_a_hung_client_loses_the_tasks_it_has_not_begun_a_lease_after_it_stalled
     clock.now = 20.0
     dispatcher.expire_leases()
     assert assigned(hung) == [] and hung.stalled
+    assert (dispatcher.requeues[LEASE_EXPIRED], dispatcher.requeues[SILENT]) == (1, 2)
     assert [task.id for task in hung.outbox if task.cancelled] == [second.id, third.id]
     assert (stuck.attempts, second.attempts, third.attempts) == (1, 0, 0)  # only one charged
     helper = dispatcher.connect("helper")

@@ -9,6 +9,7 @@ import json
 import re
 import signal
 import socket
+import threading
 import time
 import urllib.request
 from collections.abc import Iterator
@@ -367,6 +368,50 @@ def test_a_server_taken_for_dead_while_alive_rejoins_and_nothing_is_lost(
     b.wait_for(rf"task {task} result from bob: 'WHILE A SLEEPS'")
     (after,) = typed(b, "after it rejoined")
     b.wait_for(rf"task {after} result from bob: 'AFTER IT REJOINED'")
+
+
+def test_a_server_paused_in_the_middle_of_a_statement_is_declared_dead_all_the_same(
+    processes: list[Process], database: str
+) -> None:
+    """A server paused between sending a statement and finishing it (asyncpg
+    prepares a statement first, in the middle of its transaction) is not idle
+    in a transaction, so PostgreSQL never ends that session, and its row
+    locks would hold the reaper up: the server that declares it dead ends
+    its sessions first. Here a session of a's own holds a's row locked,
+    busy with a statement, while a is frozen."""
+    import asyncpg
+
+    a, _ = fleet_server(processes, database)
+    b, _ = fleet_server(processes, database)
+    run = a.wait_for(r"joined as server (\S+)")[1]
+    locked = threading.Event()
+    ended: list[str] = []
+
+    async def hold_as_a() -> None:
+        db = await asyncpg.connect(database, server_settings={"application_name": f"contact {run}"})
+        await db.execute("BEGIN")
+        await db.execute("SELECT 1 FROM contact_servers WHERE id = $1 FOR UPDATE", run)
+        locked.set()
+        try:
+            await db.execute("SELECT pg_sleep(60)")
+        except (asyncpg.PostgresError, asyncpg.InterfaceError) as err:  # (ended meanwhile)
+            ended.append(str(err))
+        await db.close()
+
+    holder = threading.Thread(target=asyncio.run, args=(hold_as_a(),), daemon=True)
+    holder.start()
+    assert locked.wait(10)
+    a.freeze()
+    try:
+        b.wait_for(rf"server {run} declared dead", timeout=TAKEN_OVER_SECONDS)
+        holder.join(10)
+        assert not holder.is_alive()
+        assert ended and "terminating connection due to administrator command" in ended[0]
+    finally:
+        a.thaw()
+    a.wait_for(
+        r"ERROR this server was taken for dead by the fleet", timeout=2 * HEARTBEAT_SECONDS + 5
+    )
 
 
 def test_two_servers_metrics_show_the_same_fleet_queue(

@@ -17,6 +17,7 @@ import urllib.request
 from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import grpc
@@ -28,7 +29,8 @@ from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (
 from prometheus_client.parser import text_string_to_metric_families
 
 from contact import CLIENT_ID_KEY, contact_pb2, contact_pb2_grpc
-from contact.server.stats import RefusalCounter
+from contact.server import stats
+from contact.server.stats import RATE_SLOT_SECONDS, RATE_SLOTS, RECENT_FAILURES, RefusalCounter
 from contact.server.status import MAX_REQUESTS
 from contact.waits import within
 from contact_server import ContactServer
@@ -290,6 +292,43 @@ def test_the_refusal_counter_counts_aborts_and_crashes_not_hang_ups() -> None:
         return refused
 
     assert asyncio.run(scenario()) == {"UNKNOWN": 1, "PERMISSION_DENIED": 1}
+
+
+def test_the_rate_counts_answers_per_slot_and_the_failures_keep_the_last(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    now = [1_000_000.0]  # (a slot's start)
+    monkeypatch.setattr(stats, "time", SimpleNamespace(time=lambda: now[0]))
+    tally = stats.Tally()
+    first = int(now[0]) // RATE_SLOT_SECONDS
+    for _ in range(10):
+        tally.answered()
+    now[0] += RATE_SLOT_SECONDS + 0.5
+    for _ in range(5):
+        tally.answered()
+    now[0] += 3 * RATE_SLOT_SECONDS  # two slots with none, and one still filling
+    rate = tally.rate()
+    assert len(rate) == RATE_SLOTS
+    assert rate[-4:] == [
+        (first * RATE_SLOT_SECONDS, 10 / RATE_SLOT_SECONDS),
+        ((first + 1) * RATE_SLOT_SECONDS, 5 / RATE_SLOT_SECONDS),
+        ((first + 2) * RATE_SLOT_SECONDS, 0.0),
+        ((first + 3) * RATE_SLOT_SECONDS, 0.0),
+    ]
+    assert sum(answers for _, answers in rate[:-4]) == 0
+    now[0] += RATE_SLOTS * RATE_SLOT_SECONDS  # the whole chart later: all gone
+    assert [answers for _, answers in tally.rate()] == [0.0] * RATE_SLOTS
+
+    for n in range(RECENT_FAILURES + 5):
+        tally.failed(f"t{n}", "bob" if n % 2 else None, f"why {n}")
+    assert [failure.task_id for failure in tally.failures] == [
+        f"t{n}" for n in range(5, RECENT_FAILURES + 5)
+    ]
+    last = RECENT_FAILURES + 4
+    assert tally.failures[-1] == stats.Failure(
+        now[0], f"t{last}", "bob" if last % 2 else None, f"why {last}"
+    )
+    assert tally.outcomes["failed"] == RECENT_FAILURES + 5
 
 
 def test_the_page_answers_its_own_names_only_and_a_flood_gets_503(

@@ -260,8 +260,18 @@ STILL_MINE = """SELECT id FROM contact_tasks WHERE submitted_by = $1 AND id = AN
 LIVE = "NOT EXISTS (SELECT 1 FROM contact_servers s WHERE s.id = {column})"
 REGISTERED_ELSEWHERE = f"""SELECT 1 FROM contact_clients c WHERE name = $1 AND server <> $2
     AND NOT {LIVE.format(column="c.server")}"""
-BURY = """DELETE FROM contact_servers
-    WHERE heartbeat < now() - $1 * interval '1 second' RETURNING id"""
+SILENT = "heartbeat < now() - $1 * interval '1 second'"
+BURY = f"DELETE FROM contact_servers WHERE {SILENT} RETURNING id"
+# Each connection of a server names it (application_name), so that the
+# servers that declare it dead can end its sessions: one paused in the middle
+# of a statement (between a prepare and its execution, say) is not idle, so
+# IDLE_IN_TRANSACTION_MS never ends it, and its row locks would hold the
+# reaper up for as long as the pause lasts. Only sessions of this database
+# and of the same user: the ones this server may end (others take a
+# superuser or pg_signal_backend).
+CUT_OFF = f"""SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity
+    WHERE datname = current_database() AND usename = current_user AND pid <> pg_backend_pid()
+    AND application_name IN (SELECT 'contact ' || id FROM contact_servers WHERE {SILENT})"""
 ORPHANS_REQUEUED = f"""UPDATE contact_tasks
     SET state = 'queued', claimed_by = NULL, recovered = true
     WHERE state = 'claimed' AND {LIVE.format(column="claimed_by")} RETURNING target"""
@@ -338,12 +348,15 @@ class PostgresQueue(MemoryQueue):
             raise QueueError(
                 "--queue needs the asyncpg driver: pip install -r requirements-postgres.txt"
             ) from None
-        # What a lost or refused connection raises, and a wait that gave up.
+        # What a lost or refused connection raises, and a wait that gave up
+        # (InternalClientError: asyncpg, of a connection the database ended
+        # in the middle of an operation).
         self._failures: tuple[type[Exception], ...] = (
             OSError,
             asyncio.TimeoutError,
             self._driver.PostgresError,
             self._driver.InterfaceError,
+            self._driver.InternalClientError,
         )
         if urllib.parse.urlsplit(url).scheme not in ("postgresql", "postgres"):
             raise QueueError(f"--queue takes a postgresql://USER@HOST:PORT/DB URL, not {url!r}")
@@ -431,7 +444,10 @@ class PostgresQueue(MemoryQueue):
             # Each attempt gives up after CONNECT_SECONDS, and each statement
             # after QUERY_SECONDS. A claim or a heartbeat lost with the
             # database's machine is only redone: they do not wait for its disk.
-            settings = {"idle_in_transaction_session_timeout": f"{IDLE_IN_TRANSACTION_MS}"}
+            settings = {
+                "idle_in_transaction_session_timeout": f"{IDLE_IN_TRANSACTION_MS}",
+                "application_name": f"contact {self.run}",  # (see CUT_OFF)
+            }
             if chore != WRITER:
                 settings["synchronous_commit"] = "off"
             db = await self._driver.connect(
@@ -521,22 +537,22 @@ class PostgresQueue(MemoryQueue):
         """Record that NAME is connected here: the server of its older
         session, if another, hears it and ends that session. Raises
         QueueError if the database cannot be reached."""
-        try:
-            async with self._registrar:
+        async with self._registrar:  # (a failed connection is dropped before the next turn)
+            try:
                 db = await self._connected(REGISTRAR)
                 registration: int = await db.fetchval(REGISTER_NAME, name, self.run)
-        except self._failures as err:
-            raise self._in_trouble(err) from None
+            except self._failures as err:
+                raise self._in_trouble(err, REGISTRAR) from None
         return registration
 
     async def registered_elsewhere(self, name: str) -> bool:
         """Whether NAME's live registration is on another server of the fleet."""
-        try:
-            async with self._registrar:
+        async with self._registrar:
+            try:
                 db = await self._connected(REGISTRAR)
                 return await db.fetchval(REGISTERED_ELSEWHERE, name, self.run) is not None
-        except self._failures as err:
-            raise self._in_trouble(err) from None
+            except self._failures as err:
+                raise self._in_trouble(err, REGISTRAR) from None
 
     def settle(
         self, name: str, task_id: str, text: str, error: str = ""
@@ -722,7 +738,7 @@ class PostgresQueue(MemoryQueue):
             try:
                 await self._commit(ops)
             except self._failures as err:
-                failure = self._in_trouble(err)
+                failure = self._in_trouble(err, WRITER)
                 if batch is not None and not batch.done():
                     batch.set_exception(failure)
                 self._ops[:0] = [op for op in ops if op[0] is not INSERT]
@@ -746,9 +762,14 @@ class PostgresQueue(MemoryQueue):
             for sql, rows in runs_of(ops):
                 await db.executemany(sql, rows)
 
-    def _in_trouble(self, err: Exception) -> QueueError:
+    def _in_trouble(self, err: Exception, *chores: str) -> QueueError:
         """Say once that the database cannot be reached (health says it until
-        a heartbeat gets through); return that as an error for submitters."""
+        a heartbeat gets through); return that as an error for submitters.
+        The connections of `chores` are made anew for their next try: one
+        that failed may be lost, or left in the middle of an operation."""
+        for chore in chores:
+            if (db := self._connections.pop(chore, None)) is not None:
+                db.terminate()
         failure = QueueError(f"the database {where(self.url)} cannot be reached: {err}")
         if self._trouble is None:
             log.error("%s; trying again", failure)
@@ -807,7 +828,7 @@ class PostgresQueue(MemoryQueue):
                     await self._poll()
                 await self._claim_round()
             except self._failures as err:
-                self._in_trouble(err)
+                self._in_trouble(err, CLAIMER)
                 self._ended_waiting = self._relayed_waiting = True  # (asked again)
                 await asyncio.sleep(RETRY_SECONDS)
 
@@ -947,7 +968,7 @@ class PostgresQueue(MemoryQueue):
                 await self._beat()
                 await self._listen()  # (the poll stands in meanwhile)
             except self._failures as err:
-                self._in_trouble(err)
+                self._in_trouble(err, BEATER, LISTENER)
                 self._beating_since = None
                 continue
             if self._trouble is not None:
@@ -960,18 +981,23 @@ class PostgresQueue(MemoryQueue):
         """One heartbeat, and the reaper's round: servers silent for
         `dead_after` are deleted (only by a server that has itself beaten
         for that long: the first one back after an outage of the database
-        does not take the others, not back yet, for dead); the tasks of
-        servers that are gone are queued again, their answers adopted."""
+        does not take the others, not back yet, for dead), their sessions
+        ended first (CUT_OFF); the tasks of servers that are gone are queued
+        again, their answers adopted."""
         now = time.monotonic()
         if self._beating_since is None or now - self._last_beat > STALLED_SECONDS:
             self._beating_since = now  # (a stall that raised nothing counts too)
         self._last_beat = now
         reaping = now - self._beating_since >= self.dead_after
         db = await self._connected(BEATER)
+        # The heartbeat commits on its own: a reaper's round held up never
+        # makes this server look silent.
+        forgotten = await db.execute(HEARTBEAT, self.run) == "UPDATE 0"
+        if forgotten:
+            await db.execute(REGISTER, self.run)
+        if reaping:
+            await db.execute(CUT_OFF, self.dead_after)
         async with db.transaction():
-            forgotten = await db.execute(HEARTBEAT, self.run) == "UPDATE 0"
-            if forgotten:
-                await db.execute(REGISTER, self.run)
             dead = [row["id"] for row in await db.fetch(BURY, self.dead_after)] if reaping else []
             # What servers that are gone (declared dead, or left cleanly) left.
             requeued = await db.fetch(ORPHANS_REQUEUED)
