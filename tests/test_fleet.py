@@ -368,6 +368,7 @@ def test_a_server_taken_for_dead_while_alive_rejoins_and_nothing_is_lost(
     b.wait_for(rf"task {task} result from bob: 'WHILE A SLEEPS'")
     (after,) = typed(b, "after it rejoined")
     b.wait_for(rf"task {after} result from bob: 'AFTER IT REJOINED'")
+    assert not [line for line in a.lines if "CRITICAL" in line]  # (no chore of a's failed)
 
 
 def test_a_server_paused_in_the_middle_of_a_statement_is_declared_dead_all_the_same(
@@ -381,7 +382,7 @@ def test_a_server_paused_in_the_middle_of_a_statement_is_declared_dead_all_the_s
     busy with a statement, while a is frozen."""
     import asyncpg
 
-    a, _ = fleet_server(processes, database)
+    a, port_a = fleet_server(processes, database)
     b, _ = fleet_server(processes, database)
     run = a.wait_for(r"joined as server (\S+)")[1]
     locked = threading.Event()
@@ -412,6 +413,10 @@ def test_a_server_paused_in_the_middle_of_a_statement_is_declared_dead_all_the_s
     a.wait_for(
         r"ERROR this server was taken for dead by the fleet", timeout=2 * HEARTBEAT_SECONDS + 5
     )
+    bob = fleet_client(processes, "bob", port_a)
+    (task,) = typed(b, "after it rejoined")
+    bob.wait_for(rf"task {task}: 'after it rejoined' -> 'AFTER IT REJOINED'")
+    assert not [line for line in a.lines if "CRITICAL" in line]  # (no chore of a's failed)
 
 
 def test_two_servers_metrics_show_the_same_fleet_queue(

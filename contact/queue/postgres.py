@@ -69,7 +69,8 @@ CONNECT_SECONDS = 10.0
 QUERY_SECONDS = 30.0
 # A server stalled inside a transaction (a pause of its process, a frozen
 # VM) this long loses that connection: PostgreSQL ends it, so that the row
-# locks it held never stop the other servers' heartbeats and reaping.
+# locks it held never hold up the other servers' reaping (CUT_OFF ends the
+# sessions of one stalled in the middle of a statement).
 IDLE_IN_TRANSACTION_MS = 3000
 # How often a server says it is alive (by the database's clock); others take
 # it for dead after --dead-after (DEAD_AFTER_SECONDS) without one.
@@ -260,18 +261,21 @@ STILL_MINE = """SELECT id FROM contact_tasks WHERE submitted_by = $1 AND id = AN
 LIVE = "NOT EXISTS (SELECT 1 FROM contact_servers s WHERE s.id = {column})"
 REGISTERED_ELSEWHERE = f"""SELECT 1 FROM contact_clients c WHERE name = $1 AND server <> $2
     AND NOT {LIVE.format(column="c.server")}"""
-SILENT = "heartbeat < now() - $1 * interval '1 second'"
-BURY = f"DELETE FROM contact_servers WHERE {SILENT} RETURNING id"
-# Each connection of a server names it (application_name), so that the
-# servers that declare it dead can end its sessions: one paused in the middle
-# of a statement (between a prepare and its execution, say) is not idle, so
-# IDLE_IN_TRANSACTION_MS never ends it, and its row locks would hold the
-# reaper up for as long as the pause lasts. Only sessions of this database
-# and of the same user: the ones this server may end (others take a
-# superuser or pg_signal_backend).
-CUT_OFF = f"""SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity
+SILENT = "SELECT id FROM contact_servers WHERE heartbeat < now() - $1 * interval '1 second'"
+# Each connection of a server names it (APPLICATION and its id, as
+# application_name), so that the server that declares it dead can end its
+# sessions first: one paused in the middle of a statement (between a
+# prepare and its execution, say) is not idle, so IDLE_IN_TRANSACTION_MS
+# never ends it, and its row locks would hold the reaper up for as long as
+# the pause lasts. Only sessions of this database and of the same database
+# user: those any server of the fleet may end without a superuser.
+APPLICATION = "contact"
+CUT_OFF = """SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity
     WHERE datname = current_database() AND usename = current_user AND pid <> pg_backend_pid()
-    AND application_name IN (SELECT 'contact ' || id FROM contact_servers WHERE {SILENT})"""
+    AND application_name = ANY($1::text[])"""
+# Those cut off are buried, also one that beat meanwhile: it finds itself
+# forgotten at its next heartbeat, as any server taken for dead.
+BURY = "DELETE FROM contact_servers WHERE id = ANY($1::text[]) RETURNING id"
 ORPHANS_REQUEUED = f"""UPDATE contact_tasks
     SET state = 'queued', claimed_by = NULL, recovered = true
     WHERE state = 'claimed' AND {LIVE.format(column="claimed_by")} RETURNING target"""
@@ -372,6 +376,7 @@ class PostgresQueue(MemoryQueue):
         self._broken: str | None = None  # a chore failed (a bug): said until the end
         self._beating_since: float | None = None  # since when heartbeats get through
         self._last_beat = 0.0  # when the last heartbeat began
+        self._taken_for_dead = False  # found so, and not yet handled
         # asyncpg connections, one per chore (WRITER, CLAIMER, BEATER,
         # LISTENER), so that none waits for another's round trip; each made
         # again when needed after it was lost. (A pool would reset each
@@ -446,7 +451,7 @@ class PostgresQueue(MemoryQueue):
             # database's machine is only redone: they do not wait for its disk.
             settings = {
                 "idle_in_transaction_session_timeout": f"{IDLE_IN_TRANSACTION_MS}",
-                "application_name": f"contact {self.run}",  # (see CUT_OFF)
+                "application_name": f"{APPLICATION} {self.run}",  # (see CUT_OFF)
             }
             if chore != WRITER:
                 settings["synchronous_commit"] = "off"
@@ -992,13 +997,18 @@ class PostgresQueue(MemoryQueue):
         db = await self._connected(BEATER)
         # The heartbeat commits on its own: a reaper's round held up never
         # makes this server look silent.
-        forgotten = await db.execute(HEARTBEAT, self.run) == "UPDATE 0"
-        if forgotten:
+        if await db.execute(HEARTBEAT, self.run) == "UPDATE 0":
             await db.execute(REGISTER, self.run)
-        if reaping:
-            await db.execute(CUT_OFF, self.dead_after)
+            self._taken_for_dead = True  # (kept until handled: a failure below may come first)
+        if self._taken_for_dead:
+            still = await db.fetch(STILL_MINE, self.run, list(self._outcomes))
+            self._forgotten({row["id"] for row in still})
+            self._taken_for_dead = False
+        silent = [row["id"] for row in await db.fetch(SILENT, self.dead_after)] if reaping else []
+        if silent:
+            await db.execute(CUT_OFF, [f"{APPLICATION} {server}" for server in silent])
         async with db.transaction():
-            dead = [row["id"] for row in await db.fetch(BURY, self.dead_after)] if reaping else []
+            dead = [row["id"] for row in await db.fetch(BURY, silent)] if silent else []
             # What servers that are gone (declared dead, or left cleanly) left.
             requeued = await db.fetch(ORPHANS_REQUEUED)
             await db.execute(ORPHANS_RELAYED)
@@ -1011,9 +1021,6 @@ class PostgresQueue(MemoryQueue):
             names = await db.fetch(QUEUED_FOR_NAMES, STATS_NAMES)
             self._for_names = {row["target"]: row["queued"] for row in names}
             self._servers = await db.fetchval(COUNT_SERVERS)
-        if forgotten:
-            still = await db.fetch(STILL_MINE, self.run, list(self._outcomes))
-            self._forgotten({row["id"] for row in still})
         for server in dead:
             log.warning("server %s declared dead: no heartbeat for %.0f s", server, self.dead_after)
         if requeued:
