@@ -19,7 +19,7 @@ The journal rows compare ContactServer as shipped (tasks submitted with
 `ask`, answers awaited) with --journal in a temporary folder against the
 same server without one: what keeping tasks on disk costs. The metrics row
 compares it with --metrics-port, its /metrics and /status.json fetched
-every second, against the same server without.
+every second by another process, against the same server without.
 
     python -m tests.bench [--repeats 5] [--tasks 20000] [--latency-tasks 2000] [--scale 1000]
 """
@@ -185,8 +185,10 @@ async def serve_one_measurement(
         await target.server.__aenter__()
         port = target.server.port
         if target.server.metrics_port is not None:
+            # From a process of its own, as Prometheus would: its fetching is
+            # not the server's CPU time, nor does it hold the server's GIL.
             scraped = f"http://127.0.0.1:{target.server.metrics_port}"
-            threading.Thread(target=scrape_every_second, args=(scraped,), daemon=True).start()
+            subprocess.Popen([sys.executable, "-m", "tests.bench", "scrape", scraped], cwd=ROOT)
     else:
         target = Baseline() if impl == "baseline" else Project()
         server = grpc.aio.server(options=None if impl == "baseline" else SERVER_OPTIONS)
@@ -225,11 +227,14 @@ async def serve_one_measurement(
 
 def scrape_every_second(url: str) -> None:
     """As Prometheus and an open status page would, but more often: the
-    metrics and the page's JSON, every second, until the process ends."""
+    metrics and the page's JSON, every second, until the server is gone."""
     while True:
         for path in ("/metrics", "/status.json"):
-            with urllib.request.urlopen(url + path, timeout=10) as response:
-                response.read()
+            try:
+                with urllib.request.urlopen(url + path, timeout=10) as response:
+                    response.read()
+            except OSError:  # (URLError too: the server was stopped)
+                return
         time.sleep(1)
 
 
@@ -398,6 +403,9 @@ def main() -> int:
     if len(sys.argv) > 1 and sys.argv[1] == "clients":
         port, count, prefix = int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
         asyncio.run(run_clients(port, count, prefix))
+        return 0
+    if len(sys.argv) > 1 and sys.argv[1] == "scrape":
+        scrape_every_second(sys.argv[2])
         return 0
     if len(sys.argv) > 1 and sys.argv[1] == "shipped":
         asyncio.run(run_shipped_client(int(sys.argv[2]), sys.argv[4], int(sys.argv[3])))
