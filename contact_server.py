@@ -30,8 +30,6 @@ from google.protobuf.message import DecodeError
 
 from contact import (
     ACCEPTS_CANCEL_KEY,
-    BATCHES_ANSWERS_KEY,
-    CLIENT_ID_KEY,
     REPORTS_START_KEY,
     cli,
     contact_pb2,
@@ -86,7 +84,8 @@ class ContactServicer(contact_pb2_grpc.ContactServicer):
         window = await checks.requested_window(context)
         if self._dispatcher.closed:
             await context.abort(grpc.StatusCode.UNAVAILABLE, "the server is shutting down")
-        registration = await self._register(name, context)  # (a fleet: recorded in its database)
+        # (in a fleet: recorded in its database, ending NAME's session elsewhere)
+        registration = await checks.register(self._dispatcher, name, context)
         peer = context.peer()
         session = self._dispatcher.connect(
             name,
@@ -98,15 +97,7 @@ class ContactServicer(contact_pb2_grpc.ContactServicer):
         host = checks.peer_host(peer)  # lines are limited by host: a reconnect storm is brief
         REPEATS.log(log, INFO, "connect", host, "client %s connected from %s", name, peer)
         try:
-            # Echoing the name tells the client its registration was accepted;
-            # echoing reports-start, that its reports of starts are heard;
-            # batches-answers, that answers may come several to a message.
-            echo: tuple[tuple[str, str], ...] = ((CLIENT_ID_KEY, name),)
-            if session.reports_start:
-                echo += ((REPORTS_START_KEY, "1"),)
-            if checks.says_yes(context, BATCHES_ANSWERS_KEY):
-                echo += ((BATCHES_ANSWERS_KEY, "1"),)
-            await context.send_initial_metadata(echo)
+            await context.send_initial_metadata(checks.accepted(session, context))
             while (task := await session.next_task()) is not None:
                 log.info("task %s %s %s", task.id, WITHDRAWN if task.cancelled else SENT, name)
                 yield message_for(task)
@@ -120,15 +111,6 @@ class ContactServicer(contact_pb2_grpc.ContactServicer):
         if session.ended in checks.ENDINGS:  # replaced (ABORTED), or shut down (UNAVAILABLE)
             code, details = checks.ENDINGS[session.ended]
             await context.abort(code, details.format(name=name))
-
-    async def _register(self, name: str, context: grpc.aio.ServicerContext) -> int:
-        """Record NAME's registration with the queue (a fleet's database: its
-        older session on another server ends); UNAVAILABLE if it cannot."""
-        try:
-            return await self._dispatcher.queue.register(name)
-        except QueueError as err:
-            await context.abort(grpc.StatusCode.UNAVAILABLE, f"cannot register {name}: {err}")
-            raise  # (abort raises)
 
     async def tellResult(
         self,

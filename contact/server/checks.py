@@ -5,6 +5,8 @@
   A call that fails a check, or that carries a malformed message (or a
   batch of answers inside a batch), is ended with a clear status and a log
   line saying why.
+- getTask's registration: recorded with the queue (in a fleet, its
+  database), and accepted in the initial metadata the client waits for.
 - Which registration a call belongs to: a client's tellResult and
   sendStatus calls belong to its registration (its getTask call). Without
   one they are refused, and when it ends (the client left, a newer client
@@ -25,10 +27,12 @@ import grpc
 from google.protobuf.message import DecodeError
 
 from contact import (
+    BATCHES_ANSWERS_KEY,
     CLIENT_ID_KEY,
     CLIENT_NAME,
     CLIENT_NAME_RULE,
     MAX_IN_FLIGHT_KEY,
+    REPORTS_START_KEY,
     contact_pb2,
 )
 from contact.logtext import REPEATS
@@ -154,6 +158,29 @@ async def answers_in(
             f"an answer batched by {name} carries a batch of its own",
         )
     return (message, *message.more)
+
+
+async def register(dispatcher: Dispatcher, name: str, context: grpc.aio.ServicerContext) -> int:
+    """Record NAME's registration with the queue (a fleet's database: its
+    older session on another server ends); UNAVAILABLE if it cannot."""
+    try:
+        return await dispatcher.queue.register(name)
+    except QueueError as err:
+        await context.abort(grpc.StatusCode.UNAVAILABLE, f"cannot register {name}: {err}")
+        raise  # (abort raises)
+
+
+def accepted(session: Session, context: grpc.aio.ServicerContext) -> tuple[tuple[str, str], ...]:
+    """getTask's initial metadata. Echoing the name tells the client its
+    registration was accepted; echoing reports-start, that its reports of
+    starts are heard; batches-answers, that answers may come several to a
+    message."""
+    echo: tuple[tuple[str, str], ...] = ((CLIENT_ID_KEY, session.name),)
+    if session.reports_start:
+        echo += ((REPORTS_START_KEY, "1"),)
+    if says_yes(context, BATCHES_ANSWERS_KEY):
+        echo += ((BATCHES_ANSWERS_KEY, "1"),)
+    return echo
 
 
 async def registration(
