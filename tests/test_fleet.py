@@ -241,6 +241,26 @@ def test_a_database_lost_while_running_is_reported_and_nothing_committed_is_lost
     assert bob.count("unavailable") == 0  # its stream was kept throughout
 
 
+def test_a_claim_whose_reply_was_lost_goes_back_to_the_queue(
+    processes: list[Process], postgres: Postgres, database: str
+) -> None:
+    a, port = fleet_server(processes, database)
+    (task,) = typed(a, "claimed unheard")  # no client yet: queued in the database
+    run = task.partition("-")[0]
+    # What a claim leaves when it commits as its connection fails, its
+    # reply lost: the row claimed by a live server that does not hold it.
+    postgres.psql(
+        database,
+        f"UPDATE contact_tasks SET state = 'claimed', claimed_by = '{run}' WHERE id = '{task}';"
+        f" SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
+        f" WHERE application_name = 'contact {run}'",
+    )
+    a.wait_for(r"1 tasks claimed as a connection failed went back to the queue")
+    fleet_client(processes, "bob", port)
+    a.wait_for(rf"task {task} result from bob: 'CLAIMED UNHEARD'")
+    assert a.count(r"task .* result from") == 1
+
+
 def test_a_name_registering_on_another_server_takes_over_within_5_s(
     processes: list[Process], database: str
 ) -> None:

@@ -212,6 +212,13 @@ GIVEN_BACK = """UPDATE contact_tasks
     SET state = CASE state WHEN 'relayed' THEN 'ended' ELSE 'queued' END,
         claimed_by = NULL, attempts = $3, recovered = recovered OR $4
     WHERE id = $1 AND state IN ('claimed', 'relayed') AND claimed_by = $2"""
+# A claim that committed while its connection failed, its reply lost, left
+# rows claimed by this server that it does not hold: after a failed claim,
+# what is claimed here and neither held nor waiting for a write goes back.
+UNHELD_GIVEN_BACK = """UPDATE contact_tasks
+    SET state = CASE state WHEN 'relayed' THEN 'ended' ELSE 'queued' END, claimed_by = NULL
+    WHERE claimed_by = $1 AND state IN ('claimed', 'relayed') AND NOT id = ANY($2::text[])
+    RETURNING id"""
 CANCELLED = """UPDATE contact_tasks SET state = 'cancelled'
     WHERE id = $1 AND state = 'claimed' AND claimed_by <> $2"""
 # (Also one another server answered, its answer not yet reported here: dropped.)
@@ -386,6 +393,7 @@ class PostgresQueue(MemoryQueue):
         self._trouble: str | None = None
         # Writes not yet committed, in order, and the future of their commit.
         self._ops: list[tuple[str, tuple[object, ...]]] = []
+        self._committing: list[tuple[str, tuple[object, ...]]] = []  # (in the transaction on)
         self._batch: asyncio.Future[None] | None = None
         self._wrote = asyncio.Event()  # there are writes to commit
         self._drained = asyncio.Event()  # every write so far is committed
@@ -403,6 +411,7 @@ class PostgresQueue(MemoryQueue):
         self._claim_wanted = asyncio.Event()
         self._last_claim = 0.0  # when the last claim began (time.monotonic)
         self._polling = False  # the next round polls
+        self._claims_unsure = False  # a claim failed: it may have committed unheard
         self._poll_timer: asyncio.TimerHandle | None = None
         self._held_since: dict[str, float] = {}  # claimed tasks here, untaken: since when
         self._submitter: dict[str, str] = {}  # claimed tasks here submitted elsewhere: by whom
@@ -446,6 +455,8 @@ class PostgresQueue(MemoryQueue):
         """The connection of `chore`, made (again) if it has none open."""
         db = self._connections.get(chore)
         if db is None or db.is_closed():
+            if chore == CLAIMER and db is not None:  # lost: maybe as a claim committed
+                self._claims_unsure = True
             # Each attempt gives up after CONNECT_SECONDS, and each statement
             # after QUERY_SECONDS. A claim or a heartbeat lost with the
             # database's machine is only redone: they do not wait for its disk.
@@ -740,6 +751,7 @@ class PostgresQueue(MemoryQueue):
             ops, batch = self._ops, self._batch
             self._ops, self._batch = [], None
             self._wrote.clear()
+            self._committing = ops
             try:
                 await self._commit(ops)
             except self._failures as err:
@@ -750,6 +762,8 @@ class PostgresQueue(MemoryQueue):
                 await asyncio.sleep(backoff)
                 backoff = min(2 * backoff, RETRY_MAX_SECONDS)
                 continue
+            finally:
+                self._committing = []
             if batch is not None and not batch.done():
                 batch.set_result(None)
         self._drained.set()
@@ -828,6 +842,8 @@ class PostgresQueue(MemoryQueue):
             if self.closed:
                 return
             try:
+                if self._claims_unsure:
+                    await self._give_back_unheld()
                 if self._polling:
                     self._polling = False
                     await self._poll()
@@ -835,6 +851,7 @@ class PostgresQueue(MemoryQueue):
             except self._failures as err:
                 self._in_trouble(err, CLAIMER)
                 self._ended_waiting = self._relayed_waiting = True  # (asked again)
+                self._claims_unsure = True  # (settled by the next round: the poll's at latest)
                 await asyncio.sleep(RETRY_SECONDS)
 
     async def _claim_round(self) -> None:
@@ -926,6 +943,18 @@ class PostgresQueue(MemoryQueue):
             self._counted_in_database(task.target, -1)
         self._held_since[task.id] = self._clock()
         self._enqueue(task)
+
+    async def _give_back_unheld(self) -> None:
+        """Give back the tasks the database says are claimed by this server
+        and that it does not hold (UNHELD_GIVEN_BACK); a task with a write
+        not yet committed counts as held."""
+        pending = (params[0] for _, params in (*self._committing, *self._ops))
+        held = set(self._tasks).union(id for id in pending if isinstance(id, str))
+        claimer = await self._connected(CLAIMER)
+        rows = await claimer.fetch(UNHELD_GIVEN_BACK, self.run, list(held))
+        self._claims_unsure = False
+        if rows:
+            log.warning("%d tasks claimed as a connection failed went back to the queue", len(rows))
 
     def _give_back_unwanted(self) -> None:
         """Claimed tasks no client here took for HOLD_SECONDS go back."""
