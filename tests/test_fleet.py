@@ -241,24 +241,29 @@ def test_a_database_lost_while_running_is_reported_and_nothing_committed_is_lost
     assert bob.count("unavailable") == 0  # its stream was kept throughout
 
 
-def test_a_claim_whose_reply_was_lost_goes_back_to_the_queue(
+def test_tasks_and_answers_taken_as_the_reply_was_lost_are_not_stranded(
     processes: list[Process], postgres: Postgres, database: str
 ) -> None:
     a, port = fleet_server(processes, database)
-    (task,) = typed(a, "claimed unheard")  # no client yet: queued in the database
-    run = task.partition("-")[0]
-    # What a claim leaves when it commits as its connection fails, its
-    # reply lost: the row claimed by a live server that does not hold it.
+    # No client yet: both wait in the database.
+    claimed, reported = typed(a, "claimed unheard", "answered elsewhere")
+    run = claimed.partition("-")[0]
+    # What a claim, and a take of answers to report, leave when they commit
+    # as their connection fails, their replies lost: rows a live server has
+    # and does not know of.
     postgres.psql(
         database,
-        f"UPDATE contact_tasks SET state = 'claimed', claimed_by = '{run}' WHERE id = '{task}';"
+        f"UPDATE contact_tasks SET state = 'claimed', claimed_by = '{run}' WHERE id = '{claimed}';"
+        f" UPDATE contact_tasks SET state = 'reporting', client = 'carol', answer = 'SEEN'"
+        f" WHERE id = '{reported}';"
         f" SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
         f" WHERE application_name = 'contact {run}'",
     )
-    a.wait_for(r"1 tasks claimed as a connection failed went back to the queue")
+    a.wait_for(r"a connection failed as it took tasks: 1 queued again, 1 answers to report")
+    a.wait_for(rf"task {reported} result from carol: 'SEEN'")
     fleet_client(processes, "bob", port)
-    a.wait_for(rf"task {task} result from bob: 'CLAIMED UNHEARD'")
-    assert a.count(r"task .* result from") == 1
+    a.wait_for(rf"task {claimed} result from bob: 'CLAIMED UNHEARD'")
+    assert a.count(r"task .* result from") == 2
 
 
 def test_a_name_registering_on_another_server_takes_over_within_5_s(

@@ -72,7 +72,7 @@ class MemoryQueue(TaskQueue):
         self._ready: Callable[[str | None], object] = ignore
         self._report: Report = ignore
         self._hand_on: Report | None = None
-        self._handing_on = 0  # outcomes whose hand-on waits for the loop's next turn
+        self._handing_on: set[str] = set()  # ids whose hand-on waits for the loop's next turn
         self._reserved = 0  # places held by submitters whose tasks are not queued yet
         self._room_waiters: deque[asyncio.Future[None]] = deque()  # for a place, in turn
         self._full_since: float | None = None  # when the queue last filled up, while it is full
@@ -352,12 +352,12 @@ class MemoryQueue(TaskQueue):
         if self._hand_on is None:
             self._forget(task, outcome)
         else:
-            self._handing_on += 1
+            self._handing_on.add(task.id)
             asyncio.get_running_loop().call_soon(self._handed_on, task, client, outcome)
 
     def _handed_on(self, task: Task, client: str, outcome: str | TaskNotAnsweredError) -> None:
         assert self._hand_on is not None
-        self._handing_on -= 1
+        self._handing_on.discard(task.id)
         self._hand_on(task, client, outcome)
         self._forget(task, outcome)  # not if the hand-on raised: the task is kept
 

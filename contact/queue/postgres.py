@@ -212,13 +212,17 @@ GIVEN_BACK = """UPDATE contact_tasks
     SET state = CASE state WHEN 'relayed' THEN 'ended' ELSE 'queued' END,
         claimed_by = NULL, attempts = $3, recovered = recovered OR $4
     WHERE id = $1 AND state IN ('claimed', 'relayed') AND claimed_by = $2"""
-# A claim that committed while its connection failed, its reply lost, left
-# rows claimed by this server that it does not hold: after a failed claim,
-# what is claimed here and neither held nor waiting for a write goes back.
+# A claim (or a take of answers to report) that committed while its
+# connection failed, its reply lost, left rows this server does not know it
+# has: after such a failure, the tasks claimed here and the answers taken
+# for reporting here that it neither holds nor has a write pending for go
+# back (tasks to the queue, answers to be reported).
 UNHELD_GIVEN_BACK = """UPDATE contact_tasks
-    SET state = CASE state WHEN 'relayed' THEN 'ended' ELSE 'queued' END, claimed_by = NULL
-    WHERE claimed_by = $1 AND state IN ('claimed', 'relayed') AND NOT id = ANY($2::text[])
-    RETURNING id"""
+    SET state = CASE state WHEN 'claimed' THEN 'queued' ELSE 'ended' END, claimed_by = NULL
+    WHERE (claimed_by = $1 AND state IN ('claimed', 'relayed')
+           OR submitted_by = $1 AND state = 'reporting')
+        AND NOT id = ANY($2::text[])
+    RETURNING state"""
 CANCELLED = """UPDATE contact_tasks SET state = 'cancelled'
     WHERE id = $1 AND state = 'claimed' AND claimed_by <> $2"""
 # (Also one another server answered, its answer not yet reported here: dropped.)
@@ -945,16 +949,20 @@ class PostgresQueue(MemoryQueue):
         self._enqueue(task)
 
     async def _give_back_unheld(self) -> None:
-        """Give back the tasks the database says are claimed by this server
-        and that it does not hold (UNHELD_GIVEN_BACK); a task with a write
-        not yet committed counts as held."""
+        """Give back what the database says this server has and it does not
+        know of (UNHELD_GIVEN_BACK). Known: a task held here, one whose
+        outcome is being handed on, and one with a write not yet committed."""
         pending = (params[0] for _, params in (*self._committing, *self._ops))
-        held = set(self._tasks).union(id for id in pending if isinstance(id, str))
+        known = self._tasks.keys() | self._handing_on
+        known.update(task_id for task_id in pending if isinstance(task_id, str))
         claimer = await self._connected(CLAIMER)
-        rows = await claimer.fetch(UNHELD_GIVEN_BACK, self.run, list(held))
+        rows = await claimer.fetch(UNHELD_GIVEN_BACK, self.run, list(known))
         self._claims_unsure = False
+        if ended := sum(row["state"] == "ended" for row in rows):
+            self._report_ended_soon()
         if rows:
-            log.warning("%d tasks claimed as a connection failed went back to the queue", len(rows))
+            line = "a connection failed as it took tasks: %d queued again, %d answers to report"
+            log.warning(line, len(rows) - ended, ended)
 
     def _give_back_unwanted(self) -> None:
         """Claimed tasks no client here took for HOLD_SECONDS go back."""
