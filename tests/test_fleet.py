@@ -88,6 +88,11 @@ def test_a_task_typed_on_one_server_is_answered_by_a_client_of_another(
     assert b.count("result from") == 0
 
 
+# Tasks spread between an idle and a busy client: enough that a stall now
+# and then stays under the bound, and that claims left to chance break it.
+SPREAD_TASKS = 30
+
+
 def test_tasks_go_to_the_idle_client_of_another_server_before_a_busy_one(
     processes: list[Process], database: str
 ) -> None:
@@ -113,11 +118,6 @@ def test_tasks_go_to_the_idle_client_of_another_server_before_a_busy_one(
         if not sent:
             a.wait_for(rf"task {task} result from idle")
     assert went_to.count("busy") <= SPREAD_TASKS // 5, went_to
-
-
-# Tasks spread between an idle and a busy client: enough that a stall now
-# and then stays under the bound, and that claims left to chance break it.
-SPREAD_TASKS = 30
 
 
 def test_a_task_for_a_name_waits_in_the_database_until_it_connects_anywhere(
@@ -245,8 +245,12 @@ def test_tasks_and_answers_taken_as_the_reply_was_lost_are_not_stranded(
     processes: list[Process], postgres: Postgres, database: str
 ) -> None:
     a, port = fleet_server(processes, database)
-    # No client yet: both wait in the database.
-    claimed, reported = typed(a, "claimed unheard", "answered elsewhere")
+    bob = fleet_client(processes, "bob", port)
+    bob.freeze()  # holds what it is sent, unanswered
+    (held,) = typed(a, "held by bob")
+    a.wait_for(rf"task {held} sent to bob")
+    # For carol, connected nowhere yet: both wait in the database.
+    claimed, reported = typed(a, "@carol claimed unheard", "@carol answered elsewhere")
     run = claimed.partition("-")[0]
     # What a claim, and a take of answers to report, leave when they commit
     # as their connection fails, their replies lost: rows a live server has
@@ -261,9 +265,14 @@ def test_tasks_and_answers_taken_as_the_reply_was_lost_are_not_stranded(
     )
     a.wait_for(r"a connection failed as it took tasks: 1 queued again, 1 answers to report")
     a.wait_for(rf"task {reported} result from carol: 'SEEN'")
-    fleet_client(processes, "bob", port)
-    a.wait_for(rf"task {claimed} result from bob: 'CLAIMED UNHEARD'")
-    assert a.count(r"task .* result from") == 2
+    rows = postgres.psql(database, "SELECT id, state, claimed_by FROM contact_tasks ORDER BY seq")
+    assert rows.splitlines()[:2] == [f"{held}|claimed|{run}", f"{claimed}|queued|"]  # bob's kept
+    fleet_client(processes, "carol", port)
+    a.wait_for(rf"task {claimed} result from carol: 'CLAIMED UNHEARD'")
+    bob.thaw()
+    a.wait_for(rf"task {held} result from bob: 'HELD BY BOB'")
+    assert a.count(rf"task {held} sent to") == 1
+    assert a.count(r"task .* result from") == 3
 
 
 def test_a_name_registering_on_another_server_takes_over_within_5_s(

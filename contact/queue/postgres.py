@@ -203,8 +203,13 @@ ENDED = """UPDATE contact_tasks SET state = 'ended', attempts = $3, client = $4,
 # are spread over servers by a per-call balancer): kept for that server.
 RELAYED = """UPDATE contact_tasks SET state = 'relayed', client = $2, answer = $3, error = $4
     WHERE id = $1 AND state = 'claimed' AND claimed_by <> $5"""
-RELAYED_HERE = """UPDATE contact_tasks SET state = 'claimed'
-    WHERE state = 'relayed' AND claimed_by = $1 RETURNING id, client, answer, error"""
+# Read, not taken: a reply lost on the way is read again. Each settles its
+# task here, whose own write ends the row; those (ids $2) are not read again.
+RELAYED_HERE = """SELECT id, client, answer, error, attempts FROM contact_tasks
+    WHERE state = 'relayed' AND claimed_by = $1 AND NOT id = ANY($2::text[])"""
+# A relayed answer that did not settle its task (not its holder's): dropped.
+RELAYED_DROPPED = """UPDATE contact_tasks SET state = 'claimed'
+    WHERE id = $1 AND state = 'relayed' AND claimed_by = $2"""
 
 REQUEUED = "UPDATE contact_tasks SET attempts = $3 WHERE id = $1 AND claimed_by = $2"
 # (One given back with an answer relayed to it meanwhile goes to its submitter.)
@@ -223,6 +228,10 @@ UNHELD_GIVEN_BACK = """UPDATE contact_tasks
            OR submitted_by = $1 AND state = 'reporting')
         AND NOT id = ANY($2::text[])
     RETURNING state"""
+# The session of a lost claiming connection, ended: a statement it was
+# running (a claim that timed out) must not commit after the give-back.
+LOST_SESSION_ENDED = """SELECT pg_terminate_backend(pid) FROM pg_stat_activity
+    WHERE pid = $1 AND application_name = $2 AND pid <> pg_backend_pid()"""
 CANCELLED = """UPDATE contact_tasks SET state = 'cancelled'
     WHERE id = $1 AND state = 'claimed' AND claimed_by <> $2"""
 # (Also one another server answered, its answer not yet reported here: dropped.)
@@ -416,6 +425,7 @@ class PostgresQueue(MemoryQueue):
         self._last_claim = 0.0  # when the last claim began (time.monotonic)
         self._polling = False  # the next round polls
         self._claims_unsure = False  # a claim failed: it may have committed unheard
+        self._lost_claimer: int | None = None  # the backend of the claiming connection lost
         self._poll_timer: asyncio.TimerHandle | None = None
         self._held_since: dict[str, float] = {}  # claimed tasks here, untaken: since when
         self._submitter: dict[str, str] = {}  # claimed tasks here submitted elsewhere: by whom
@@ -459,8 +469,8 @@ class PostgresQueue(MemoryQueue):
         """The connection of `chore`, made (again) if it has none open."""
         db = self._connections.get(chore)
         if db is None or db.is_closed():
-            if chore == CLAIMER and db is not None:  # lost: maybe as a claim committed
-                self._claims_unsure = True
+            if chore == CLAIMER and db is not None:  # lost: a claim may have committed unheard
+                self._claimer_lost(db)
             # Each attempt gives up after CONNECT_SECONDS, and each statement
             # after QUERY_SECONDS. A claim or a heartbeat lost with the
             # database's machine is only redone: they do not wait for its disk.
@@ -792,6 +802,8 @@ class PostgresQueue(MemoryQueue):
         that failed may be lost, or left in the middle of an operation."""
         for chore in chores:
             if (db := self._connections.pop(chore, None)) is not None:
+                if chore == CLAIMER:
+                    self._claimer_lost(db)
                 db.terminate()
         failure = QueueError(f"the database {where(self.url)} cannot be reached: {err}")
         if self._trouble is None:
@@ -855,7 +867,6 @@ class PostgresQueue(MemoryQueue):
             except self._failures as err:
                 self._in_trouble(err, CLAIMER)
                 self._ended_waiting = self._relayed_waiting = True  # (asked again)
-                self._claims_unsure = True  # (settled by the next round: the poll's at latest)
                 await asyncio.sleep(RETRY_SECONDS)
 
     async def _claim_round(self) -> None:
@@ -948,14 +959,28 @@ class PostgresQueue(MemoryQueue):
         self._held_since[task.id] = self._clock()
         self._enqueue(task)
 
+    def _claimer_lost(self, db: Any) -> None:
+        """The claiming connection is lost: what it claimed or took last may
+        have committed unheard. The next round (the poll's, at the latest)
+        settles that first."""
+        self._claims_unsure = True
+        self._lost_claimer = db.get_server_pid()
+
+    def _being_settled(self) -> set[str]:
+        """The tasks settled here whose rows a write still has to end: in
+        the writer's hands, or handed on first."""
+        pending = (params[0] for _, params in (*self._committing, *self._ops))
+        return self._handing_on | {task_id for task_id in pending if isinstance(task_id, str)}
+
     async def _give_back_unheld(self) -> None:
         """Give back what the database says this server has and it does not
-        know of (UNHELD_GIVEN_BACK). Known: a task held here, one whose
-        outcome is being handed on, and one with a write not yet committed."""
-        pending = (params[0] for _, params in (*self._committing, *self._ops))
-        known = self._tasks.keys() | self._handing_on
-        known.update(task_id for task_id in pending if isinstance(task_id, str))
+        know of (UNHELD_GIVEN_BACK): neither held here nor being settled.
+        First the lost connection's session ends, if it has not."""
         claimer = await self._connected(CLAIMER)
+        name = f"{APPLICATION} {self.run}"
+        if await claimer.fetch(LOST_SESSION_ENDED, self._lost_claimer, name):
+            return  # (signalled: looked at again next round)
+        known = self._tasks.keys() | self._being_settled()
         rows = await claimer.fetch(UNHELD_GIVEN_BACK, self.run, list(known))
         self._claims_unsure = False
         if ended := sum(row["state"] == "ended" for row in rows):
@@ -977,9 +1002,15 @@ class PostgresQueue(MemoryQueue):
     async def _complete_relayed(self) -> None:
         """Answers other servers heard for tasks held here: as if heard here
         (the client's window slot here is freed)."""
-        rows = await (await self._connected(CLAIMER)).fetch(RELAYED_HERE, self.run)
-        for row in rows:
-            self._bound().complete(row["client"], row["id"], row["answer"], row["error"] or "")
+        claimer = await self._connected(CLAIMER)
+        for row in await claimer.fetch(RELAYED_HERE, self.run, list(self._being_settled())):
+            task_id = row["id"]
+            held = task_id in self._tasks
+            self._bound().complete(row["client"], task_id, row["answer"], row["error"] or "")
+            if task_id in self._tasks:  # (not settled by it)
+                self._write(RELAYED_DROPPED, task_id, self.run)
+            elif not held:  # lost track of here: the answer goes to the submitter
+                self._write(GIVEN_BACK, task_id, self.run, row["attempts"], False)
 
     async def _report_ended(self) -> None:
         """Report the answers other servers received for tasks submitted here
