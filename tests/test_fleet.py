@@ -12,7 +12,7 @@ import socket
 import threading
 import time
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import grpc
 import pytest
@@ -21,6 +21,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from contact import CLIENT_ID_KEY, MAX_IN_FLIGHT_KEY, contact_pb2, contact_pb2_grpc
 from contact.queue.postgres import CONNECT_SECONDS, HEARTBEAT_SECONDS
+from contact_server import Answer, ContactServer, TaskCancelledError
 from tests import haproxy, storm
 from tests.postgres import Postgres, installed
 from tests.processes import Process, first_of, free_port, start_client, start_server
@@ -273,6 +274,80 @@ def test_tasks_and_answers_taken_as_the_reply_was_lost_are_not_stranded(
     a.wait_for(rf"task {held} result from bob: 'HELD BY BOB'")
     assert a.count(rf"task {held} sent to") == 1
     assert a.count(r"task .* result from") == 3
+
+
+def test_answers_relayed_to_a_server_settle_their_tasks_once(
+    processes: list[Process], postgres: Postgres, database: str
+) -> None:
+    a, port = fleet_server(processes, database)
+    bob = fleet_client(processes, "bob", port)
+    bob.freeze()
+    (held,) = typed(a, "held by bob")
+    a.wait_for(rf"task {held} sent to bob")
+    (unheld,) = typed(a, "@carol not held here")
+    run = held.partition("-")[0]
+
+    def relay(task: str, client: str, answer: str) -> None:
+        """What another server writes for an answer it heard for a task held here."""
+        postgres.psql(
+            database,
+            f"UPDATE contact_tasks SET state = 'relayed', claimed_by = '{run}',"
+            f" client = '{client}', answer = '{answer}' WHERE id = '{task}'",
+        )
+
+    def state_of(task: str) -> str:
+        return postgres.psql(database, f"SELECT state FROM contact_tasks WHERE id = '{task}'")
+
+    relay(held, "eve", "EVE")  # from a client never given it: dropped, and the task kept
+    a.wait_for(rf"task {held} refused: eve was never given it")
+    wait_until(lambda: state_of(held) == "claimed")
+    relay(unheld, "carol", "CAROL")  # for a task not held here: to its submitter
+    a.wait_for(rf"task {unheld} result from carol: 'CAROL'")
+    relay(held, "bob", "VIA ANOTHER")  # bob's, heard elsewhere: settles it
+    a.wait_for(rf"task {held} result from bob: 'VIA ANOTHER'")
+    bob.thaw()  # his own answer comes too, late
+    wait_until(lambda: postgres.psql(database, "SELECT count(*) FROM contact_tasks") == "0")
+    assert a.count("was never given it") == 1
+    assert a.count(rf"task {unheld} result from") == a.count(rf"task {held} result from") == 1
+
+
+def test_an_answer_that_passes_a_cancel_by_is_dropped(postgres: Postgres, database: str) -> None:
+    """An answer relayed to the task's holder as its submitter cancels it
+    (neither cancel statement matches a relayed row) ends the row after
+    the cancel: the submitter drops it."""
+    answers: list[Answer] = []
+
+    async def race() -> None:
+        async with ContactServer(port=0, queue=database, on_answer=answers.append) as server:
+            handle = await server.submit("cancelled as it is answered")
+            other = "0ther5rv"  # a server of the fleet holding it, its answer relayed to it
+            postgres.psql(
+                database,
+                f"INSERT INTO contact_servers VALUES ('{other}', now());"
+                f" UPDATE contact_tasks SET state = 'relayed', claimed_by = '{other}',"
+                f" client = 'carol', answer = 'LATE' WHERE id = '{handle.id}'",
+            )
+            assert handle.cancel()
+            # Committed after the cancel's writes (in order): those are committed too.
+            await server.submit("after the cancel")
+            # Its holder ends it: the answer is for the submitter.
+            ended = "UPDATE contact_tasks SET state = 'ended', claimed_by = NULL"
+            postgres.psql(database, f"{ended} WHERE id = '{handle.id}'")
+            gone = f"SELECT count(*) FROM contact_tasks WHERE id = '{handle.id}'"
+            await asyncio.to_thread(wait_until, lambda: postgres.psql(database, gone) == "0")
+            with pytest.raises(TaskCancelledError):
+                await handle
+
+    asyncio.run(race())
+    assert answers == []
+
+
+def wait_until(condition: Callable[[], bool], timeout: float = 10.0) -> None:
+    """Wait until `condition()` holds, looking every 50 ms; fail after `timeout` s."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"not so within {timeout} s"
+        time.sleep(0.05)
 
 
 def test_a_name_registering_on_another_server_takes_over_within_5_s(

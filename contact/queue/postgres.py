@@ -97,6 +97,10 @@ STATS_NAMES = 100
 DEFER_PER_TASK_SECONDS = 0.010
 # The longest such wait: beyond this many tasks in flight, loads are equals.
 DEFER_MAX_SECONDS = 0.050
+# Tasks cancelled here while another server held them are remembered (the
+# newest this many), so that an answer that passed the cancel by is dropped
+# when it comes: that race lasts milliseconds, so a few are plenty.
+CANCELS_REMEMBERED = 1000
 # Claimed tasks no client here took for this long go back to the database,
 # for the clients of other servers (their names moved, or all are busy).
 HOLD_SECONDS = 1.0
@@ -230,14 +234,17 @@ UNHELD_GIVEN_BACK = """UPDATE contact_tasks
     RETURNING state"""
 # The session of a lost claiming connection, ended: a statement it was
 # running (a claim that timed out) must not commit after the give-back.
-LOST_SESSION_ENDED = """SELECT pg_terminate_backend(pid) FROM pg_stat_activity
-    WHERE pid = $1 AND application_name = $2 AND pid <> pg_backend_pid()"""
+LOST_SESSIONS_ENDED = """SELECT pid, pg_terminate_backend(pid) FROM pg_stat_activity
+    WHERE pid = ANY($1::int[]) AND application_name = $2 AND pid <> pg_backend_pid()"""
 CANCELLED = """UPDATE contact_tasks SET state = 'cancelled'
     WHERE id = $1 AND state = 'claimed' AND claimed_by <> $2"""
 # (Also one another server answered, its answer not yet reported here: dropped.)
 CANCELLED_QUEUED = """DELETE FROM contact_tasks WHERE id = $1
     AND (state IN ('queued', 'cancelled') OR state = 'ended' AND submitted_by = $2)"""
 WITHDRAWN = "DELETE FROM contact_tasks WHERE id = $1 AND state = 'cancelled'"
+# The writes that end a task's row here, or hand it on: while one is pending,
+# the row is this server's no more (not read again, not given back).
+SETTLING = frozenset({FINISHED, FAILED, ENDED, GIVEN_BACK, RELAYED_DROPPED})
 # The oldest $2 tasks for any client, in order from their index.
 CLAIM_FOR_ANY = """UPDATE contact_tasks t SET state = 'claimed', claimed_by = $1
     FROM (SELECT seq FROM contact_tasks WHERE state = 'queued' AND target IS NULL
@@ -425,7 +432,8 @@ class PostgresQueue(MemoryQueue):
         self._last_claim = 0.0  # when the last claim began (time.monotonic)
         self._polling = False  # the next round polls
         self._claims_unsure = False  # a claim failed: it may have committed unheard
-        self._lost_claimer: int | None = None  # the backend of the claiming connection lost
+        self._lost_claimers: set[int] = set()  # backends of claiming connections lost, not yet gone
+        self._cancelled: dict[str, None] = {}  # the newest CANCELS_REMEMBERED (see cancel)
         self._poll_timer: asyncio.TimerHandle | None = None
         self._held_since: dict[str, float] = {}  # claimed tasks here, untaken: since when
         self._submitter: dict[str, str] = {}  # claimed tasks here submitted elsewhere: by whom
@@ -627,6 +635,11 @@ class PostgresQueue(MemoryQueue):
         outcome.set_exception(self._failure(TaskCancelledError, task, "was cancelled", "cancelled"))
         self._write(CANCELLED, task_id, self.run)
         self._write(CANCELLED_QUEUED, task_id, self.run)
+        # An answer on its way (relayed to its holder, not yet ended) passes
+        # those by: remembered, it is dropped when it comes.
+        self._cancelled[task_id] = None
+        if len(self._cancelled) > CANCELS_REMEMBERED:
+            del self._cancelled[next(iter(self._cancelled))]
         return task
 
     def stop(self) -> None:
@@ -964,13 +977,13 @@ class PostgresQueue(MemoryQueue):
         have committed unheard. The next round (the poll's, at the latest)
         settles that first."""
         self._claims_unsure = True
-        self._lost_claimer = db.get_server_pid()
+        self._lost_claimers.add(db.get_server_pid())
 
     def _being_settled(self) -> set[str]:
         """The tasks settled here whose rows a write still has to end: in
         the writer's hands, or handed on first."""
-        pending = (params[0] for _, params in (*self._committing, *self._ops))
-        return self._handing_on | {task_id for task_id in pending if isinstance(task_id, str)}
+        ops = (*self._committing, *self._ops)
+        return self._handing_on | {str(params[0]) for sql, params in ops if sql in SETTLING}
 
     async def _give_back_unheld(self) -> None:
         """Give back what the database says this server has and it does not
@@ -978,7 +991,9 @@ class PostgresQueue(MemoryQueue):
         First the lost connection's session ends, if it has not."""
         claimer = await self._connected(CLAIMER)
         name = f"{APPLICATION} {self.run}"
-        if await claimer.fetch(LOST_SESSION_ENDED, self._lost_claimer, name):
+        lost = await claimer.fetch(LOST_SESSIONS_ENDED, list(self._lost_claimers), name)
+        self._lost_claimers = {row["pid"] for row in lost}
+        if self._lost_claimers:
             return  # (signalled: looked at again next round)
         known = self._tasks.keys() | self._being_settled()
         rows = await claimer.fetch(UNHELD_GIVEN_BACK, self.run, list(known))
@@ -1005,18 +1020,22 @@ class PostgresQueue(MemoryQueue):
         claimer = await self._connected(CLAIMER)
         for row in await claimer.fetch(RELAYED_HERE, self.run, list(self._being_settled())):
             task_id = row["id"]
-            held = task_id in self._tasks
+            if task_id not in self._tasks:  # lost track of here: the answer goes to the submitter
+                self._write(GIVEN_BACK, task_id, self.run, row["attempts"], False)
+                continue
             self._bound().complete(row["client"], task_id, row["answer"], row["error"] or "")
             if task_id in self._tasks:  # (not settled by it)
                 self._write(RELAYED_DROPPED, task_id, self.run)
-            elif not held:  # lost track of here: the answer goes to the submitter
-                self._write(GIVEN_BACK, task_id, self.run, row["attempts"], False)
 
     async def _report_ended(self) -> None:
         """Report the answers other servers received for tasks submitted here
         (each row taken once: its state is 'reporting' until it goes)."""
         rows = await (await self._connected(CLAIMER)).fetch(ENDED_HERE, self.run, CLAIM_BATCH)
         for row in sorted(rows, key=lambda row: row["seq"]):  # (RETURNING has no order)
+            if row["id"] in self._cancelled:  # cancelled here as it was answered: dropped
+                del self._cancelled[row["id"]]
+                self._write(FINISHED, row["id"], self.run)
+                continue
             task = Task(row["id"], row["text"], row["target"], attempts=row["attempts"])
             client = row["client"] or ""
             outcome: str | TaskNotAnsweredError
