@@ -99,7 +99,10 @@ class ContactServicer(contact_pb2_grpc.ContactServicer):
         try:
             await context.send_initial_metadata(checks.accepted(session, context))
             while (task := await session.next_task()) is not None:
-                log.info("task %s %s %s", task.id, WITHDRAWN if task.cancelled else SENT, name)
+                if task.cancelled:
+                    log.info("task %s withdrawn from %s", task.id, name)
+                else:
+                    log.info("task %s sent to %s: %s", task.id, name, Quoted(task.text))
                 yield message_for(task)
         finally:
             # Reached however the stream ends: client exit or crash, keepalive
@@ -168,9 +171,6 @@ class ContactServicer(contact_pb2_grpc.ContactServicer):
                     )
         except DecodeError as err:
             await checks.refuse_malformed(context, name, err)
-
-
-SENT, WITHDRAWN = "sent to", "withdrawn from"
 
 
 def message_for(task: Task) -> contact_pb2.ServerMsg:

@@ -171,7 +171,8 @@ async def serve_one_measurement(
 ) -> None:
     """Run one server, wait for `clients`, measure, print the figures as JSON."""
     # "project-info" logs as the scripts do (contact/cli.py): a line per
-    # event (queued, sent, result), at INFO, through their batched handler.
+    # event at INFO (sent, result; queued only when no client may take it),
+    # through their batched handler.
     if impl == "project-info":
         cli.start_logging(argparse.Namespace(log_level="INFO"))
     else:

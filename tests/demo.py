@@ -35,7 +35,7 @@ def story(running: list[Process]) -> None:
     server.wait_for(r"task \S+ result from", count=len(TASKS))
     server.wait_for(r"result from bob: 'THIS ONE IS ONLY FOR BOB'")
     for client in running[1:]:  # each client logs its answers too, a moment later
-        if sent := server.count(rf"task \S+ sent to {client.label}$"):
+        if sent := server.count(rf"task \S+ sent to {client.label}: "):
             client.wait_for(r"task \S+: '.*' -> ", count=sent)
     say("all four results are back; pressing Ctrl-C in each client")
     for client in running[1:]:

@@ -98,6 +98,12 @@ class Process:
                     )
                 self._changed.wait(left)
 
+    def task_id(self, text: str, timeout: float = 10.0) -> str:
+        """The id the server gave the task typed as `text`: from its "queued
+        for" line (logged when no client here may take it) or its "sent to" line."""
+        line = rf"task (\S+) (?:queued for .*|sent to \S+): '{re.escape(text)}'$"
+        return self.wait_for(line, timeout).group(1)
+
     def total(self, pattern: str, kind: str) -> int:
         """How many lines match `pattern`, counting too those the server left
         out of its log as `... and N more KIND lines from ...`."""

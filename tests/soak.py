@@ -15,7 +15,7 @@ started.
 
 With --journal, the server keeps its tasks in a journal and is SIGKILLed
 --server-kills times a round, then started again on the same port and file
-(lines it never logged as queued are typed again). Then a task may be
+(lines it never logged as queued, or sent, are typed again). Then a task may be
 answered in two runs of the server, never twice in one; the journal's size
 after each round shows whether it levels off.
 
@@ -60,7 +60,11 @@ POISON = "poison"  # the task text that kills whoever takes it (see tests/odd_cl
 # enough that flapping chaos clients never fail an honest task.
 SERVER_ARGS = ["--max-in-flight", "4", "--task-timeout", "2", "--max-attempts", "30"]
 MAX_ATTEMPTS = 30
-QUEUED = re.compile(r"task (\S+) (?:queued|recovered) for (?:any client|\S+): '(.*)'$")
+# A task's text, from the line that says it is kept: queued or recovered, or
+# (a client here could take it at once) sent.
+QUEUED = re.compile(
+    r"task (\S+) (?:(?:queued|recovered) for (?:any client|\S+)|sent to \S+): '(.*)'$"
+)
 
 
 @dataclass
@@ -262,7 +266,7 @@ class SoakServer:
 
     def kill_and_restart(self, log: ServerLog, typed: list[str], report: Report) -> None:
         """SIGKILL the server, start it again, and type again the lines it
-        never logged as queued (a line may be lost until then)."""
+        never logged as queued or sent (a line may be lost until then)."""
         self.process.popen.kill()
         self.process.exit_code()
         log.update()

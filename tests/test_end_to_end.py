@@ -4,7 +4,6 @@ person would: tasks typed into the server, signals for Ctrl-C and kill."""
 from __future__ import annotations
 
 import asyncio
-import re
 import signal
 import subprocess
 import time
@@ -19,17 +18,12 @@ from tests.processes import ROOT, Process, start_server
 from tests.test_limits import REPEAT
 
 
-def task_id(server: Process, text: str) -> str:
-    """The id the server gave the task typed as `text`."""
-    return server.wait_for(rf"task (\S+) queued for .*: '{re.escape(text)}'").group(1)
-
-
 def hold_a_task(srv: Process, holder: Process, text: str) -> str:
     """Freeze the client `holder`, then type the task `text`, which goes to it
     and stays there unanswered; return its id."""
     holder.freeze()
     srv.type(text)
-    job = task_id(srv, text)
+    job = srv.task_id(text)
     srv.wait_for(rf"task {job} sent to {holder.label}")
     return job
 
@@ -53,6 +47,23 @@ def test_typed_tasks_reach_a_client_and_results_reach_the_server_log(
     worker.wait_for(r"answered 2 tasks; exiting")
     srv.wait_for(r"status from worker: ")
     assert srv.count(r"queued for") == 2  # the blank line was no task
+
+
+def test_a_task_is_logged_queued_while_no_client_may_take_it_and_sent_with_its_text(
+    server: tuple[Process, int], client: Callable[..., Process]
+) -> None:
+    """One line a task on its way out: `sent to NAME: TEXT`; a task no
+    connected client may take is logged as queued too, as it waits."""
+    srv, port = server
+    srv.type("before anyone")
+    job = srv.wait_for(r"INFO task (\S+) queued for any client: 'before anyone'$").group(1)
+    client("alice", port)
+    srv.wait_for(rf"INFO task {job} sent to alice: 'before anyone'$")
+    srv.type("hello", "@bob for bob")
+    srv.wait_for(r"INFO task \S+ queued for bob: 'for bob'$")
+    srv.wait_for(r"INFO task \S+ result from alice: 'HELLO'$")
+    assert srv.count(r"'hello'") == 1, srv.output  # its "sent to alice" line, and no other
+    assert srv.count(r"'for bob'") == 1, srv.output  # waiting for bob, so not sent
 
 
 def test_a_targeted_task_reaches_only_its_client(
@@ -110,7 +121,7 @@ def test_sigterm_stops_the_server_within_its_grace_period(
     processes.append(srv)
     worker = client("worker", port, "--max-backoff", "1")
     srv.type("@absent never answered")
-    task_id(srv, "never answered")
+    srv.task_id("never answered")
     started = time.monotonic()
     srv.send(signal.SIGTERM)
     assert_clean_exit(srv, within=4)
@@ -178,7 +189,7 @@ def test_a_result_for_a_task_never_given_is_refused_and_the_task_kept(
 ) -> None:
     srv, port = server
     srv.type("@victim not yours")
-    job = task_id(srv, "not yours")
+    job = srv.task_id("not yours")
     forged = contact_pb2.Result(id=job, ret="forged").SerializeToString()
     # Sending nothing: the registration is checked before any message is read.
     unregistered = asyncio.run(send_raw(port, TELL, None, "mallory", registered=False))

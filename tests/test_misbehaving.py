@@ -46,7 +46,7 @@ def test_a_client_that_never_answers_loses_its_tasks_when_their_lease_runs_out(
 
     asyncio.run(scenario())
     for text in ("held one", "held two"):
-        job = srv.wait_for(rf"task (\S+) queued for any client: '{text}'$").group(1)
+        job = srv.task_id(text)
         sent = srv.wait_for(rf"task {job} sent to hung")
         srv.wait_for(rf"task {job} taken back from hung: no answer within 2 s")
         answered = srv.wait_for(rf"task {job} result from rescuer")
@@ -78,7 +78,7 @@ def test_a_hung_client_with_a_wide_window_gets_nothing_once_a_lease_ran_out(
             call.cancel()
 
     asyncio.run(scenario())
-    job = srv.wait_for(r"task (\S+) queued for any client: 'held'$").group(1)
+    job = srv.task_id("held")
     expired = srv.wait_for(rf"task {job} taken back from hung: no answer within 2 s")
     answered = srv.wait_for(rf"task {job} result from idle")
     assert logged_at(answered.string) - logged_at(expired.string) <= 5.0
@@ -102,8 +102,8 @@ def test_a_task_waiting_behind_a_slow_one_is_not_taken_back(processes: list[Proc
     worker = odd_client(processes, "worker", port)  # one at a time, up to 3 more held
     srv.type("nap 4.5", "waiting")
     srv.wait_for(r"result from worker: 'WAITING'$", timeout=15)
-    slow = srv.wait_for(r"task (\S+) queued for any client: 'nap 4.5'$").group(1)
-    waiting = srv.wait_for(r"task (\S+) queued for any client: 'waiting'$").group(1)
+    slow = srv.task_id("nap 4.5")
+    waiting = srv.task_id("waiting")
     srv.wait_for(rf"task {slow} taken back from worker: no answer within 3 s")  # longer than that
     srv.wait_for(rf"task {slow} result from worker: 'NAP 4.5'$")  # late, still first: accepted
     assert srv.count(rf"task {waiting} sent to") == 1
@@ -206,7 +206,7 @@ def test_whatever_the_handler_does_the_task_fails_with_why_and_the_next_is_serve
         "surrogate": r"the answer cannot be sent: it is not valid text \(surrogates not allowed",
     }
     for text, error in errors.items():
-        job = srv.wait_for(rf"task (\S+) queued for any client: '{text}'$").group(1)
+        job = srv.task_id(text)
         srv.wait_for(rf"task {re.escape(job)} failed at odd: '{error}")
     assert srv.count(r"result from odd") == 1  # a failure is no answer
     assert odd.popen.poll() is None  # still serving

@@ -47,7 +47,7 @@ def test_embedded_server_handles_cancel_failures_hook_and_sigterm(
     port = server.wait_for(r"listening on port (\d+)").group(1)
     worker = run_script(processes, tmp_path, "worker.py", f"127.0.0.1:{port}", PYTHONPATH=str(ROOT))
     hello = server.wait_for(r"^(\S+) answered HELLO$", timeout=20).group(1)
-    server.wait_for(rf"INFO task {re.escape(hello)} queued for any client: 'hello'$")
+    server.wait_for(rf"INFO task {re.escape(hello)} sent to worker: 'hello'$")
     server.wait_for(rf"INFO task {re.escape(hello)} result from worker: 'HELLO'$")
     server.wait_for(rf"^on_answer: {re.escape(hello)} HELLO$")
     failed = server.wait_for(

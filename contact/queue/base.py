@@ -120,6 +120,10 @@ class Dispatching(Protocol):
     def ready(self, target: str | None) -> None:
         """A task for `target` (None: for any client) can be taken."""
 
+    def serves(self, target: str | None) -> bool:
+        """Whether a client connected here may be given tasks for `target`
+        (None: any client's)."""
+
     def room(self) -> int:
         """How many more tasks this server's clients can take now, in all."""
 

@@ -341,6 +341,11 @@ class Dispatcher:
 
     # -- internals --
 
+    def serves(self, target: str | None) -> bool:
+        """Whether a client connected here may be given tasks for `target`
+        (None: any client's): if not, a new task for it waits, and says so."""
+        return bool(self._sessions) if target is None else target in self._sessions
+
     def ready(self, target: str | None) -> None:
         """The queue has a task for `target` (None: for any client)."""
         if target is None:

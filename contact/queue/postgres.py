@@ -686,6 +686,11 @@ class PostgresQueue(MemoryQueue):
 
     # -- what the queue keeps --
 
+    def _queued_level(self, task: Task) -> int:
+        """Always INFO: a client of another server may take the task, and
+        only that server logs its "sent to" line."""
+        return logging.INFO
+
     def _queued_new(self, task: Task) -> None:
         """A task put here is in the database, for whichever server claims it."""
         self._log_queued(task)

@@ -53,6 +53,8 @@ def check_task(text: str, target: str | None, fields: dict[str, Any]) -> None:
         raise ValueError(f"task not submitted: {problem}")
     if target is not None and not CLIENT_NAME.fullmatch(target):
         raise ValueError(f"task not submitted: the target {target!r} is no client name")
+    if not fields:  # (the text alone is within MAX_TASK_MESSAGE_BYTES: text_problem said so)
+        return
     if SERVER_FIELDS & fields.keys():
         raise ValueError(f"task not submitted: {', '.join(SERVER_FIELDS)} are the server's to fill")
     try:
