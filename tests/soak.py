@@ -15,7 +15,7 @@ started.
 
 With --journal, the server keeps its tasks in a journal and is SIGKILLed
 --server-kills times a round, then started again on the same port and file
-(lines it never logged as queued, or sent, are typed again). Then a task may be
+(lines it never logged as queued are typed again). Then a task may be
 answered in two runs of the server, never twice in one; the journal's size
 after each round shows whether it levels off.
 
@@ -266,7 +266,7 @@ class SoakServer:
 
     def kill_and_restart(self, log: ServerLog, typed: list[str], report: Report) -> None:
         """SIGKILL the server, start it again, and type again the lines it
-        never logged as queued or sent (a line may be lost until then)."""
+        never logged as queued (a line may be lost until then)."""
         self.process.popen.kill()
         self.process.exit_code()
         log.update()

@@ -38,7 +38,7 @@ KILLS = 3
 CLIENTS = 4
 QUEUED = re.compile(r"task (\S+) (?:queued|recovered) for any client: '(.*)'$")
 RESULT = re.compile(r"task (\S+) result from \S+: '(.*)'$")
-SENT = re.compile(r"task (\S+) sent to \S+: '(.*)'$")  # (not queued at INFO: a client took it)
+SENT = re.compile(r"task (\S+) sent to \S+: ")
 # An answer is logged before its task's removal is committed, and that commit
 # comes within a batch window (5 ms) once the writer is free. The bound is on
 # time, not on answers: in a CI run (tests four at a time) one commit waited
@@ -73,7 +73,6 @@ class Run:
                 assert match.group(2) == run.texts[match.group(1)].upper(), line
             elif match := SENT.search(line):
                 run.sent.add(match.group(1))
-                run.texts.setdefault(match.group(1), match.group(2))
             elif "listening on" in line:
                 run.listening_at = len(run.answered) + len(run.texts)  # lines that count so far
         return run

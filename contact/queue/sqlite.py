@@ -140,6 +140,15 @@ class SqliteQueue(MemoryQueue):
 
     # -- what the queue keeps --
 
+    def _queued_level(self, task: Task) -> int:
+        """Always INFO: the line is the receipt that the task is committed,
+        so that after a kill the lines to type again are those logged
+        neither as queued nor, at the restart, as recovered
+        (docs/guarantees.md). A sent line would not do: a task may wait
+        behind thousands, and those older than the newest RECOVERED_LISTED
+        are recovered in one line."""
+        return logging.INFO
+
     def _kept(self, task: Task) -> asyncio.Future[None]:
         """Record a new task; the future resolves once it is committed (and
         raises JournalError if that failed)."""
