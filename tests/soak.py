@@ -124,7 +124,7 @@ class ServerLog:
     def __init__(self, server: Process, report: Report) -> None:
         self.report = report
         self.texts: dict[str, str] = {}  # task id -> typed text
-        self.round_texts: set[str] = set()  # texts queued (or recovered) this round
+        self.round_texts: set[str] = set()  # texts queued, recovered or sent this round
         self.follow(server)
 
     def follow(self, server: Process) -> None:

@@ -404,8 +404,9 @@ class MemoryQueue(TaskQueue):
 
     def _queued_level(self, task: Task) -> int:
         """A new task is said at INFO only if no client connected here may
-        take it: otherwise its "sent to" line, with its text, follows at
-        once, and one line less is a tenth of a typed task's CPU time."""
+        take it: otherwise its "sent to" line, with its text, follows as
+        soon as one has room, and a line less is a tenth of a typed task's
+        CPU time."""
         return INFO if task.recovered or not self._serves(task.target) else DEBUG
 
     def _enqueue(self, task: Task) -> None:
