@@ -46,6 +46,14 @@ def ignore(*args: object) -> None:
     """A listener nobody bound."""
 
 
+def fail(outcome: asyncio.Future[str], error: Exception) -> None:
+    """End a task's outcome with `error`, marked as seen: an outcome nobody
+    awaits is no error. (Marked here, not by a done callback on every
+    outcome: that cost a turn of the loop per task, answered ones too.)"""
+    outcome.set_exception(error)
+    retrieved(outcome)
+
+
 def serves_nobody(target: str | None) -> bool:
     """No dispatcher bound: no client may take any task."""
     return False
@@ -117,11 +125,10 @@ class MemoryQueue(TaskQueue):
             self.unreserve()
             raise
         outcome = self._outcomes[task.id] = asyncio.get_running_loop().create_future()
-        outcome.add_done_callback(retrieved)  # an outcome nobody awaits is no error
         self._reserved -= 1
         if self.closed:  # it closed while the task was being written
             self._let_in()
-            outcome.set_exception(self._not_answered(task))
+            fail(outcome, self._not_answered(task))
         else:
             self._queued_new(task)
         return task
@@ -269,7 +276,7 @@ class MemoryQueue(TaskQueue):
         self._remove(task)
         cancelled = self._failure(TaskCancelledError, task, "was cancelled", "cancelled")
         if (outcome := self._outcomes.pop(task.id, None)) is not None:
-            outcome.set_exception(cancelled)
+            fail(outcome, cancelled)
         self._forget(task, cancelled)
         return task
 
@@ -307,7 +314,7 @@ class MemoryQueue(TaskQueue):
             await asyncio.sleep(0)
         for task in self.unfinished():
             if (outcome := self._outcomes.pop(task.id, None)) is not None:
-                outcome.set_exception(self._not_answered(task))
+                fail(outcome, self._not_answered(task))
 
     def _not_answered(self, task: Task) -> TaskNotAnsweredError:
         return TaskNotAnsweredError(
@@ -355,7 +362,7 @@ class MemoryQueue(TaskQueue):
             if isinstance(outcome, str):
                 future.set_result(outcome)
             else:
-                future.set_exception(outcome)
+                fail(future, outcome)
         if self._hand_on is None:
             self._forget(task, outcome)
         else:

@@ -53,7 +53,7 @@ from contact.queue.base import (
     TaskFailedError,
     TaskNotAnsweredError,
 )
-from contact.queue.memory import MemoryQueue, client_failure
+from contact.queue.memory import MemoryQueue, client_failure, fail
 
 log = logging.getLogger("contact.fleet")
 
@@ -632,7 +632,7 @@ class PostgresQueue(MemoryQueue):
         # Submitted here, held in the database or by another server: withdrawn
         # there (the other server's client is not told: its answer is dropped).
         task = Task(id=task_id, text="")
-        outcome.set_exception(self._failure(TaskCancelledError, task, "was cancelled", "cancelled"))
+        fail(outcome, self._failure(TaskCancelledError, task, "was cancelled", "cancelled"))
         self._write(CANCELLED, task_id, self.run)
         self._write(CANCELLED_QUEUED, task_id, self.run)
         # An answer on its way (relayed to its holder, not yet ended) passes
@@ -672,7 +672,7 @@ class PostgresQueue(MemoryQueue):
         TaskNotAnsweredError, `why`."""
         for task_id in [task_id for task_id in self._outcomes if task_id not in keep]:
             failure = TaskNotAnsweredError(f"task {task_id} not answered here: {why}")
-            self._outcomes.pop(task_id).set_exception(failure)
+            fail(self._outcomes.pop(task_id), failure)
 
     async def _let_go(self) -> None:
         if self._poll_timer is not None:
