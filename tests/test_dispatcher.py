@@ -4,6 +4,7 @@ which task, and what happens when a client leaves, answers or hangs."""
 from __future__ import annotations
 
 import asyncio
+import gc
 
 import pytest
 
@@ -219,6 +220,23 @@ async def test_next_task_waits_for_work_and_returns_none_when_the_session_ends()
     await asyncio.sleep(0)
     dispatcher.disconnect(alice)
     assert await asyncio.wait_for(waiter, 1) is None
+
+
+async def test_an_outcome_that_fails_with_nobody_awaiting_it_is_no_error() -> None:
+    """A typed task's outcome is awaited by nobody: when it fails (its
+    client's error, a cancel) asyncio must not report it as never
+    retrieved, which it does as the future is freed, to the loop's
+    exception handler."""
+    reported: list[dict[str, object]] = []
+    asyncio.get_running_loop().set_exception_handler(lambda _, context: reported.append(context))
+    dispatcher = make_dispatcher()
+    dispatcher.connect("alice")
+    broken = await dispatcher.queue.put("breaks")
+    withdrawn = await dispatcher.queue.put("waits for bob", "bob")
+    assert dispatcher.complete("alice", broken.id, "", "it broke") is Outcome.ACCEPTED
+    assert dispatcher.cancel(withdrawn.id) is withdrawn
+    gc.collect()
+    assert reported == []
 
 
 def test_a_huge_max_in_flight_costs_nothing_up_front() -> None:

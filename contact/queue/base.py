@@ -206,7 +206,9 @@ class TaskQueue(abc.ABC):
 
     @abc.abstractmethod
     def outcome(self, task_id: str) -> asyncio.Future[str] | None:
-        """The future of a task `put` since this start, until it ends."""
+        """The future of a task `put` since this start, until it ends. It may
+        end with nobody awaiting it: a failure is set already marked as
+        seen (memory.fail), or asyncio logs it as never retrieved."""
 
     @abc.abstractmethod
     def head(self, name: str | None) -> Task | None:

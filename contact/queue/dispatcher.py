@@ -343,7 +343,7 @@ class Dispatcher:
 
     def serves(self, target: str | None) -> bool:
         """Whether a client connected here may be given tasks for `target`
-        (None: any client's): if not, a new task for it waits, and says so."""
+        (None: any client's), now or once it has room."""
         return bool(self._sessions) if target is None else target in self._sessions
 
     def ready(self, target: str | None) -> None:

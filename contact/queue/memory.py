@@ -49,9 +49,11 @@ def ignore(*args: object) -> None:
 def fail(outcome: asyncio.Future[str], error: Exception) -> None:
     """End a task's outcome with `error`, marked as seen: an outcome nobody
     awaits is no error. (Marked here, not by a done callback on every
-    outcome: that cost a turn of the loop per task, answered ones too.)"""
-    outcome.set_exception(error)
-    retrieved(outcome)
+    outcome: that cost a callback run by the loop per task, answered ones
+    too.) An outcome that has ended keeps what it has."""
+    if not outcome.done():
+        outcome.set_exception(error)
+        retrieved(outcome)
 
 
 def serves_nobody(target: str | None) -> bool:
@@ -411,9 +413,10 @@ class MemoryQueue(TaskQueue):
 
     def _queued_level(self, task: Task) -> int:
         """A new task is said at INFO only if no client connected here may
-        take it: otherwise its "sent to" line, with its text, follows as
-        soon as one has room, and a line less is a tenth of a typed task's
-        CPU time."""
+        take it: otherwise its "sent to" line, with its text, says it once
+        a client takes it (a busy or stalled one may not for a while; the
+        queue's counts in stats() and on the status page show it meanwhile),
+        and a line less is a tenth of a typed task's CPU time."""
         return INFO if task.recovered or not self._serves(task.target) else DEBUG
 
     def _enqueue(self, task: Task) -> None:

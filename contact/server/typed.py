@@ -91,7 +91,7 @@ def read_tasks(
                 continue
             if text:
                 submitting.append(submit(text, target))
-        await asyncio.gather(*submitting)  # together: with a journal, in one commit
+        await asyncio.gather(*submitting)  # together: with a journal, in a commit or two
 
     def chunks() -> Iterator[bytes]:
         while chunk := os.read(0, CHUNK_BYTES):
