@@ -39,6 +39,7 @@ from contact import (
 )
 from contact.logtext import REPEATS, Quoted
 from contact.queue.base import (
+    NewTask,
     Outcome,
     QueueError,
     QueueFullError,
@@ -57,6 +58,7 @@ from contact.server.typed import read_tasks
 __all__ = [  # what code that uses the server imports from here
     "Answer",
     "ContactServer",
+    "NewTask",
     "QueueFullError",
     "TaskCancelledError",
     "TaskError",
@@ -198,7 +200,7 @@ async def serve(args: argparse.Namespace, credentials: grpc.ServerCredentials | 
     try:
         async with server:
             log.info("type a task per line (TEXT or @NAME TEXT)")
-            read_tasks(asyncio.get_running_loop(), functools.partial(queue_line, server))
+            read_tasks(asyncio.get_running_loop(), functools.partial(queue_lines, server))
             await server.serve_until_stopped()
     except (OSError, QueueError) as err:
         log.error("%s", err)
@@ -206,18 +208,21 @@ async def serve(args: argparse.Namespace, credentials: grpc.ServerCredentials | 
     return 0
 
 
-async def queue_line(server: ContactServer, text: str, target: str | None) -> None:
-    """Submit a typed task. Its answer is logged when it comes; nobody here waits for it."""
+async def queue_lines(server: ContactServer, tasks: list[NewTask]) -> None:
+    """Submit the tasks of typed lines, together. Their answers are logged
+    as they come; nobody here waits for them."""
     try:
         if server.closed:
             raise RuntimeError("the server is shutting down")
-        await server.submit(text, target)  # with a full queue, waits: reading stops meanwhile
+        await server.submit_many(tasks)  # with a full queue, waits: reading stops meanwhile
     except ValueError as err:
-        log.warning("ignored input line: %s", err)
+        log.warning("ignored input lines: %s", err)
     except QueueError as err:  # every line, once the journal or database is lost: said briefly
-        REPEATS.log(log, logging.ERROR, "not queued", "stdin", "task not queued: %s", err)
+        for _ in tasks:
+            REPEATS.log(log, logging.ERROR, "not queued", "stdin", "task not queued: %s", err)
     except RuntimeError as err:  # lines read as it stops: said briefly, however many
-        REPEATS.log(log, logging.WARNING, "ignored", "stdin", "ignored input line: %s", err)
+        for _ in tasks:
+            REPEATS.log(log, logging.WARNING, "ignored", "stdin", "ignored input line: %s", err)
 
 
 def main() -> int:

@@ -9,7 +9,7 @@ import gc
 import pytest
 
 from contact import WITHDRAWN
-from contact.queue.base import Outcome, QueueFullError, Task
+from contact.queue.base import NewTask, Outcome, QueueFullError, Task
 from contact.queue.dispatcher import LEASE_EXPIRED, REPLACED, SHUTDOWN, SILENT, Session
 from tests.dispatching import ProbedDispatcher, make_dispatcher
 
@@ -573,6 +573,35 @@ async def test_past_max_queued_submitters_wait_in_turn_and_go_in_as_clients_take
     with pytest.raises(RuntimeError, match="closed"):
         await late
     assert dispatcher.queue._reserved == 0  # every place held was filled or given back
+
+
+async def test_tasks_put_together_are_queued_in_order_all_or_none() -> None:
+    dispatcher = make_dispatcher(max_queued=3)
+    queue = dispatcher.queue
+    batch = [NewTask("one"), NewTask("for bob", "bob"), NewTask("two", fields={"attempt": 0})]
+    tasks = await queue.put_many(batch)
+    assert [(task.text, task.target) for task in tasks] == [(t.text, t.target) for t in batch]
+    assert all(queue.outcome(task.id) is not None for task in tasks)
+    assert await queue.put_many([]) == []
+    # Full: a batch that may not wait is refused whole, and holds no place.
+    with pytest.raises(QueueFullError):
+        await queue.put_many([NewTask("refused")], wait=False)
+    assert queue.queued() == 3 and queue._reserved == 0
+    # A batch larger than max_queued goes in whole once there is room for
+    # one task more: it never waits for room its own places would hold.
+    alice = dispatcher.connect("alice", window=1)
+    assert assigned(alice) == ["one"]
+    bigger = await asyncio.wait_for(queue.put_many([NewTask(f"big {n}") for n in range(5)]), 5)
+    assert [task.text for task in bigger] == [f"big {n}" for n in range(5)]
+    assert queue.queued() == 7 and queue._reserved == 0
+    # Cancelled while it waits for room: nothing of it is queued.
+    waiting = asyncio.create_task(queue.put_many([NewTask("late 1"), NewTask("late 2")]))
+    await asyncio.sleep(0)
+    waiting.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await waiting
+    assert queue.queued() == 7 and queue._reserved == 0
+    assert "late 1" not in [task.text for task in queue.unfinished()]
 
 
 def test_tasks_behind_a_withdrawn_task_that_never_ends_are_taken_back() -> None:

@@ -22,6 +22,7 @@ from contact.queue.sqlite import SqliteQueue
 from contact_server import (
     Answer,
     ContactServer,
+    NewTask,
     QueueFullError,
     TaskCancelledError,
     TaskError,
@@ -206,6 +207,23 @@ def test_submit_refuses_what_could_never_be_sent_and_nobody_sees_it(
 
     with caplog.at_level(logging.DEBUG):  # (queued lines are DEBUG while a client may take them)
         asyncio.run(scenario())
+
+
+def test_submit_many_queues_tasks_together_or_none_of_them(
+    processes: list[Process], store: dict[str, Any]
+) -> None:
+    async def scenario() -> None:
+        async with ContactServer(port=0, grace=0, **store) as server:
+            with pytest.raises(ValueError, match="not valid text"):
+                await server.submit_many(["first", NewTask("\ud800"), "third"])
+            assert (server.stats().submitted, server.stats().queued) == (0, 0)
+            handles = await server.submit_many(["one", NewTask("for bob", "bob"), NewTask("two")])
+            assert server.stats().queued == 3
+            await started(processes, start_client, "worker", server.port)
+            assert [await handles[n].result(20) for n in (0, 2)] == ["ONE", "TWO"]
+            assert handles[1].cancel()  # bob never came
+
+    asyncio.run(scenario())
 
 
 def test_one_bad_task_in_a_journal_batch_does_not_fail_the_others(tmp_path: Path) -> None:

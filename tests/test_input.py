@@ -33,6 +33,7 @@ def test_parse_task(line: str, expected: tuple[str | None, str]) -> None:
         ("@b\x1bob hi", "client name"),
         ("@" + "x" * 65 + " hi", "client name"),
         ("x" * (MAX_TEXT_BYTES + 1), "over the limit"),
+        ("a\x00b", "NUL character"),
     ],
 )
 def test_parse_task_refuses_what_is_no_task(line: str, complaint: str) -> None:

@@ -28,7 +28,7 @@ import pytest
 
 from contact.logtext import BatchedHandler
 from contact.queue import sqlite as sqlite_module
-from contact.queue.base import Task
+from contact.queue.base import NewTask, Task
 from contact.queue.sqlite import JournalError, SqliteQueue
 from contact_server import ContactServer
 from tests.processes import ROOT, Process, free_port, logged_at, start_server
@@ -365,7 +365,8 @@ def test_a_lone_task_is_committed_at_once_and_writes_under_load_share_one(
 ) -> None:
     """Batching is for load: a task that finds the writer idle is committed
     at once (the removal pending beside it goes along), and the tasks that
-    come while a commit is under way share the next."""
+    come while a commit is under way share the next. Tasks put together
+    share a commit."""
 
     async def scenario() -> None:
         queue = SqliteQueue(tmp_path / "tasks.journal")
@@ -386,6 +387,9 @@ def test_a_lone_task_is_committed_at_once_and_writes_under_load_share_one(
         assert queue._writing is not None  # begun at once, not after BATCH_SECONDS
         await lone
         assert commits == [1, 99, 2]
+        # Put together, tasks share one commit, begun at once on an idle writer.
+        batch = await queue.put_many([NewTask(f"b{n}") for n in range(50)])
+        assert commits == [1, 99, 2, 50] and len(batch) == 50
         await queue.close()
 
     asyncio.run(scenario())

@@ -22,9 +22,9 @@ from __future__ import annotations
 import abc
 import asyncio
 import enum
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, NamedTuple, Protocol
 
 # Defaults of the server's --max-attempts and --max-queued (see docs/limits.md).
 MAX_ATTEMPTS = 5  # deliveries without an answer before a task fails for good
@@ -100,6 +100,15 @@ class Task:
     cancelled: bool = False
 
 
+class NewTask(NamedTuple):
+    """A task to submit: its text, the only client that may take it (None:
+    any), and more ServerMsg fields."""
+
+    text: str
+    target: str | None = None
+    fields: dict[str, Any] | None = None
+
+
 class Outcome(enum.Enum):
     """What became of a result."""
 
@@ -146,9 +155,10 @@ class TaskQueue(abc.ABC):
     """Every task from `put` until its outcome. Its methods are called from
     the event loop's thread; only `put` and `close` wait.
 
-    - `put` queues a task and returns once it is as durable as this queue
-      makes tasks (committed, for a file); with `max_queued` tasks queued it
-      waits in turn for room. Tasks for NAME wait for NAME; the others are
+    - `put_many` queues tasks together and returns once all are as durable
+      as this queue makes tasks (committed together, for a file), or raises
+      with none queued; with `max_queued` tasks queued it waits in turn for
+      room. `put` is one task. Tasks for NAME wait for NAME; the others are
       taken in order, and tasks given back unanswered go to the front.
     - `head(name)` is the task a client named `name` would take next (its
       own first); `take` gives it to that client, one attempt more.
@@ -194,6 +204,11 @@ class TaskQueue(abc.ABC):
         turn (it may withdraw tasks): the server's to bind."""
 
     @abc.abstractmethod
+    async def put_many(self, tasks: Sequence[NewTask], wait: bool = True) -> list[Task]:
+        """Queue new tasks once all are durable; if it raises, none is
+        queued. Raise QueueFullError if the queue has no room for them all
+        and not `wait`, RuntimeError once closed."""
+
     async def put(
         self,
         text: str,
@@ -201,8 +216,8 @@ class TaskQueue(abc.ABC):
         fields: dict[str, Any] | None = None,
         wait: bool = True,
     ) -> Task:
-        """Queue a new task once it is durable. Raise QueueFullError if the
-        queue is full and not `wait`, RuntimeError once closed."""
+        """Queue one new task once it is durable (see put_many)."""
+        return (await self.put_many([NewTask(text, target, fields)], wait))[0]
 
     @abc.abstractmethod
     def outcome(self, task_id: str) -> asyncio.Future[str] | None:

@@ -153,12 +153,15 @@ class SqliteQueue(MemoryQueue):
         """Record a new task; the future resolves once it is committed (and
         raises JournalError if that failed)."""
         fields = contact_pb2.ServerMsg(**task.fields).SerializeToString()
-        batch = self._write(INSERT, task.id, task.text, task.target, fields)
-        if self._writing is None:  # idle: a lone task is committed at once, not batched
+        return self._write(INSERT, task.id, task.text, task.target, fields)
+
+    def _all_kept(self) -> None:
+        """New tasks are recorded: if the writer is idle, commit them at
+        once, not BATCH_SECONDS later (batching pays only under load)."""
+        if self._writing is None:
             if self._timer is not None:
                 self._timer.cancel()
             self._flush()
-        return batch
 
     def _requeued(self, task: Task) -> None:
         """A task given back unanswered (its holder left or hung): keep its attempts."""

@@ -21,7 +21,7 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any, Protocol, TypeVar
 
 import grpc
@@ -35,6 +35,7 @@ from contact.queue.base import (
     DEAD_AFTER_SECONDS,
     MAX_ATTEMPTS,
     MAX_QUEUED,
+    NewTask,
     Task,
     TaskError,
     TaskFailedError,
@@ -195,24 +196,40 @@ class Server:
 
         It returns once the task is queued: with a journal, once it is
         committed there, so that no crash from then on loses it (it raises
-        JournalError if that failed). Tasks submitted together share one
-        commit, so submit many at once with asyncio.gather. With
+        JournalError if that failed); `submit_many` queues many in one
+        commit. With
         `max_queued` tasks queued it waits, in turn, until clients take
         some (or, if not `wait`, raises QueueFullError). It raises
         ValueError at once for a task that could never be sent, and
         RuntimeError before the server runs and once it is closing."""
-        check_task(text, target, fields)
+        return (await self.submit_many([NewTask(text, target, fields)], wait=wait))[0]
+
+    async def submit_many(
+        self, tasks: Sequence[NewTask | str], *, wait: bool = True
+    ) -> list[TaskHandle]:
+        """Queue tasks together, each a text for any client or a
+        NewTask(text, target, fields), and return their handles in order:
+        with a journal, in one commit. As `submit`, but for all or none:
+        if it raises, none is queued. A batch goes in whole once the queue
+        has room for one task more (it may pass `max_queued` by one batch)."""
+        new = [NewTask(task) if isinstance(task, str) else task for task in tasks]
+        for text, target, fields in new:
+            check_task(text, target, fields or {})
         if self.closed:
             raise RuntimeError("the server is closed: it takes no more tasks")
         if self._loop is None:  # (with a journal, there is nowhere to keep it yet)
             raise RuntimeError("the server is not running: enter `async with server` first")
         try:
-            task = await self._queue.put(text, target, fields, wait)
+            queued = await self._queue.put_many(new, wait)
         except RuntimeError:
             raise RuntimeError("the server closed while the task waited for room") from None
+        self._tally.submitted += len(queued)
+        return [self._handle(task) for task in queued]
+
+    def _handle(self, task: Task) -> TaskHandle:
+        """The handle of a task just queued; its answer's time is counted when it comes."""
         outcome = self._queue.outcome(task.id)
-        assert outcome is not None  # (nothing could end it yet)
-        self._tally.submitted += 1
+        assert outcome is not None and self._loop is not None  # (nothing could end it yet)
         outcome.add_done_callback(functools.partial(self._timed, self._loop.time()))
         return TaskHandle(task.id, outcome, lambda: self.cancel(task.id))
 

@@ -12,6 +12,7 @@ import threading
 from collections.abc import Awaitable, Callable, Iterator
 
 from contact import CLIENT_NAME, CLIENT_NAME_RULE, MAX_TEXT_BYTES, text_problem
+from contact.queue.base import NewTask
 
 log = logging.getLogger("contact.stdin")
 
@@ -37,6 +38,8 @@ def parse_task(line: str) -> tuple[str | None, str]:
             raise ValueError(f"@{target} has no task text; write @NAME TEXT")
     if problem := text_problem(line):
         raise ValueError(f"no task: {problem}")
+    if "\x00" in line:  # (a fleet's database cannot keep one: refused everywhere, line by line)
+        raise ValueError("no task: it holds a NUL character")
     return target, line
 
 
@@ -67,10 +70,12 @@ def stdin_encoding() -> str:
 
 
 def read_tasks(
-    loop: asyncio.AbstractEventLoop, submit: Callable[[str, str | None], Awaitable[object]]
+    loop: asyncio.AbstractEventLoop,
+    submit: Callable[[list[NewTask]], Awaitable[object]],
 ) -> None:
     """Read tasks from standard input in a daemon thread and await
-    `submit(text, target)` for each on the loop; log lines that are no task.
+    `submit(tasks)` on the loop for the tasks of each batch of lines (with a
+    journal, a commit per batch); log lines that are no task.
 
     Lines reach the loop a batch at a time (what one read brought, at most
     BATCH_LINES), and the next batch only once the loop has submitted the
@@ -82,7 +87,7 @@ def read_tasks(
     encoding = stdin_encoding()
 
     async def take(lines: list[bytes]) -> None:
-        submitting = []
+        tasks = []
         for line in lines:
             try:
                 target, text = parse_task(line.decode(encoding, "replace").rstrip("\r"))
@@ -90,8 +95,9 @@ def read_tasks(
                 log.warning("ignored input line: %s", err)
                 continue
             if text:
-                submitting.append(submit(text, target))
-        await asyncio.gather(*submitting)  # together: with a journal, in a commit or two
+                tasks.append(NewTask(text, target))
+        if tasks:
+            await submit(tasks)
 
     def chunks() -> Iterator[bytes]:
         while chunk := os.read(0, CHUNK_BYTES):
