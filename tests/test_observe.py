@@ -119,6 +119,8 @@ def test_stats_clients_and_metrics_match_two_probes_and_five_answered_tasks(
             assert {code: n for code, n in stats.refused.items() if n} == {"INVALID_ARGUMENT": 1}
             assert {why: n for why, n in stats.requeued.items() if n} == {"left": 1}
             assert sum(stats.durations) == 5
+            # Only the two tasks still unanswered keep their submit times.
+            assert len(server._submitted_at) == 2 and waiting[1].id in server._submitted_at
             clients = server.clients()
             assert [client.name for client in clients] == ["probe1", "probe2"]
             assert sum(client.answered for client in clients) == 5

@@ -178,6 +178,10 @@ class Server:
         self.reflection = reflection
         self.metrics_port, self.metrics_host = metrics_port, metrics_host
         self._tally = Tally()
+        # When each task submitted here and not yet ended was queued (loop
+        # time), for the histogram of answer times. A dict, not a done
+        # callback on each outcome: that cost the loop a callback per task.
+        self._submitted_at: dict[str, float] = {}
         self._status: StatusServer | None = None
         self._closed = False
         self._signals_back: Callable[[], None] | None = None  # ends serve_until_stopped's hold
@@ -227,10 +231,11 @@ class Server:
         return [self._handle(task) for task in queued]
 
     def _handle(self, task: Task) -> TaskHandle:
-        """The handle of a task just queued; its answer's time is counted when it comes."""
+        """The handle of a task just queued; its answer is timed from now."""
         outcome = self._queue.outcome(task.id)
-        assert outcome is not None and self._loop is not None  # (nothing could end it yet)
-        outcome.add_done_callback(functools.partial(self._timed, self._loop.time()))
+        assert outcome is not None and self._loop is not None
+        if not outcome.done():  # (one queued as the server closed has failed already)
+            self._submitted_at[task.id] = self._loop.time()
         return TaskHandle(task.id, outcome, lambda: self.cancel(task.id))
 
     async def ask(
@@ -313,6 +318,7 @@ class Server:
         task = self._dispatcher.cancel(task_id) if running else None
         if task is None:
             return False
+        self._submitted_at.pop(task.id, None)
         log.info("task %s cancelled", task.id)
         self._tally.outcomes["cancelled"] += 1
         return True
@@ -370,11 +376,6 @@ class Server:
         if self._loop is None:
             raise RuntimeError("the server has not started: enter `async with server` first")
 
-    def _timed(self, submitted: float, outcome: asyncio.Future[str]) -> None:
-        """An outcome came: if an answer, how long after its submit."""
-        if not outcome.cancelled() and outcome.exception() is None and self._loop is not None:
-            self._tally.timed(self._loop.time() - submitted)
-
     async def serve_until_stopped(self) -> None:
         """Serve until SIGINT or SIGTERM arrives (Ctrl-C, or what kill,
         systemd and Kubernetes send), then return: leaving `async with`
@@ -390,10 +391,14 @@ class Server:
     # -- how each task ends --
 
     def _report(self, task: Task, client: str, outcome: str | TaskNotAnsweredError) -> None:
-        """Log how a task ended (an answer, a client's failure, or no attempts left)."""
+        """Log how a task ended (an answer, a client's failure, or no
+        attempts left), and count it."""
+        submitted = self._submitted_at.pop(task.id, None)
         if isinstance(outcome, str):
             log.info("task %s result from %s: %s", task.id, client, Quoted(outcome))
             self._tally.answered()
+            if submitted is not None and self._loop is not None:
+                self._tally.timed(self._loop.time() - submitted)
         elif isinstance(outcome, TaskError):
             log.warning("task %s failed at %s: %s", task.id, client, Quoted(outcome.error))
             self._tally.failed(task.id, client, outcome.error)
