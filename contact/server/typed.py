@@ -18,7 +18,7 @@ log = logging.getLogger("contact.stdin")
 
 # Bytes read from standard input at a time.
 CHUNK_BYTES = 65536
-# Lines handed to the loop at once: submitting 500 takes it some tens of
+# Lines handed to the loop at once: submitting 500 together takes it a few
 # milliseconds, so status answers and results still flow during a burst
 # (one callback per line, as fast as they were read, stalled it 14.5 s for
 # 200,000 piped lines, and every client gave up on the server).
