@@ -209,11 +209,8 @@ async def serve(args: argparse.Namespace, credentials: grpc.ServerCredentials | 
 
 
 async def queue_lines(server: ContactServer, tasks: list[NewTask]) -> None:
-    """Submit the tasks of typed lines, together. Their answers are logged
-    as they come; nobody here waits for them."""
+    """Submit the tasks of typed lines, together; their answers are logged as they come."""
     try:
-        if server.closed:
-            raise RuntimeError("the server is shutting down")
         await server.submit_many(tasks)  # with a full queue, waits: reading stops meanwhile
     except ValueError as err:
         log.warning("ignored input lines: %s", err)

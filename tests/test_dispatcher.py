@@ -594,13 +594,24 @@ async def test_tasks_put_together_are_queued_in_order_all_or_none() -> None:
     bigger = await asyncio.wait_for(queue.put_many([NewTask(f"big {n}") for n in range(5)]), 5)
     assert [task.text for task in bigger] == [f"big {n}" for n in range(5)]
     assert queue.queued() == 7 and queue._reserved == 0
+    # Batches waiting for room go in one at a time, each once there is
+    # room for one task more: never past max_queued by more than one batch.
+    second = asyncio.create_task(queue.put_many([NewTask(f"second {n}") for n in range(3)]))
+    third = asyncio.create_task(queue.put_many([NewTask(f"third {n}") for n in range(3)]))
+    await asyncio.sleep(0)
+    for task in bigger:
+        queue.cancel(task.id)  # room at the last: "second" is let in, and holds three places
+    queue.cancel(tasks[2].id)  # a place more, in the same turn: still none for "third"
+    await asyncio.wait_for(second, 5)
+    assert queue.queued() == 1 + 3 and queue._reserved == 0 and not third.done()
+    third.cancel()
     # Cancelled while it waits for room: nothing of it is queued.
     waiting = asyncio.create_task(queue.put_many([NewTask("late 1"), NewTask("late 2")]))
     await asyncio.sleep(0)
     waiting.cancel()
     with pytest.raises(asyncio.CancelledError):
         await waiting
-    assert queue.queued() == 7 and queue._reserved == 0
+    assert queue.queued() == 4 and queue._reserved == 0
     assert "late 1" not in [task.text for task in queue.unfinished()]
 
 

@@ -216,6 +216,8 @@ def test_submit_many_queues_tasks_together_or_none_of_them(
         async with ContactServer(port=0, grace=0, **store) as server:
             with pytest.raises(ValueError, match="not valid text"):
                 await server.submit_many(["first", NewTask("\ud800"), "third"])
+            with pytest.raises(TypeError, match="a list of tasks"):
+                await server.submit_many("one text")
             assert (server.stats().submitted, server.stats().queued) == (0, 0)
             handles = await server.submit_many(["one", NewTask("for bob", "bob"), NewTask("two")])
             assert server.stats().queued == 3

@@ -395,6 +395,30 @@ def test_a_lone_task_is_committed_at_once_and_writes_under_load_share_one(
     asyncio.run(scenario())
 
 
+def test_tasks_put_together_and_cancelled_during_their_commit_leave_nothing(
+    tmp_path: Path,
+) -> None:
+    """The commit goes on (other tasks may share it); the batch's rows are
+    removed again, and its places in the queue given back."""
+
+    async def scenario() -> None:
+        queue = SqliteQueue(tmp_path / "tasks.journal", max_queued=10)
+        putting = asyncio.create_task(queue.put_many([NewTask(f"t{n}") for n in range(5)]))
+        await asyncio.sleep(0)  # (it runs to its wait for the commit)
+        assert queue._writing is not None and queue._reserved == 5
+        putting.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await putting
+        assert queue._reserved == 0 and queue.queued() == 0
+        await queue.put("after")
+        await queue.close()
+        reopened = SqliteQueue(tmp_path / "tasks.journal")
+        assert [task.text for task in reopened.recovered] == ["after"]
+        await reopened.close()
+
+    asyncio.run(scenario())
+
+
 def test_a_failed_write_fails_its_submitters_and_the_next_write_goes_through(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:

@@ -206,8 +206,9 @@ class TaskQueue(abc.ABC):
     @abc.abstractmethod
     async def put_many(self, tasks: Sequence[NewTask], wait: bool = True) -> list[Task]:
         """Queue new tasks once all are durable; if it raises, none is
-        queued. Raise QueueFullError if the queue has no room for them all
-        and not `wait`, RuntimeError once closed."""
+        queued. A batch goes in whole once the queue has room for one task
+        more; with none, it waits in turn, or raises QueueFullError if not
+        `wait`. Raise RuntimeError once closed."""
 
     async def put(
         self,

@@ -57,6 +57,11 @@ def fail(outcome: asyncio.Future[str], error: Exception) -> None:
         retrieved(outcome)
 
 
+def write_failed(write: asyncio.Future[None] | None) -> bool:
+    """Whether a task's write (from `_kept`) has failed: it was not kept."""
+    return write is not None and write.done() and not write.cancelled() and bool(write.exception())
+
+
 def serves_nobody(target: str | None) -> bool:
     """No dispatcher bound: no client may take any task."""
     return False
@@ -92,7 +97,8 @@ class MemoryQueue(TaskQueue):
         self._hand_on: Report | None = None
         self._handing_on: set[str] = set()  # ids whose hand-on waits for the loop's next turn
         self._reserved = 0  # places held by submitters whose tasks are not queued yet
-        self._room_waiters: deque[asyncio.Future[None]] = deque()  # for a place, in turn
+        # Submitters waiting for room, in turn, with the places each takes once let in.
+        self._room_waiters: deque[tuple[asyncio.Future[None], int]] = deque()
         self._full_since: float | None = None  # when the queue last filled up, while it is full
         self.run = secrets.token_hex(3)  # the prefix of this start's ids: unique across restarts
         self._earlier_runs: set[str] = set()  # those of earlier starts: their results are late
@@ -119,8 +125,7 @@ class MemoryQueue(TaskQueue):
         it never waits for room its own reserved places would hold."""
         if not tasks:
             return []
-        await self.reserve(wait)
-        self._reserved += len(tasks) - 1
+        await self.reserve(wait, len(tasks))
         try:
             new = [self.new_task(text, target, **(fields or {})) for text, target, fields in tasks]
             await self._durable(new)
@@ -156,14 +161,15 @@ class MemoryQueue(TaskQueue):
     def outcome(self, task_id: str) -> asyncio.Future[str] | None:
         return self._outcomes.get(task_id)
 
-    async def reserve(self, wait: bool = True) -> None:
-        """Hold a place in the queue for one more task. With `max_queued`
-        tasks queued or reserved, wait in turn for a place, or raise
-        QueueFullError if not `wait`. Raise RuntimeError once closed."""
+    async def reserve(self, wait: bool = True, places: int = 1) -> None:
+        """Hold `places` places in the queue, for tasks to come. With
+        `max_queued` tasks queued or reserved, wait in turn until there is
+        room for one more (then take them all), or raise QueueFullError if
+        not `wait`. Raise RuntimeError once closed."""
         if self.closed:
             raise RuntimeError("the queue is closed")
         if not self._room_waiters and self._has_room():
-            self._reserved += 1
+            self._reserved += places
             return
         if not wait:
             raise QueueFullError(f"the queue is full ({self.max_queued} tasks)")
@@ -174,12 +180,12 @@ class MemoryQueue(TaskQueue):
                 self.max_queued,
             )
         waiter = asyncio.get_running_loop().create_future()
-        self._room_waiters.append(waiter)
+        self._room_waiters.append((waiter, places))
         try:
             await waiter
         except asyncio.CancelledError:
             if waiter.done() and not waiter.cancelled() and waiter.exception() is None:
-                self.unreserve()  # let in, then cancelled: the place goes to the next
+                self.unreserve(places)  # let in, then cancelled: the places go to the next
             raise
 
     def unreserve(self, places: int = 1) -> None:
@@ -307,7 +313,7 @@ class MemoryQueue(TaskQueue):
     def stop(self) -> None:
         self.closed = True
         while self._room_waiters:
-            waiter = self._room_waiters.popleft()
+            waiter, _ = self._room_waiters.popleft()
             if not waiter.done():
                 waiter.set_exception(RuntimeError("the queue is closed"))
 
@@ -329,16 +335,21 @@ class MemoryQueue(TaskQueue):
 
     async def _durable(self, tasks: list[Task]) -> None:
         """Wait until `tasks` are kept. A file's commit is shared with other
-        tasks, so a cancelled caller must not cancel it: the tasks are
-        written, then removed again; so are those of a batch that failed."""
+        tasks, so a cancelled caller must not cancel it: its tasks are
+        written, then removed again. So are those of a batch that failed
+        in part (a task a database refuses, after others were written);
+        a task whose write failed is not there to remove."""
+        kept: list[tuple[Task, asyncio.Future[None] | None]] = []
         try:
-            kept = {future for task in tasks if (future := self._kept(task)) is not None}
-            if kept:
-                self._all_kept()
-                await asyncio.shield(asyncio.gather(*kept))
-        except BaseException:
             for task in tasks:
-                self._forget(task, "")
+                kept.append((task, self._kept(task)))
+            if writes := {future for _, future in kept if future is not None}:
+                self._all_kept()
+                await asyncio.shield(asyncio.gather(*writes))
+        except BaseException:
+            for task, future in kept:
+                if not write_failed(future):
+                    self._forget(task, "")
             raise
 
     # -- what a file keeps (nothing, here) --
@@ -402,9 +413,9 @@ class MemoryQueue(TaskQueue):
         if not self._room_waiters and self._full_since is None:
             return  # (the common case, on every take)
         while self._room_waiters and self._has_room():
-            waiter = self._room_waiters.popleft()
+            waiter, places = self._room_waiters.popleft()
             if not waiter.done():  # (cancelled while it waited)
-                self._reserved += 1
+                self._reserved += places
                 waiter.set_result(None)
         if self._full_since is not None and not self._room_waiters:
             assert self.max_queued is not None

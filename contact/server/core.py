@@ -21,6 +21,7 @@ import logging
 import os
 import threading
 import time
+import weakref
 from collections.abc import Callable, Sequence
 from typing import Any, Protocol, TypeVar
 
@@ -178,10 +179,14 @@ class Server:
         self.reflection = reflection
         self.metrics_port, self.metrics_host = metrics_port, metrics_host
         self._tally = Tally()
-        # When each task submitted here and not yet ended was queued (loop
-        # time), for the histogram of answer times. A dict, not a done
-        # callback on each outcome: that cost the loop a callback per task.
-        self._submitted_at: dict[str, float] = {}
+        # When each task submitted here was queued (loop time), by its
+        # outcome future, for the histogram of answer times; read when the
+        # task is reported answered. Weak: a task that ends unreported (a
+        # fleet that took this server for dead adopted it) leaves nothing.
+        # Not a done callback on each outcome: a callback per task to run.
+        self._submitted_at: weakref.WeakKeyDictionary[asyncio.Future[str], float] = (
+            weakref.WeakKeyDictionary()
+        )
         self._status: StatusServer | None = None
         self._closed = False
         self._signals_back: Callable[[], None] | None = None  # ends serve_until_stopped's hold
@@ -216,6 +221,8 @@ class Server:
         with a journal, in one commit. As `submit`, but for all or none:
         if it raises, none is queued. A batch goes in whole once the queue
         has room for one task more (it may pass `max_queued` by one batch)."""
+        if isinstance(tasks, str):  # (a str is a sequence too: a task per character)
+            raise TypeError("submit_many takes a list of tasks; submit takes one")
         new = [NewTask(task) if isinstance(task, str) else task for task in tasks]
         for text, target, fields in new:
             check_task(text, target, fields or {})
@@ -234,8 +241,7 @@ class Server:
         """The handle of a task just queued; its answer is timed from now."""
         outcome = self._queue.outcome(task.id)
         assert outcome is not None and self._loop is not None
-        if not outcome.done():  # (one queued as the server closed has failed already)
-            self._submitted_at[task.id] = self._loop.time()
+        self._submitted_at[outcome] = self._loop.time()
         return TaskHandle(task.id, outcome, lambda: self.cancel(task.id))
 
     async def ask(
@@ -318,7 +324,6 @@ class Server:
         task = self._dispatcher.cancel(task_id) if running else None
         if task is None:
             return False
-        self._submitted_at.pop(task.id, None)
         log.info("task %s cancelled", task.id)
         self._tally.outcomes["cancelled"] += 1
         return True
@@ -393,18 +398,24 @@ class Server:
     def _report(self, task: Task, client: str, outcome: str | TaskNotAnsweredError) -> None:
         """Log how a task ended (an answer, a client's failure, or no
         attempts left), and count it."""
-        submitted = self._submitted_at.pop(task.id, None)
         if isinstance(outcome, str):
             log.info("task %s result from %s: %s", task.id, client, Quoted(outcome))
             self._tally.answered()
-            if submitted is not None and self._loop is not None:
-                self._tally.timed(self._loop.time() - submitted)
+            self._time_answer(task.id)
         elif isinstance(outcome, TaskError):
             log.warning("task %s failed at %s: %s", task.id, client, Quoted(outcome.error))
             self._tally.failed(task.id, client, outcome.error)
         elif isinstance(outcome, TaskFailedError):
             log.error("task %s failed: %s: %s", task.id, outcome.reason, Quoted(task.text))
             self._tally.failed(task.id, None, outcome.reason)
+
+    def _time_answer(self, task_id: str) -> None:
+        """Count how long after its submit a task submitted here was answered
+        (its outcome is still the queue's while the answer is reported)."""
+        outcome = self._queue.outcome(task_id)
+        submitted = None if outcome is None else self._submitted_at.pop(outcome, None)
+        if submitted is not None and self._loop is not None:
+            self._tally.timed(self._loop.time() - submitted)
 
     def _hand_on(self, task: Task, client: str, outcome: str | TaskNotAnsweredError) -> None:
         """Give the `on_answer` hook what became of a task."""
