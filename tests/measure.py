@@ -3,7 +3,9 @@ on Linux, macOS and Windows."""
 
 from __future__ import annotations
 
+import contextlib
 import sys
+from pathlib import Path
 
 import psutil
 
@@ -22,6 +24,15 @@ def own_peak_rss_mb() -> float:
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
         peak *= 1 if sys.platform == "darwin" else 1024  # bytes on macOS, KiB elsewhere
     return float(peak) / 2**20
+
+
+def thread_names(pid: int) -> list[str]:
+    """The names of a process's threads, where the system tells (Linux); else none."""
+    names = []
+    for comm in Path(f"/proc/{pid}/task").glob("*/comm"):
+        with contextlib.suppress(OSError):  # (a thread that just ended)
+            names.append(comm.read_text().strip())
+    return sorted(names)
 
 
 def threads_and_handles(pid: int) -> tuple[int, int]:

@@ -216,8 +216,9 @@ def test_submit_many_queues_tasks_together_or_none_of_them(
         async with ContactServer(port=0, grace=0, **store) as server:
             with pytest.raises(ValueError, match="not valid text"):
                 await server.submit_many(["first", NewTask("\ud800"), "third"])
-            with pytest.raises(TypeError, match="a list of tasks"):
-                await server.submit_many("one text")
+            for one in ("one text", NewTask("one task")):
+                with pytest.raises(TypeError, match="a list of tasks"):
+                    await server.submit_many(one)  # type: ignore[arg-type]
             assert (server.stats().submitted, server.stats().queued) == (0, 0)
             handles = await server.submit_many(["one", NewTask("for bob", "bob"), NewTask("two")])
             assert server.stats().queued == 3

@@ -433,6 +433,10 @@ def test_a_failed_write_fails_its_submitters_and_the_next_write_goes_through(
         kept = [o.text for o in outcomes if isinstance(o, Task)]
         assert len(kept) + len(failed) == len(big)
         assert [task.text for task in queue.unfinished()] == kept  # the others were not queued
+        # Put together, the batch fails whole, and nothing was written to remove.
+        with pytest.raises(JournalError, match="database or disk is full"):
+            await queue.put_many([NewTask(f"b{n}" + "x" * 4000) for n in range(10)])
+        assert not queue._ops and queue._reserved == 0
         queue._db.execute("PRAGMA max_page_count = 1000000")
         await queue.put("small")
         await queue.close()

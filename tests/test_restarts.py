@@ -10,7 +10,7 @@ from collections.abc import Callable
 
 import pytest
 
-from tests.measure import threads_and_handles
+from tests.measure import thread_names, threads_and_handles
 from tests.processes import Process, start_server
 
 CLIENTS = ["c0", "c1", "c2"]
@@ -69,7 +69,12 @@ def test_clients_survive_ten_server_restarts_without_growing(
     usage.append([resources(w, usage[0][i][:2]) for i, w in enumerate(workers)])
     for index, worker in enumerate(workers):
         first, last = usage[0][index], usage[-1][index]
-        assert last[0] <= first[0], f"{worker.label} threads grew: {first} -> {last}"
+        # One thread more than the first sample is allowed: a CI run under
+        # load (another suite beside it, 2026-12-03) saw 9 -> 10 once, which
+        # did not come back in six runs alone or beside two busy processes.
+        # A leak of one per restart would show 10 more.
+        grew = f"{worker.label} threads grew: {first} -> {last}"
+        assert last[0] <= first[0] + 1, f"{grew} ({', '.join(thread_names(worker.pid))})"
         # grpc may hold a socket or two of replaced connections a while: a
         # client sampled a second after each of 12 restarts held 13 or 14 at
         # random, an idle one sat at 14 for 12 s after its 10th, one CI run

@@ -221,7 +221,7 @@ class Server:
         with a journal, in one commit. As `submit`, but for all or none:
         if it raises, none is queued. A batch goes in whole once the queue
         has room for one task more (it may pass `max_queued` by one batch)."""
-        if isinstance(tasks, str):  # (a str is a sequence too: a task per character)
+        if isinstance(tasks, (str, NewTask)):  # (a sequence too: a task per item)
             raise TypeError("submit_many takes a list of tasks; submit takes one")
         new = [NewTask(task) if isinstance(task, str) else task for task in tasks]
         for text, target, fields in new:
