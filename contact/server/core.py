@@ -206,10 +206,9 @@ class Server:
         It returns once the task is queued: with a journal, once it is
         committed there, so that no crash from then on loses it (it raises
         JournalError if that failed); `submit_many` queues many in one
-        commit. With
-        `max_queued` tasks queued it waits, in turn, until clients take
-        some (or, if not `wait`, raises QueueFullError). It raises
-        ValueError at once for a task that could never be sent, and
+        commit. With `max_queued` tasks queued it waits, in turn, until
+        clients take some (or, if not `wait`, raises QueueFullError). It
+        raises ValueError at once for a task that could never be sent, and
         RuntimeError before the server runs and once it is closing."""
         return (await self.submit_many([NewTask(text, target, fields)], wait=wait))[0]
 
