@@ -35,17 +35,18 @@ from contact import (
 from contact.client import streams
 from contact.client.handler import Handler
 from contact.client.work import CONCURRENCY, MAX_BACKOFF, PREFETCH, SERVER, STATUS_EVERY, Work
-from contact.logtext import counted, retrieved
+from contact.logtext import counted
 from contact.options import client_channel
 from contact.signals import on_stop_signal
 
 log = logging.getLogger("contact.client")
 
 
-def handle_task(task: contact_pb2.ServerMsg) -> str:
+async def handle_task(task: contact_pb2.ServerMsg) -> str:
     """The work for one task: return the answer, or raise to fail the task.
-    Pass your own to `run`: a plain function runs in a worker thread, so it
-    may block or take long; an `async def` runs on the event loop."""
+    Pass your own to `run`. An `async def` runs on the event loop, so it
+    must not block (await instead); a plain function (`def`) runs in a
+    worker thread, where it may block or take long."""
     return task.task.upper()
 
 
@@ -75,32 +76,40 @@ async def one_connection(
         ),
     )
     try:
-        echoed = await streams.confirm_registration(tasks, name)
-        work.reports_start = echoed.get(REPORTS_START_KEY) == "1"  # (older servers do not)
-        work.batches = echoed.get(BATCHES_ANSWERS_KEY) == "1"
+        work.connection_began(await streams.confirm_registration(tasks, name))
         registered()
         results = stub.tellResult(metadata=metadata)  # tellResult: one stream of answers
         status = stub.sendStatus(metadata=metadata)  # sendStatus: status lines, each answered
+        # getTask's reads and tellResult's writes run in tasks of their own,
+        # never cancelled in the middle of one: that would cancel the call,
+        # and lose getTask's status (why the connection ended) or whether an
+        # answer went. They stop between reads and writes (connection_ended).
+        reader = streams.apart(receive_tasks(tasks, work))
+        writer = streams.apart(send_answers(results, work))
         try:
             await streams.first_to_finish(
-                receive_tasks(tasks, work),
-                send_answers(results, work),
+                asyncio.shield(reader),
+                asyncio.shield(writer),
                 watch_results(results, work),
                 report_status(status, work),
             )
             # The task limit is reached and every answer written.
+            work.connection_ended()
             await results.done_writing()
             # Returns once the server has read every answer; one that never
             # says so is not waited for long.
             await streams.answered(results, "the last answers")
         except (grpc.aio.AioRpcError, streams.StreamEndedError) as err:
-            await work.last_write_settled()  # the answer on its way may be the last
+            work.connection_ended()
+            await work.last_write_settled(writer)  # the answer on its way may be the last
             reason = None if work.done() else await streams.registration_failure(tasks)
             if not work.done():  # (the last answer's write may have ended meanwhile)
                 raise (reason or err) from None
             log.warning("the server did not confirm the last answers (%s)", err)
         finally:
             await streams.hang_up(results, status)
+            reader.cancel()
+            writer.cancel()
     finally:
         tasks.cancel()
         work.connection_ended()
@@ -108,29 +117,20 @@ async def one_connection(
 
 async def receive_tasks(tasks: grpc.aio.UnaryStreamCall, work: Work) -> None:
     """Start work on every task the server pushes, as soon as it arrives."""
-    # Reads are shielded: cancelling this reader must not cancel getTask, whose status says why.
-    while True:
-        read = asyncio.ensure_future(tasks.read())
-        read.add_done_callback(retrieved)  # if abandoned, its error is already known
-        if (task := await asyncio.shield(read)) is grpc.aio.EOF:
-            break
+    while (task := await tasks.read()) is not grpc.aio.EOF:
         work.start(task)
     await streams.ended(tasks, "task")
 
 
 async def send_answers(results: grpc.aio.StreamUnaryCall, work: Work) -> None:
     """Send each answer (and the tasks begun) as it is ready; return once
-    the task limit is reached."""
-    while not work.done():
-        await work.message_ready()
-        # Shielded, its bookkeeping in a callback: a write that completes as
-        # another call's failure cancels this coroutine still counts.
-        writing = asyncio.ensure_future(results.write(work.next_message()))
-        work.sending(writing)
+    the task limit is reached, or the connection is over."""
+    while await work.message_ready():
         try:
-            await asyncio.shield(writing)
+            await results.write(work.next_message())
         except asyncio.InvalidStateError:  # the server has ended the stream
             await streams.ended(results, "result")
+        work.written()
 
 
 async def watch_results(results: grpc.aio.StreamUnaryCall, work: Work) -> None:
@@ -153,7 +153,7 @@ async def report_status(status: grpc.aio.StreamStreamCall, work: Work) -> None:
         if ack is grpc.aio.EOF:
             await streams.ended(status, "status")
         log.debug("server acknowledged status: %s", ack.ret)
-        await asyncio.sleep(work.status_every)
+        await streams.pause(work.status_every)  # (it warns of a blocked event loop)
 
 
 # --- The loop your code calls ------------------------------------------------------
@@ -176,9 +176,9 @@ async def run(
     RefusedError if the server refuses this client for good.
 
     `handler(task)` gets the whole ServerMsg (`task.attempt` says which
-    delivery this is) and returns the answer, in one of `concurrency`
-    threads (an `async def` on the loop); if it raises, the task fails with
-    TaskError. Each run() has a connection of its own: many can share a process."""
+    delivery this is) and returns the answer, `concurrency` tasks at once:
+    on the loop if an `async def`, else in threads; if it raises, the task
+    fails with TaskError. Each run() has a connection of its own: many can share a process."""
     name = name or default_client_name()
     work = Work(handler, concurrency, concurrency + prefetch, max_tasks, status_every)
     delays, outage = streams.backoff(max_backoff), False  # an outage is said once, not per retry

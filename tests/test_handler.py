@@ -5,13 +5,16 @@ worker, and the window is enforced per registration."""
 from __future__ import annotations
 
 import asyncio
+import logging
 import threading
+import time
 
+import grpc
 import pytest
 
 from contact import contact_pb2
 from contact.client.handler import handler_pool
-from contact.client.streams import StreamEndedError
+from contact.client.streams import BLOCKED_LOOP_SECONDS, StreamEndedError, pause
 from contact.client.work import BATCH_BYTES, Work
 
 
@@ -152,6 +155,7 @@ def test_a_registration_s_window_counts_its_own_tasks_and_a_lost_one_drops_what_
 
     async def scenario() -> None:
         work = Work(slow, concurrency=1, window=2, max_tasks=None)
+        work.connection_began(grpc.aio.Metadata())
         work.start(task("a", "1"))
         work.start(task("b", "2"))  # waits for the one thread
         with pytest.raises(StreamEndedError, match="more than the 2 tasks asked"):
@@ -159,6 +163,9 @@ def test_a_registration_s_window_counts_its_own_tasks_and_a_lost_one_drops_what_
         assert await asyncio.to_thread(started.wait, 5)
         work.connection_ended()  # "b" had not started: the server's again
         assert (work.running, work.held) == ({"1"}, set())
+        work.start(task("f", "6"))  # read after the connection ended: not started
+        assert (work.running, work.held) == ({"1"}, set())
+        work.connection_began(grpc.aio.Metadata())
         work.start(task("a", "1"))  # sent again by the next registration: not started twice
         work.start(task("d", "4"))
         with pytest.raises(StreamEndedError):
@@ -176,23 +183,33 @@ def test_a_registration_s_window_counts_its_own_tasks_and_a_lost_one_drops_what_
 def test_a_failed_connection_waits_for_the_last_answers_write_before_it_decides() -> None:
     """A server that stops as it reads the last answer fails the other calls
     first: the client waits for that write's outcome, so it knows the task
-    limit is reached, and does not retry for ever."""
+    limit is reached, and does not retry for ever. It does not wait for a
+    write that cannot hold the last answer."""
 
     def echo(task: contact_pb2.ServerMsg) -> str:
         return task.task
 
     async def scenario() -> None:
         work = Work(echo, concurrency=1, window=1, max_tasks=1)
+        work.connection_began(grpc.aio.Metadata())
         work.unsent.append(contact_pb2.Result(id="1", ret="ANSWER"))
-        assert work.next_message().id == "1"
-        loop = asyncio.get_running_loop()
-        writing: asyncio.Future[None] = loop.create_future()
-        work.sending(writing)
-        loop.call_later(0.05, writing.set_result, None)  # the write ends after the failure
+        write_ends = asyncio.Event()
+
+        async def write() -> None:  # as send_answers does, its write ending after the failure
+            work.next_message()
+            await write_ends.wait()
+            work.written()
+
+        writer = asyncio.ensure_future(write())
+        await asyncio.sleep(0)  # (the message is built)
+        work.connection_ended()
+        asyncio.get_running_loop().call_later(0.05, write_ends.set)
         assert not work.done()
-        await work.last_write_settled()
-        assert work.done()
-        await work.last_write_settled()  # nothing on: returns at once
+        await work.last_write_settled(writer)
+        assert work.done() and writer.done()
+        never = asyncio.ensure_future(asyncio.Event().wait())
+        await asyncio.wait_for(work.last_write_settled(never), 0.5)  # nothing left to write
+        never.cancel()
         work.handlers.close()
 
     asyncio.run(asyncio.wait_for(scenario(), 5))
@@ -211,13 +228,48 @@ def test_answers_ready_together_go_in_one_message_to_a_server_that_batches() -> 
         work.batches = True
         message = work.next_message()
         assert [message.id, *(answer.id for answer in message.more)] == ["0", "1", "2"]  # not big
-        writing = asyncio.get_running_loop().create_future()
-        work.sending(writing)
-        writing.set_result(None)
-        await asyncio.sleep(0)  # (its done callback runs)
+        work.written()
         assert work.answered == 3
         alone = work.next_message()  # over BATCH_BYTES with any other: it goes alone
         assert alone.id == "big" and not alone.more and len(work.unsent) == 2
         work.handlers.close()
 
     asyncio.run(asyncio.wait_for(scenario(), 5))
+
+
+def test_an_async_handler_that_answers_at_once_is_begun_and_done_in_one_step() -> None:
+    """So that a start and its answer go out in one message, not two."""
+
+    async def upper(task: contact_pb2.ServerMsg) -> str:
+        return task.task.upper()
+
+    async def scenario() -> None:
+        results = Results()
+        pool = handler_pool(upper, 1, results, results.started)
+        pool.work_on(task("a", "1"))
+        assert results.events == []  # begun when it begins, not when it is queued
+        await asyncio.sleep(0)  # the task's one step
+        assert results.events == ["began 1", "done 1"]
+        pool.close()
+
+    asyncio.run(asyncio.wait_for(scenario(), 5))
+
+
+def test_a_blocked_event_loop_is_reported(caplog: pytest.LogCaptureFixture) -> None:
+    """The status lines' pause notices an event loop held up for seconds
+    (an async def handler that blocks), and says what to do; a loop on time
+    says nothing."""
+
+    async def scenario() -> None:
+        await pause(0.01)
+        assert not caplog.records
+        pausing = asyncio.ensure_future(pause(0.01))
+        await asyncio.sleep(0)  # it sleeps now
+        time.sleep(BLOCKED_LOOP_SECONDS + 0.1)  # as a handler that blocks would
+        await pausing
+
+    with caplog.at_level(logging.WARNING, logger="contact.client"):
+        asyncio.run(asyncio.wait_for(scenario(), 5))
+    [record] = caplog.records
+    assert record.getMessage().startswith("the event loop was blocked for 1.")
+    assert "a handler that blocks must be a plain def" in record.getMessage()

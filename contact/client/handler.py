@@ -21,7 +21,7 @@ import queue
 import threading
 from collections import deque
 from collections.abc import Awaitable, Callable
-from typing import Any, Protocol
+from typing import Protocol
 
 from contact import contact_pb2, one_line_error, text_problem
 
@@ -190,7 +190,7 @@ class AsyncHandlers:
     ) -> None:
         self._handler, self._free, self._done, self._started = handler, size, done, started
         self._waiting: deque[contact_pb2.ServerMsg] = deque()  # for a free worker
-        self._running: dict[str, asyncio.Task[contact_pb2.Result]] = {}  # by task id
+        self._running: dict[str, asyncio.Task[None]] = {}  # by task id
         self._stopped: set[str] = set()  # running ids withdrawn: no Result for them
         self._closed = False
 
@@ -204,7 +204,7 @@ class AsyncHandlers:
                 self._waiting.remove(task)
                 return "dropped before it started"
         running = self._running.get(task_id)
-        if running is None:  # done, and its Result on its way
+        if running is None or running.done():  # done, and its Result on its way
             return None
         running.cancel()
         self._stopped.add(task_id)
@@ -230,23 +230,24 @@ class AsyncHandlers:
             # Bookkeeping in a done callback: it runs even for a task
             # cancelled before its first step, which its own code never sees.
             running.add_done_callback(functools.partial(self._finished, task))
-            self._started(task)
 
-    async def _answer(self, task: contact_pb2.ServerMsg) -> contact_pb2.Result:
+    async def _answer(self, task: contact_pb2.ServerMsg) -> None:
+        # Begun and done are told from the task's own steps: a handler that
+        # answers at once has both go out in one message.
+        self._started(task)
         try:
-            return result_of(task, await self._handler(task))
+            result = result_of(task, await self._handler(task))
         except asyncio.CancelledError as err:
             if task.id in self._stopped or self._closed:
                 raise  # our own doing: no Result
-            return raised(task, err)  # the handler's own: a failure, like any other
+            result = raised(task, err)  # the handler's own: a failure, like any other
         except BaseException as err:  # even SystemExit: one bad task must not stop the client
-            return raised(task, err)
+            result = raised(task, err)
+        if not (task.id in self._stopped or self._closed):  # (a handler may swallow our cancel)
+            self._done(task, result)
 
-    def _finished(self, task: contact_pb2.ServerMsg, running: asyncio.Task[Any]) -> None:
+    def _finished(self, task: contact_pb2.ServerMsg, running: asyncio.Task[None]) -> None:
         del self._running[task.id]
         self._free += 1
-        stopped = task.id in self._stopped
         self._stopped.discard(task.id)
-        if not (stopped or self._closed or running.cancelled()):
-            self._done(task, running.result())
         self._start_waiting()

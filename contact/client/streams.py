@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import random
 from collections.abc import Awaitable, Coroutine, Iterator
 from typing import Any, NoReturn, TypeVar
@@ -30,6 +31,11 @@ ANSWER_WITHIN_SECONDS = 5.0
 REGISTRATION_STATUS_SECONDS = 0.25
 
 
+# A status line this late was held up by something that blocks the event
+# loop (an `async def` handler that does not await, most likely), not by a
+# busy machine, whose delays are milliseconds: seconds.
+BLOCKED_LOOP_SECONDS = 1.0
+
 # The first wait before a retry; it doubles up to the client's --max-backoff.
 INITIAL_BACKOFF_SECONDS = 0.25
 
@@ -45,6 +51,8 @@ FINAL_CODES = frozenset(
 
 
 T = TypeVar("T")
+
+log = logging.getLogger("contact.client")
 
 
 class StreamEndedError(Exception):
@@ -95,7 +103,15 @@ async def hang_up(*calls: grpc.aio.Call) -> None:
         call.cancel()
 
 
-async def first_to_finish(*coroutines: Coroutine[Any, Any, None]) -> None:
+def apart(coroutine: Coroutine[Any, Any, T]) -> asyncio.Task[T]:
+    """Run `coroutine` in a task of its own, whose error is no news if
+    nobody awaits it (it was given up on)."""
+    task = asyncio.ensure_future(coroutine)
+    task.add_done_callback(retrieved)
+    return task
+
+
+async def first_to_finish(*coroutines: Awaitable[None]) -> None:
     """Run the coroutines together until one returns or raises; cancel the
     rest. If one returned and another raised in the same instant, return."""
     running = [asyncio.ensure_future(coroutine) for coroutine in coroutines]
@@ -136,6 +152,20 @@ async def registration_failure(tasks: grpc.aio.UnaryStreamCall) -> Exception | N
     except asyncio.TimeoutError:
         return None
     return None if code == grpc.StatusCode.OK else await failure_of(tasks, "task")
+
+
+async def pause(seconds: float) -> None:
+    """Sleep `seconds`, and warn if the event loop woke BLOCKED_LOOP_SECONDS
+    late or more: something held it, and every stream waited meanwhile."""
+    loop = asyncio.get_running_loop()
+    due = loop.time() + seconds
+    await asyncio.sleep(seconds)
+    if (late := loop.time() - due) >= BLOCKED_LOOP_SECONDS:
+        log.warning(
+            "the event loop was blocked for %.1f s: a handler that blocks must be a plain"
+            " def (it runs in a worker thread), not an async def",
+            late,
+        )
 
 
 def backoff(cap: float, initial: float = INITIAL_BACKOFF_SECONDS) -> Iterator[float]:

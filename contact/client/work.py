@@ -13,8 +13,11 @@ import asyncio
 import itertools
 import logging
 from collections import deque
+from typing import Any
 
-from contact import WITHDRAWN, contact_pb2
+import grpc
+
+from contact import BATCHES_ANSWERS_KEY, REPORTS_START_KEY, WITHDRAWN, contact_pb2
 from contact.client.handler import Handler, handler_pool
 from contact.client.streams import HANG_UP_SECONDS, StreamEndedError
 from contact.logtext import Quoted
@@ -23,7 +26,7 @@ log = logging.getLogger("contact.client")
 
 # Defaults of the client's command line and of run().
 SERVER = "localhost:50051"
-CONCURRENCY = 1  # tasks worked on at once, each in a thread of its own
+CONCURRENCY = 1  # tasks worked on at once (a plain handler in a thread for each)
 PREFETCH = 3  # tasks held ready beyond those: hides the round trip for fast tasks
 STATUS_EVERY = 5.0  # seconds between status lines
 MAX_BACKOFF = 10.0  # the longest wait between retries, seconds
@@ -55,9 +58,9 @@ class Work:
         self.begun: list[str] = []
         # The server takes several answers to a message (it echoed batches-answers).
         self.batches = False
+        self.connected = False  # registered, and the connection not yet over
         self.unsent: deque[contact_pb2.Result] = deque()
-        self.writing: asyncio.Future[None] | None = None  # the write of a message, if one is on
-        self.in_message = 0  # how many of `unsent` that message carries
+        self.in_message = 0  # how many of `unsent` the message being written carries
         self.answer_ready = asyncio.Event()
         self.answered = 0  # answers and failures sent
         self.max_tasks = max_tasks  # return once this many are answered; None: never
@@ -67,18 +70,31 @@ class Work:
         """Whether the task limit is reached: every answer it asks for is written."""
         return self.max_tasks is not None and self.answered >= self.max_tasks
 
+    def connection_began(self, echoed: grpc.aio.Metadata) -> None:
+        """A registration is confirmed, with the metadata the server echoed:
+        its tasks are taken from now on. (Older servers neither lease from a
+        task's start nor take answers in batches: they do not echo those.)"""
+        self.connected = True
+        self.reports_start = echoed.get(REPORTS_START_KEY) == "1"
+        self.batches = echoed.get(BATCHES_ANSWERS_KEY) == "1"
+
     def connection_ended(self) -> None:
         """The tasks the connection gave us that have not started are the
-        server's again (it sends them to someone, maybe us, anew), and the
-        next registration's window starts empty."""
+        server's again (it sends them to someone, maybe us, anew), and so
+        are those it pushes from now on: they are not started. The next
+        registration's window starts empty. The writer stops after the
+        message it is writing, if any."""
         for task_id in self.handlers.drop_waiting():
             self.running.discard(task_id)
         self.held.clear()
-        self.reports_start, self.batches, self.begun = False, False, []
+        self.connected, self.reports_start, self.batches, self.begun = False, False, False, []
+        self.answer_ready.set()
 
     def start(self, message: contact_pb2.ServerMsg) -> None:
         """Work on a task unless it is already running (the server sent it
         again after a reconnect), or stop one the server withdrew."""
+        if not self.connected:
+            return  # read after the connection ended: the server gives it out again
         if message.cancelled:
             self.withdraw(message.id)
         elif message.id in self.held:  # sent again while running, after it was withdrawn
@@ -122,11 +138,15 @@ class Work:
             log.info("task %s: %s -> %s", task.id, Quoted(task.task), Quoted(result.ret))
         self._send(result)
 
-    async def message_ready(self) -> None:
-        """Wait until an answer, or the start of a task, is to be sent."""
-        while not (self.unsent or self.begun):
+    async def message_ready(self) -> bool:
+        """Wait until an answer, or the start of a task, is to be sent (True),
+        or until the task limit is reached or the connection ended (False)."""
+        while self.connected and not self.done():
+            if self.unsent or self.begun:
+                return True
             self.answer_ready.clear()
             await self.answer_ready.wait()
+        return False
 
     def next_message(self) -> contact_pb2.Result:
         """The first unsent answer, carrying the ids begun since the last
@@ -150,33 +170,23 @@ class Work:
             first.more.extend(itertools.islice(self.unsent, 1, self.in_message))
         return first
 
-    def sending(self, writing: asyncio.Future[None]) -> None:
-        """`writing` writes the message `next_message` gave: what it sent is
-        forgotten once it has (see `written`)."""
-        self.writing = writing
-        writing.add_done_callback(self.written)
+    def written(self) -> None:
+        """The message `next_message` gave went out: forget what it carried."""
+        for _ in range(self.in_message):
+            sent = self.unsent.popleft()
+            self.answered += bool(sent.id) and sent.error != WITHDRAWN  # answers only
+        self.in_message = 0
 
-    async def last_write_settled(self) -> None:
-        """When the connection fails: wait (briefly) for the outcome of a
-        write still on, which may be the last answer asked for. A server that
-        stops as it reads that answer fails the other calls first, and a
-        client that decided before the write ended retried for ever."""
-        last = self.max_tasks is not None and self.answered + self.in_message >= self.max_tasks
-        if last and self.writing is not None and not self.writing.done():
-            await asyncio.wait({self.writing}, timeout=HANG_UP_SECONDS)
-
-    def written(self, writing: asyncio.Future[None]) -> None:
-        """The first unsent message's write has ended: forget it if it went
-        out (a lost connection keeps it, to send on the next). A write of an
-        earlier connection that ends late is ignored: its message is sent
-        again, and the server ignores the repeat."""
-        if writing is not self.writing:
-            return
-        self.writing = None
-        if not writing.cancelled() and writing.exception() is None:
-            for _ in range(self.in_message):
-                sent = self.unsent.popleft()
-                self.answered += bool(sent.id) and sent.error != WITHDRAWN  # answers only
+    async def last_write_settled(self, writer: asyncio.Future[Any]) -> None:
+        """When the connection fails: wait (briefly) for the `writer` to
+        end if the message it writes holds the last answer asked for. A
+        server that stops as it reads that answer fails the other calls
+        first, and a client that decided before the write ended retried for
+        ever."""
+        limit = self.max_tasks
+        last = limit is not None and self.answered < limit <= self.answered + self.in_message
+        if last and not writer.done():
+            await asyncio.wait({writer}, timeout=HANG_UP_SECONDS)
 
     def _send(self, result: contact_pb2.Result) -> None:
         self.unsent.append(result)
