@@ -271,5 +271,5 @@ def test_a_blocked_event_loop_is_reported(caplog: pytest.LogCaptureFixture) -> N
     with caplog.at_level(logging.WARNING, logger="contact.client"):
         asyncio.run(asyncio.wait_for(scenario(), 5))
     [record] = caplog.records
-    assert record.getMessage().startswith("the event loop was blocked for 1.")
-    assert "a handler that blocks must be a plain def" in record.getMessage()
+    assert record.getMessage().startswith("the event loop was held up for 1.")
+    assert "if an async def handler blocks, make it a plain def" in record.getMessage()

@@ -1,7 +1,8 @@
 """Helpers for the client's long-lived streams: confirming the registration,
 telling why the server ended a stream, hanging up politely, running the
 streams side by side, the bounded wait for an answer (`answered`, on
-contact/waits.py's `within`), and when to retry a lost connection."""
+contact/waits.py's `within`), the status lines' pause (which notices an
+event loop held up), and when to retry a lost connection."""
 
 from __future__ import annotations
 
@@ -162,8 +163,8 @@ async def pause(seconds: float) -> None:
     await asyncio.sleep(seconds)
     if (late := loop.time() - due) >= BLOCKED_LOOP_SECONDS:
         log.warning(
-            "the event loop was blocked for %.1f s: a handler that blocks must be a plain"
-            " def (it runs in a worker thread), not an async def",
+            "the event loop was held up for %.1f s: if an async def handler blocks,"
+            " make it a plain def (it then runs in a worker thread)",
             late,
         )
 
