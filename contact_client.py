@@ -42,11 +42,11 @@ from contact.signals import on_stop_signal
 log = logging.getLogger("contact.client")
 
 
-async def handle_task(task: contact_pb2.ServerMsg) -> str:
+def handle_task(task: contact_pb2.ServerMsg) -> str:
     """The work for one task: return the answer, or raise to fail the task.
-    Pass your own to `run`. An `async def` runs on the event loop, so it
-    must not block (await instead); a plain function (`def`) runs in a
-    worker thread, where it may block or take long."""
+    Pass your own to `run`: a plain function runs in a worker thread, so it
+    may block or take long; an `async def` runs on the event loop, and must
+    not block it."""
     return task.task.upper()
 
 
@@ -92,24 +92,21 @@ async def one_connection(
                 asyncio.shield(writer),
                 watch_results(results, work),
                 report_status(status, work),
+                then=work.connection_ended,  # at once, even if cancelled
             )
             # The task limit is reached and every answer written.
-            work.connection_ended()
             await results.done_writing()
             # Returns once the server has read every answer; one that never
             # says so is not waited for long.
             await streams.answered(results, "the last answers")
         except (grpc.aio.AioRpcError, streams.StreamEndedError) as err:
-            work.connection_ended()
             await work.last_write_settled(writer)  # the answer on its way may be the last
             reason = None if work.done() else await streams.registration_failure(tasks)
             if not work.done():  # (the last answer's write may have ended meanwhile)
                 raise (reason or err) from None
             log.warning("the server did not confirm the last answers (%s)", err)
         finally:
-            await streams.hang_up(results, status)
-            reader.cancel()
-            writer.cancel()
+            await streams.hang_up(results, status, also=(reader, writer))
     finally:
         tasks.cancel()
         work.connection_ended()
@@ -153,7 +150,7 @@ async def report_status(status: grpc.aio.StreamStreamCall, work: Work) -> None:
         if ack is grpc.aio.EOF:
             await streams.ended(status, "status")
         log.debug("server acknowledged status: %s", ack.ret)
-        await streams.pause(work.status_every)  # (it warns of a blocked event loop)
+        await asyncio.sleep(work.status_every)
 
 
 # --- The loop your code calls ------------------------------------------------------

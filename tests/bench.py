@@ -16,8 +16,8 @@ threads) by the tasks: on a shared machine it holds steady where throughput
 swings.
 
 The shipped client's rows run contact_client.run with its defaults (the
-script's `async def` handler, on the event loop), and with the same handler
-written as a plain def, which run() gives a worker thread.
+script's handler, a plain def, in a worker thread), and with the same
+handler written as an `async def`, which run() runs on the event loop.
 
 The journal rows compare ContactServer as shipped (tasks submitted with
 `ask`, answers awaited) with --journal in a temporary folder against the
@@ -261,18 +261,18 @@ async def run_clients(port: int, count: int, prefix: str) -> None:
     await asyncio.gather(*(one_client(port, f"{prefix}-{i}") for i in range(count)))
 
 
-def upper_in_a_thread(task: contact_pb2.ServerMsg) -> str:
-    """The script's handle_task as a plain def: run() gives it a worker thread."""
+async def upper_on_the_loop(task: contact_pb2.ServerMsg) -> str:
+    """The script's handle_task as an `async def`: run() runs it on the loop."""
     return task.task.upper()
 
 
-async def run_shipped_client(port: int, name: str, prefetch: int, thread: bool) -> None:
-    """contact_client.run as shipped (its `async def` handler on the event
-    loop), or with the same handler as a plain def (`thread`): its defaults
-    but for `prefetch`."""
+async def run_shipped_client(port: int, name: str, prefetch: int, on_loop: bool) -> None:
+    """contact_client.run as shipped (its handler in a worker thread), or
+    with the same handler as an `async def` (`on_loop`): its defaults but
+    for `prefetch`."""
     logging.basicConfig(level=logging.WARNING)
     server = f"127.0.0.1:{port}"
-    handler = upper_in_a_thread if thread else contact_client.handle_task
+    handler = upper_on_the_loop if on_loop else contact_client.handle_task
     await contact_client.run(handler, server, name, prefetch=prefetch)
 
 
@@ -334,7 +334,7 @@ def measure(impl: str, mode: str, clients: int, tasks: int) -> dict[str, float]:
             if impl.startswith("project-shipped"):  # its prefetch follows the last "-p"
                 prefetch = impl.partition("-p")[2] or str(contact.client.work.PREFETCH)
                 arguments = [*command, "shipped", str(port), prefetch, f"c{index}"]
-                arguments += ["thread"] if impl == "project-shipped-thread" else []
+                arguments += ["async"] if impl == "project-shipped-async" else []
             helpers.append(subprocess.Popen(arguments, cwd=ROOT, stderr=subprocess.DEVNULL))
         line = server.stdout.readline()
         if not line:
@@ -373,8 +373,8 @@ ROWS = [
         0.8,
     ),
     (
-        "    its handler a plain def (in a thread)",
-        "throughput-thread",
+        "    its handler an async def (on the event loop)",
+        "throughput-async",
         1,
         "tasks_per_s",
         True,
@@ -429,8 +429,8 @@ def main() -> int:
         scrape_every_second(sys.argv[2])
         return 0
     if len(sys.argv) > 1 and sys.argv[1] == "shipped":
-        thread = sys.argv[5:] == ["thread"]
-        asyncio.run(run_shipped_client(int(sys.argv[2]), sys.argv[4], int(sys.argv[3]), thread))
+        on_loop = sys.argv[5:] == ["async"]
+        asyncio.run(run_shipped_client(int(sys.argv[2]), sys.argv[4], int(sys.argv[3]), on_loop))
         return 0
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -453,7 +453,7 @@ def main() -> int:
     for repeat in range(args.repeats):
         for mode, clients, tasks in plan:
             impls = ["baseline", "typed" if mode == "typed" else "project"] + (
-                ["project-info", "project-shipped", "project-shipped-thread", *sweep]
+                ["project-info", "project-shipped", "project-shipped-async", *sweep]
                 if mode == "throughput" and clients == 1
                 else []
             )
@@ -471,8 +471,8 @@ def main() -> int:
     runs[("baseline", "throughput-info", 1)] = runs[("baseline", "throughput", 1)]
     runs[("project", "throughput-shipped", 1)] = runs[("project-shipped", "throughput", 1)]
     runs[("baseline", "throughput-shipped", 1)] = runs[("baseline", "throughput", 1)]
-    runs[("project", "throughput-thread", 1)] = runs[("project-shipped-thread", "throughput", 1)]
-    runs[("baseline", "throughput-thread", 1)] = runs[("baseline", "throughput", 1)]
+    runs[("project", "throughput-async", 1)] = runs[("project-shipped-async", "throughput", 1)]
+    runs[("baseline", "throughput-async", 1)] = runs[("baseline", "throughput", 1)]
     runs[("project", "served", 1)] = runs[("server", "throughput", 1)]
     runs[("project", "served-latency", 1)] = runs[("server", "latency", 1)]
     runs[("baseline", "served-latency", 1)] = runs[("baseline", "latency", 1)]

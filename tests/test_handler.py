@@ -5,16 +5,15 @@ worker, and the window is enforced per registration."""
 from __future__ import annotations
 
 import asyncio
-import logging
 import threading
-import time
+from collections.abc import Callable
 
 import grpc
 import pytest
 
 from contact import contact_pb2
 from contact.client.handler import handler_pool
-from contact.client.streams import BLOCKED_LOOP_SECONDS, StreamEndedError, pause
+from contact.client.streams import StreamEndedError
 from contact.client.work import BATCH_BYTES, Work
 
 
@@ -33,6 +32,7 @@ class Results:
 
     def started(self, task: contact_pb2.ServerMsg) -> None:
         self.events.append(f"began {task.id}")
+        self._changed.set()
 
     def __call__(self, task: contact_pb2.ServerMsg, result: contact_pb2.Result) -> None:
         self.results.append(result)
@@ -40,10 +40,13 @@ class Results:
         self._changed.set()
 
     async def at_least(self, count: int) -> list[contact_pb2.Result]:
-        while len(self.results) < count:  # each Result sets the event: at most `count` waits
+        await self.until(lambda: len(self.results) >= count)
+        return self.results
+
+    async def until(self, happened: Callable[[], bool]) -> None:
+        while not happened():  # each event sets `_changed`: one wait per event at most
             self._changed.clear()
             await asyncio.wait_for(self._changed.wait(), 5)
-        return self.results
 
 
 def test_an_async_task_withdrawn_before_its_first_step_frees_its_worker() -> None:
@@ -255,21 +258,43 @@ def test_an_async_handler_that_answers_at_once_is_begun_and_done_in_one_step() -
     asyncio.run(asyncio.wait_for(scenario(), 5))
 
 
-def test_a_blocked_event_loop_is_reported(caplog: pytest.LogCaptureFixture) -> None:
-    """The status lines' pause notices an event loop held up for seconds
-    (an async def handler that blocks), and says what to do; a loop on time
-    says nothing."""
+def test_an_id_sent_again_while_its_withdrawn_run_delays_its_cancel_runs_anew() -> None:
+    """An async handler may take its time to end when cancelled, and the
+    server may send the withdrawn id again meanwhile: the new run answers,
+    the old one does not, and each frees its worker when it ends."""
 
     async def scenario() -> None:
-        await pause(0.01)
-        assert not caplog.records
-        pausing = asyncio.ensure_future(pause(0.01))
-        await asyncio.sleep(0)  # it sleeps now
-        time.sleep(BLOCKED_LOOP_SECONDS + 0.1)  # as a handler that blocks would
-        await pausing
+        release, hold = asyncio.Event(), asyncio.Event()
+        runs = 0
 
-    with caplog.at_level(logging.WARNING, logger="contact.client"):
-        asyncio.run(asyncio.wait_for(scenario(), 5))
-    [record] = caplog.records
-    assert record.getMessage().startswith("the event loop was held up for 1.")
-    assert "if an async def handler blocks, make it a plain def" in record.getMessage()
+        async def stubborn(message: contact_pb2.ServerMsg) -> str:
+            nonlocal runs
+            if message.id != "1":
+                await hold.wait()
+                return "held"
+            runs += 1
+            run = runs
+            try:
+                await release.wait()
+            except asyncio.CancelledError:
+                await release.wait()  # cleans up first: the cancel takes a while
+            return f"{message.task} run {run}"
+
+        results = Results()
+        pool = handler_pool(stubborn, 2, results, results.started)
+        pool.work_on(task("a", "1"))
+        await results.until(lambda: results.events == ["began 1"])
+        assert pool.withdraw("1") == "cancelled while it ran"
+        pool.work_on(task("a", "1"))  # sent again: the second worker takes it
+        await results.until(lambda: results.events == ["began 1", "began 1"])
+        release.set()
+        assert [(r.id, r.ret) for r in await results.at_least(1)] == [("1", "a run 2")]
+        pool.work_on(task("b", "2"))
+        pool.work_on(task("c", "3"))  # both run at once: both workers are free again
+        await results.until(lambda: {"began 2", "began 3"} <= set(results.events))
+        assert [(r.id, r.ret) for r in results.results] == [("1", "a run 2")]  # none from run 1
+        hold.set()
+        await results.at_least(3)
+        pool.close()
+
+    asyncio.run(asyncio.wait_for(scenario(), 5))

@@ -21,7 +21,7 @@ import queue
 import threading
 from collections import deque
 from collections.abc import Awaitable, Callable
-from typing import Protocol
+from typing import Any, Protocol
 
 from contact import contact_pb2, one_line_error, text_problem
 
@@ -190,8 +190,11 @@ class AsyncHandlers:
     ) -> None:
         self._handler, self._free, self._done, self._started = handler, size, done, started
         self._waiting: deque[contact_pb2.ServerMsg] = deque()  # for a free worker
-        self._running: dict[str, asyncio.Task[None]] = {}  # by task id
-        self._stopped: set[str] = set()  # running ids withdrawn: no Result for them
+        self._running: dict[str, asyncio.Task[None]] = {}  # by task id, not withdrawn
+        # Runs withdrawn and not yet ended: no Result from them. By run, not
+        # id: the server may send the id again before a run that delays its
+        # cancellation ends, and the new run answers.
+        self._stopped: set[asyncio.Task[None]] = set()
         self._closed = False
 
     def work_on(self, task: contact_pb2.ServerMsg) -> None:
@@ -207,7 +210,8 @@ class AsyncHandlers:
         if running is None or running.done():  # done, and its Result on its way
             return None
         running.cancel()
-        self._stopped.add(task_id)
+        self._stopped.add(running)
+        del self._running[task_id]
         return "cancelled while it ran"
 
     def drop_waiting(self) -> list[str]:
@@ -238,16 +242,21 @@ class AsyncHandlers:
         try:
             result = result_of(task, await self._handler(task))
         except asyncio.CancelledError as err:
-            if task.id in self._stopped or self._closed:
+            if self._ours(asyncio.current_task()):
                 raise  # our own doing: no Result
             result = raised(task, err)  # the handler's own: a failure, like any other
         except BaseException as err:  # even SystemExit: one bad task must not stop the client
             result = raised(task, err)
-        if not (task.id in self._stopped or self._closed):  # (a handler may swallow our cancel)
+        if not self._ours(asyncio.current_task()):  # (a handler may swallow our cancel)
             self._done(task, result)
 
+    def _ours(self, run: asyncio.Task[Any] | None) -> bool:
+        """Whether `run` was cancelled by us: withdrawn, or the pool closed."""
+        return self._closed or run in self._stopped
+
     def _finished(self, task: contact_pb2.ServerMsg, running: asyncio.Task[None]) -> None:
-        del self._running[task.id]
+        if self._running.get(task.id) is running:
+            del self._running[task.id]
+        self._stopped.discard(running)
         self._free += 1
-        self._stopped.discard(task.id)
         self._start_waiting()

@@ -1,16 +1,14 @@
 """Helpers for the client's long-lived streams: confirming the registration,
 telling why the server ended a stream, hanging up politely, running the
 streams side by side, the bounded wait for an answer (`answered`, on
-contact/waits.py's `within`), the status lines' pause (which notices an
-event loop held up), and when to retry a lost connection."""
+contact/waits.py's `within`), and when to retry a lost connection."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import logging
 import random
-from collections.abc import Awaitable, Coroutine, Iterator
+from collections.abc import Awaitable, Callable, Coroutine, Iterable, Iterator
 from typing import Any, NoReturn, TypeVar
 
 import grpc
@@ -32,11 +30,6 @@ ANSWER_WITHIN_SECONDS = 5.0
 REGISTRATION_STATUS_SECONDS = 0.25
 
 
-# A status line this late was held up by something that blocks the event
-# loop (an `async def` handler that does not await, most likely), not by a
-# busy machine, whose delays are milliseconds: seconds.
-BLOCKED_LOOP_SECONDS = 1.0
-
 # The first wait before a retry; it doubles up to the client's --max-backoff.
 INITIAL_BACKOFF_SECONDS = 0.25
 
@@ -52,8 +45,6 @@ FINAL_CODES = frozenset(
 
 
 T = TypeVar("T")
-
-log = logging.getLogger("contact.client")
 
 
 class StreamEndedError(Exception):
@@ -86,9 +77,10 @@ async def ended(call: grpc.aio.Call, stream: str) -> NoReturn:
     raise await failure_of(call, stream)
 
 
-async def hang_up(*calls: grpc.aio.Call) -> None:
+async def hang_up(*calls: grpc.aio.Call, also: Iterable[asyncio.Future[Any]] = ()) -> None:
     """End our outgoing streams politely: half-close each and give the server
-    HANG_UP_SECONDS to finish it, then cancel whatever is left."""
+    HANG_UP_SECONDS to finish it; then, even if cancelled meanwhile, cancel
+    whatever is left of them, and the tasks `also`."""
 
     async def finish(call: grpc.aio.Call) -> None:
         # Best effort on a call we are leaving anyway: if it already failed,
@@ -98,10 +90,12 @@ async def hang_up(*calls: grpc.aio.Call) -> None:
             await call.done_writing()
             await call.code()
 
-    with contextlib.suppress(asyncio.TimeoutError):
-        await within(asyncio.gather(*(finish(call) for call in calls)), HANG_UP_SECONDS)
-    for call in calls:
-        call.cancel()
+    try:
+        with contextlib.suppress(asyncio.TimeoutError):
+            await within(asyncio.gather(*(finish(call) for call in calls)), HANG_UP_SECONDS)
+    finally:
+        for left in (*calls, *also):
+            left.cancel()
 
 
 def apart(coroutine: Coroutine[Any, Any, T]) -> asyncio.Task[T]:
@@ -112,9 +106,12 @@ def apart(coroutine: Coroutine[Any, Any, T]) -> asyncio.Task[T]:
     return task
 
 
-async def first_to_finish(*coroutines: Awaitable[None]) -> None:
-    """Run the coroutines together until one returns or raises; cancel the
-    rest. If one returned and another raised in the same instant, return."""
+async def first_to_finish(
+    *coroutines: Awaitable[None], then: Callable[[], None] | None = None
+) -> None:
+    """Run the coroutines together until one returns or raises; call `then`
+    at once (even if cancelled), and cancel the rest. If one returned and
+    another raised in the same instant, return."""
     running = [asyncio.ensure_future(coroutine) for coroutine in coroutines]
     for task in running:  # one that fails while the others are cancelled is no news
         task.add_done_callback(retrieved)
@@ -124,6 +121,8 @@ async def first_to_finish(*coroutines: Awaitable[None]) -> None:
         if len(failures) == len(done):
             raise failures[0]
     finally:
+        if then is not None:
+            then()
         for task in running:
             task.cancel()
         # Bounded: a coroutine stuck inside a gRPC write may not end when
@@ -153,20 +152,6 @@ async def registration_failure(tasks: grpc.aio.UnaryStreamCall) -> Exception | N
     except asyncio.TimeoutError:
         return None
     return None if code == grpc.StatusCode.OK else await failure_of(tasks, "task")
-
-
-async def pause(seconds: float) -> None:
-    """Sleep `seconds`, and warn if the event loop woke BLOCKED_LOOP_SECONDS
-    late or more: something held it, and every stream waited meanwhile."""
-    loop = asyncio.get_running_loop()
-    due = loop.time() + seconds
-    await asyncio.sleep(seconds)
-    if (late := loop.time() - due) >= BLOCKED_LOOP_SECONDS:
-        log.warning(
-            "the event loop was held up for %.1f s: if an async def handler blocks,"
-            " make it a plain def (it then runs in a worker thread)",
-            late,
-        )
 
 
 def backoff(cap: float, initial: float = INITIAL_BACKOFF_SECONDS) -> Iterator[float]:

@@ -26,7 +26,7 @@ log = logging.getLogger("contact.client")
 
 # Defaults of the client's command line and of run().
 SERVER = "localhost:50051"
-CONCURRENCY = 1  # tasks worked on at once (a plain handler in a thread for each)
+CONCURRENCY = 1  # tasks worked on at once, each in a thread of its own (a plain handler)
 PREFETCH = 3  # tasks held ready beyond those: hides the round trip for fast tasks
 STATUS_EVERY = 5.0  # seconds between status lines
 MAX_BACKOFF = 10.0  # the longest wait between retries, seconds
