@@ -81,9 +81,9 @@ async def one_connection(
         results = stub.tellResult(metadata=metadata)  # tellResult: one stream of answers
         status = stub.sendStatus(metadata=metadata)  # sendStatus: status lines, each answered
         # getTask's reads and tellResult's writes run in tasks of their own,
-        # never cancelled in the middle of one: that would cancel the call,
-        # and lose getTask's status (why the connection ended) or whether an
-        # answer went. They stop between reads and writes (connection_ended).
+        # not cancelled in the middle of one while the connection is of use:
+        # that cancels the call, and would lose getTask's status (why the
+        # connection ended) or whether an answer went. hang_up ends them.
         reader = streams.apart(receive_tasks(tasks, work))
         writer = streams.apart(send_answers(results, work))
         try:

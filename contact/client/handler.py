@@ -222,7 +222,7 @@ class AsyncHandlers:
     def close(self) -> None:
         self._closed = True
         self._waiting.clear()
-        for running in self._running.values():
+        for running in [*self._running.values(), *self._stopped]:  # (withdrawn, slow to end)
             running.cancel()
 
     def _start_waiting(self) -> None:

@@ -8,7 +8,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import random
-from collections.abc import Awaitable, Callable, Coroutine, Iterable, Iterator
+from collections.abc import Awaitable, Callable, Coroutine, Iterator, Sequence
 from typing import Any, NoReturn, TypeVar
 
 import grpc
@@ -77,7 +77,7 @@ async def ended(call: grpc.aio.Call, stream: str) -> NoReturn:
     raise await failure_of(call, stream)
 
 
-async def hang_up(*calls: grpc.aio.Call, also: Iterable[asyncio.Future[Any]] = ()) -> None:
+async def hang_up(*calls: grpc.aio.Call, also: Sequence[asyncio.Future[Any]] = ()) -> None:
     """End our outgoing streams politely: half-close each and give the server
     HANG_UP_SECONDS to finish it; then, even if cancelled meanwhile, cancel
     whatever is left of them, and the tasks `also`."""
@@ -96,6 +96,8 @@ async def hang_up(*calls: grpc.aio.Call, also: Iterable[asyncio.Future[Any]] = (
     finally:
         for left in (*calls, *also):
             left.cancel()
+        if also:  # bounded: cancelled at a gRPC read or write, a task ends at once
+            await asyncio.wait(also, timeout=HANG_UP_SECONDS)
 
 
 def apart(coroutine: Coroutine[Any, Any, T]) -> asyncio.Task[T]:

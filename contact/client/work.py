@@ -156,7 +156,7 @@ class Work:
         if not self.unsent:
             self.unsent.append(contact_pb2.Result())
         first = self.unsent[0]
-        first.started.extend(self.begun)
+        first.started[:] = self.begun  # (not those of a write that failed: another registration)
         self.begun.clear()
         del first.more[:]  # (built for a write that failed, maybe to another server)
         self.in_message = 1
