@@ -227,7 +227,8 @@ class MemoryQueue(TaskQueue):
             if not line:
                 del self._waiting[task.target]
         task.holder = name
-        task.given_to.add(name)
+        if name not in task.given_to:
+            task.given_to += (name,)
         task.attempts += 1
         self._let_in()
 
