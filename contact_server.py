@@ -200,7 +200,7 @@ async def serve(args: argparse.Namespace, credentials: grpc.ServerCredentials | 
     server = ContactServer(args.host, args.port, credentials=credentials, **tuning)
     try:
         async with server:
-            gc.freeze()  # what start-up made lives on: the collector's full passes skip it
+            gc.freeze()  # what start-up made: the collector's passes skip it from now on
             log.info("type a task per line (TEXT or @NAME TEXT)")
             read_tasks(asyncio.get_running_loop(), functools.partial(queue_lines, server))
             await server.serve_until_stopped()

@@ -85,9 +85,10 @@ class Task:
     fields: dict[str, Any] = field(default_factory=dict)  # more ServerMsg fields, as given
     holder: str | None = None  # the name of the client it is in flight at, if any
     # Every client it was sent to: a few names at most. A tuple, not a set:
-    # a tuple of strings is left out of the garbage collector's passes,
-    # where a set per queued task was walked by each of them (half their
-    # time with 60,000 typed tasks queued; docs/performance.md).
+    # a tuple of strings is left out of the garbage collector's passes once
+    # it has been through one, where a set per queued task was walked by
+    # each of them (up to half their time with 60,000 typed tasks queued;
+    # docs/performance.md).
     given_to: tuple[str, ...] = ()
     attempts: int = 0  # how many times it was sent: with the id, its lease's token
     # Taken back unanswered at least once: it may be what made its holder
